@@ -1,0 +1,95 @@
+"""Shared oracle harness: compare any attention function with the float64 reference.
+
+Tolerance policy (see DESIGN.md): errors are measured as max|got - want| / max|want|
+against the dense reference evaluated in float64 on the same (exactly representable)
+inputs. float32 inputs: <= 1e-5 (outputs) and <= 2e-5 (gradients, which sum more terms);
+bfloat16/float16 inputs: <= 2e-2.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ringattn_jax.reference import reference_attention
+
+TOL = {jnp.dtype(jnp.float32): (1e-5, 2e-5), jnp.dtype(jnp.bfloat16): (2e-2, 2e-2),
+       jnp.dtype(jnp.float16): (2e-2, 2e-2)}
+
+
+def make_qkv(seed, B, T, S, N, K, H, dtype=jnp.float32, bias_shape=None):
+  """Random q [B,T,N,H], k/v [B,S,K,H] (and bias) in `dtype`."""
+  r = np.random.default_rng(seed)
+  q = jnp.asarray(r.normal(size=(B, T, N, H)), dtype)
+  k = jnp.asarray(r.normal(size=(B, S, K, H)), dtype)
+  v = jnp.asarray(r.normal(size=(B, S, K, H)), dtype)
+  bias = None if bias_shape is None else jnp.asarray(r.normal(size=bias_shape), dtype)
+  return q, k, v, bias
+
+
+def rel_err(got, want):
+  got = np.asarray(got, np.float64)
+  want = np.asarray(want, np.float64)
+  finite = np.isfinite(want)
+  assert np.array_equal(finite, np.isfinite(got)), "non-finite entries differ"
+  scale = max(np.abs(want[finite]).max(initial=0.0), 1e-30)
+  return float(np.abs(got[finite] - want[finite]).max(initial=0.0) / scale)
+
+
+def _loss_and_grads(fn, q, k, v, bias, ct_out, ct_lse, kwargs):
+  """Returns (out, lse, grads) where grads differentiate <out, ct_out> + <lse, ct_lse>."""
+  def loss(q, k, v, bias):
+    out, lse = fn(q, k, v, bias, return_lse=True, **kwargs)
+    # Rows that see no key have lse = -inf; they carry no gradient, so mask them.
+    lse_term = jnp.where(jnp.isfinite(lse), lse, 0.0) * ct_lse
+    return (jnp.sum(out.astype(ct_out.dtype) * ct_out) + jnp.sum(lse_term), (out, lse))
+
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  grads, (out, lse) = jax.grad(loss, argnums=argnums, has_aux=True)(q, k, v, bias)
+  return out, lse, grads
+
+
+def oracle(q, k, v, bias, kwargs, seed=1):
+  """float64 reference outputs, lse and gradients; also returns the cotangents used."""
+  r = np.random.default_rng(seed)
+  with jax.enable_x64(True):
+    B, T, N, H = q.shape
+    ct_out = jnp.asarray(r.normal(size=(B, T, N, H)), jnp.float64)
+    ct_lse = jnp.asarray(r.normal(size=(B, T, N)), jnp.float64)
+    f64 = lambda a: None if a is None else jnp.asarray(np.asarray(a, np.float32), jnp.float64)
+    out, lse, grads = _loss_and_grads(
+        reference_attention, f64(q), f64(k), f64(v), f64(bias), ct_out, ct_lse, kwargs)
+    return (np.asarray(out), np.asarray(lse), [np.asarray(g) for g in grads],
+            np.asarray(ct_out, np.float32), np.asarray(ct_lse, np.float32))
+
+
+def check_against_reference(fn, q, k, v, bias=None, *, grads=True, out_tol=None,
+                            grad_tol=None, **kwargs):
+  """Asserts fn (signature of flash_attention) matches the float64 oracle.
+
+  Checks output, log-sum-exp and (if grads) d/dq, d/dk, d/dv and d/dbias of a random
+  linear functional of (out, lse). Returns the measured errors for reporting.
+  """
+  dt = jnp.dtype(q.dtype)
+  tol_o, tol_g = TOL[dt]
+  tol_o = out_tol or tol_o
+  tol_g = grad_tol or tol_g
+  want_out, want_lse, want_grads, ct_out, ct_lse = oracle(q, k, v, bias, kwargs)
+  errs = {}
+  if grads:
+    out, lse, got_grads = _loss_and_grads(
+        fn, q, k, v, bias, jnp.asarray(ct_out), jnp.asarray(ct_lse), kwargs)
+  else:
+    out, lse = fn(q, k, v, bias, return_lse=True, **kwargs)
+    got_grads = []
+  assert out.shape == q.shape and out.dtype == q.dtype, (out.shape, out.dtype)
+  assert lse.shape == q.shape[:3], lse.shape
+  errs["out"] = rel_err(out, want_out)
+  errs["lse"] = rel_err(lse, want_lse)
+  for name, g, w in zip(("dq", "dk", "dv", "dbias"), got_grads, want_grads):
+    assert g.shape == w.shape, (name, g.shape, w.shape)
+    errs[name] = rel_err(g, w)
+  bad = {n: e for n, e in errs.items()
+         if e > (tol_o if n in ("out", "lse") else tol_g)}
+  assert not bad, f"errors above tolerance ({tol_o}, {tol_g}): {errs}"
+  return errs
