@@ -1,0 +1,369 @@
+"""Blockwise (flash) attention in plain XLA: portable, and fast on CPU.
+
+Forward: for each query block, an online softmax over the key blocks that its
+causal/window constraint can see (a `fori_loop` with per-block dynamic bounds, so hidden
+blocks are never computed). Backward: for each key block, a loop over the query blocks
+that see it, recomputing probabilities from the saved log-sum-exp; dK/dV accumulate per
+key block and dQ accumulates in place in an O(T) buffer. Memory is O(T + S) throughout.
+
+GQA without repeating K/V: the G = N // K query heads that share a key/value head are
+stacked into the rows of one matmul, `[B, K, G*bq, H] x [B, K, bk, H]`.
+
+`forward` and `backward` work on canonical inputs and are reused by ring attention,
+which calls them once per hop with its own offsets.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ringattn_jax import masking
+from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Block sizes of the XLA kernel (clamped to the sequence lengths).
+
+  Attributes:
+    block_q, block_k: query/key block lengths of the forward pass.
+    block_q_bwd, block_k_bwd: the same for the backward pass.
+  """
+
+  block_q: int = 512
+  block_k: int = 512
+  block_q_bwd: int = 512
+  block_k_bwd: int = 512
+
+  def __post_init__(self):
+    for f in dataclasses.fields(self):
+      val = getattr(self, f.name)
+      if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+        raise ValueError(f"BlockSizes.{f.name} must be a positive int; got {val!r}.")
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+@dataclasses.dataclass(frozen=True)
+class _Geometry:
+  """Static shapes of one blockwise problem."""
+
+  B: int
+  T: int
+  S: int
+  N: int
+  K: int
+  H: int
+  bq: int
+  bk: int
+
+  @property
+  def G(self):
+    return self.N // self.K
+
+  @property
+  def Tp(self):
+    return _round_up(self.T, self.bq)
+
+  @property
+  def Sp(self):
+    return _round_up(self.S, self.bk)
+
+  @property
+  def nq(self):
+    return self.Tp // self.bq
+
+  @property
+  def nk(self):
+    return self.Sp // self.bk
+
+
+def _geometry(x: AttnInputs, bq: int, bk: int) -> _Geometry:
+  B, T, N, H = x.q.shape
+  S, K = x.k.shape[1], x.k.shape[2]
+  return _Geometry(B, T, S, N, K, H, min(bq, T), min(bk, S))
+
+
+def _pad_axis(a, axis, new_len, mode="constant"):
+  pad = new_len - a.shape[axis]
+  if pad == 0:
+    return a
+  widths = [(0, 0)] * a.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(a, widths, mode=mode)
+
+
+# Layout changes. Queries and everything per query row live as [nq, B, K, G*bq, ...]
+# (rows ordered (g, t) so that scores reshape for free to [B, K, G, bq, bk]); keys and
+# values as [nk, B, K, bk, H].
+def _q_rows(a, g: _Geometry):
+  """[B, T, N, ...] -> [nq, B, K, G*bq, ...]."""
+  rest = a.shape[3:]
+  a = _pad_axis(a, 1, g.Tp).reshape((g.B, g.nq, g.bq, g.K, g.G) + rest)
+  a = jnp.moveaxis(a, (1, 3, 4, 2), (0, 2, 3, 4))
+  return a.reshape((g.nq, g.B, g.K, g.G * g.bq) + rest)
+
+
+def _q_rows_inv(a, g: _Geometry):
+  """[nq, B, K, G*bq, ...] -> [B, T, N, ...]."""
+  rest = a.shape[4:]
+  a = a.reshape((g.nq, g.B, g.K, g.G, g.bq) + rest)
+  a = jnp.moveaxis(a, (0, 2, 3, 4), (1, 3, 4, 2))
+  return a.reshape((g.B, g.Tp, g.N) + rest)[:, :g.T]
+
+
+def _kv_blocks(a, g: _Geometry):
+  """[B, S, K, H] -> [nk, B, K, bk, H]."""
+  a = _pad_axis(a, 1, g.Sp).reshape(g.B, g.nk, g.bk, g.K, g.H)
+  return jnp.transpose(a, (1, 0, 3, 2, 4))
+
+
+def _kv_blocks_inv(a, g: _Geometry):
+  """[nk, B, K, bk, H] -> [B, S, K, H]."""
+  return jnp.transpose(a, (1, 0, 3, 2, 4)).reshape(g.B, g.Sp, g.K, g.H)[:, :g.S]
+
+
+class _Blocks:
+  """Per-block slices of the masking/bias inputs, in score layout [B, K, G, bq, bk]."""
+
+  def __init__(self, x: AttnInputs, spec: MaskSpec, g: _Geometry):
+    self.spec, self.g = spec, g
+    # Padded query rows are sliced off at the end; padded keys are masked by length.
+    self.q_pos = _pad_axis(x.q_positions, 0, g.Tp, mode="edge")
+    self.k_pos = _pad_axis(x.kv_positions, 0, g.Sp, mode="edge")
+    self.q_seg = None if x.q_segment_ids is None else _pad_axis(x.q_segment_ids, 1, g.Tp)
+    self.k_seg = None if x.kv_segment_ids is None else _pad_axis(x.kv_segment_ids, 1, g.Sp)
+    self.q_len = x.q_lengths
+    self.kv_len = x.kv_lengths
+    if self.kv_len is None and g.Sp != g.S:
+      self.kv_len = jnp.full((g.B,), g.S, jnp.int32)
+    self.bias = None if x.bias is None else self._pad_bt(x.bias, 0)
+    self.mask = None if x.mask is None else self._pad_bt(x.mask, False)
+
+  def _pad_bt(self, a, value):
+    g = self.g
+    if a.shape[2] != 1:
+      a = jnp.pad(a, ((0, 0), (0, 0), (0, g.Tp - g.T), (0, 0)), constant_values=value)
+    if a.shape[3] != 1:
+      a = jnp.pad(a, ((0, 0), (0, 0), (0, 0), (0, g.Sp - g.S)), constant_values=value)
+    return a
+
+  def _slice_bnts(self, a, i, j):
+    """[Bb, Nb, Tp|1, Sp|1] -> block [Bb, K|1, G|1, bq|1, bk|1]."""
+    g = self.g
+    tq = g.bq if a.shape[2] != 1 else 1
+    tk = g.bk if a.shape[3] != 1 else 1
+    blk = lax.dynamic_slice(a, (0, 0, i * tq if tq > 1 else 0, j * tk if tk > 1 else 0),
+                            (a.shape[0], a.shape[1], tq, tk))
+    heads = (g.K, g.G) if a.shape[1] != 1 else (1, 1)
+    return blk.reshape((a.shape[0],) + heads + (tq, tk))
+
+  def visible(self, i, j) -> Optional[jax.Array]:
+    """Boolean visibility of block (i, j), broadcastable to [B, K, G, bq, bk]."""
+    g, spec = self.g, self.spec
+    qp = lax.dynamic_slice_in_dim(self.q_pos, i * g.bq, g.bq)[:, None]
+    kp = lax.dynamic_slice_in_dim(self.k_pos, j * g.bk, g.bk)[None, :]
+    masks = [masking.position_mask(spec, qp, kp)]
+    if self.q_seg is not None:
+      qs = lax.dynamic_slice_in_dim(self.q_seg, i * g.bq, g.bq, axis=1)
+      ks = lax.dynamic_slice_in_dim(self.k_seg, j * g.bk, g.bk, axis=1)
+      masks.append(qs[:, None, None, :, None] == ks[:, None, None, None, :])
+    if self.q_len is not None:
+      rows = i * g.bq + lax.broadcasted_iota(jnp.int32, (1, g.bq), 1)
+      masks.append((rows < self.q_len[:, None])[:, None, None, :, None])
+    if self.kv_len is not None:
+      cols = j * g.bk + lax.broadcasted_iota(jnp.int32, (1, g.bk), 1)
+      masks.append((cols < self.kv_len[:, None])[:, None, None, None, :])
+    if self.mask is not None:
+      masks.append(self._slice_bnts(self.mask, i, j))
+    return masking.and_masks(*masks)
+
+  def bias_block(self, i, j):
+    return None if self.bias is None else self._slice_bnts(self.bias, i, j)
+
+  def ranges(self):
+    """(kv_lo, kv_hi, q_lo, q_hi): the block pairs worth computing (see block_ranges)."""
+    g = self.g
+    if not self.spec.uses_positions:
+      full = lambda n, m: (jnp.zeros((n,), jnp.int32), jnp.full((n,), m, jnp.int32))
+      return full(g.nq, g.nk) + full(g.nk, g.nq)
+    return masking.block_ranges(self.spec, self.q_pos, self.k_pos, g.bq, g.bk)
+
+
+def _scores(spec: MaskSpec, blocks: _Blocks, qb, kb, i, j, acc):
+  """Masked logits of block (i, j): [B, K, G, bq, bk] in `acc` (float32/64).
+
+  Also returns the softcap's tanh (for the backward) and the visibility mask.
+  """
+  g = blocks.g
+  s = jnp.einsum("BKRH,BKCH->BKRC", qb, kb, preferred_element_type=acc)
+  s = s.reshape(g.B, g.K, g.G, g.bq, g.bk) * jnp.asarray(spec.scale, acc)
+  tanh = None
+  if spec.logit_softcap is not None:
+    tanh = jnp.tanh(s / spec.logit_softcap)
+    s = spec.logit_softcap * tanh
+  bias = blocks.bias_block(i, j)
+  if bias is not None:
+    s = s + bias.astype(acc)
+  vis = blocks.visible(i, j)
+  if vis is not None:
+    s = jnp.where(vis, s, -jnp.inf)
+  return s, tanh, vis
+
+
+def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes) -> Tuple[jax.Array, jax.Array]:
+  """Blockwise forward. Returns out [B, T, N, H] (q's dtype) and lse [B, T, N] (f32/f64)."""
+  g = _geometry(x, block_sizes.block_q, block_sizes.block_k)
+  acc = accum_dtype(x.q.dtype)
+  blocks = _Blocks(x, spec, g)
+  qh = _q_rows(x.q, g)  # [nq, B, K, R, H], R = G*bq
+  kh, vh = _kv_blocks(x.k, g), _kv_blocks(x.v, g)  # [nk, B, K, bk, H]
+  kv_lo, kv_hi, _, _ = blocks.ranges()
+  R = g.G * g.bq
+
+  def per_q_block(args):
+    i, qb, lo, hi = args
+
+    def body(j, carry):
+      m, l, o = carry
+      s, _, _ = _scores(spec, blocks, qb, kh[j], i, j, acc)
+      s = s.reshape(g.B, g.K, R, g.bk)
+      m_new = jnp.maximum(m, s.max(-1))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
+      p = jnp.exp(s - m_safe[..., None])
+      alpha = jnp.exp(m - m_safe)
+      l = alpha * l + p.sum(-1)
+      pv = jnp.einsum("BKRC,BKCH->BKRH", p.astype(vh.dtype), vh[j],
+                      preferred_element_type=acc)
+      return m_new, l, alpha[..., None] * o + pv
+
+    init = (jnp.full((g.B, g.K, R), -jnp.inf, acc), jnp.zeros((g.B, g.K, R), acc),
+            jnp.zeros((g.B, g.K, R, g.H), acc))
+    m, l, o = lax.fori_loop(lo, hi, body, init)
+    seen = l > 0
+    out = jnp.where(seen[..., None], o / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    return out.astype(x.q.dtype), lse
+
+  out, lse = lax.map(per_q_block, (jnp.arange(g.nq), qh, kv_lo, kv_hi))
+  return _q_rows_inv(out, g), _q_rows_inv(lse, g)
+
+
+def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta, dout):
+  """Blockwise backward given the forward's log-sum-exp.
+
+  Args:
+    x, spec: the forward's inputs.
+    lse: [B, T, N] log-sum-exp of the logits (-inf for rows that see nothing).
+    delta: [B, T, N] rowsum(dout * out) - dlse, in float32/64.
+    dout: [B, T, N, H] cotangent of the output.
+
+  Returns:
+    dq [B, T, N, H], dk, dv [B, S, K, H] in float32 (float64 for float64 inputs),
+    dbias with the canonical bias shape (or None).
+  """
+  g = _geometry(x, block_sizes.block_q_bwd, block_sizes.block_k_bwd)
+  acc = accum_dtype(x.q.dtype)
+  blocks = _Blocks(x, spec, g)
+  dt = x.q.dtype
+  qh, doh = _q_rows(x.q, g), _q_rows(dout.astype(dt), g)
+  # Rows that see no key have lse = -inf: use +inf so that their p = exp(s - lse) = 0.
+  lse_h = _q_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse).astype(acc), g)
+  delta_h = _q_rows(delta.astype(acc), g)
+  kh, vh = _kv_blocks(x.k, g), _kv_blocks(x.v, g)
+  _, _, q_lo, q_hi = blocks.ranges()
+  R = g.G * g.bq
+  bias = blocks.bias
+
+  def per_kv_block(carry, args):
+    dq, dbias = carry
+    j, kb, vb, lo, hi = args
+
+    def body(i, c):
+      dk, dv, dq, dbias = c
+      qb, dob = qh[i], doh[i]
+      s, tanh, _ = _scores(spec, blocks, qb, kb, i, j, acc)
+      s = s.reshape(g.B, g.K, R, g.bk)
+      p = jnp.exp(s - lse_h[i][..., None])
+      dv = dv + jnp.einsum("BKRC,BKRH->BKCH", p.astype(dt), dob, preferred_element_type=acc)
+      dp = jnp.einsum("BKRH,BKCH->BKRC", dob, vb, preferred_element_type=acc)
+      ds = p * (dp - delta_h[i][..., None])  # d loss / d (logits after bias)
+      if dbias is not None:
+        dbias = _accumulate_dbias(dbias, ds, g, i, j)
+      if tanh is not None:
+        ds = ds * (1.0 - jnp.square(tanh.reshape(ds.shape)))
+      ds = (ds * spec.scale).astype(dt)
+      dq = dq.at[i].add(jnp.einsum("BKRC,BKCH->BKRH", ds, kb, preferred_element_type=acc))
+      dk = dk + jnp.einsum("BKRC,BKRH->BKCH", ds, qb, preferred_element_type=acc)
+      return dk, dv, dq, dbias
+
+    zeros_kv = jnp.zeros((g.B, g.K, g.bk, g.H), acc)
+    dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, (zeros_kv, zeros_kv, dq, dbias))
+    return (dq, dbias), (dk, dv)
+
+  dq0 = jnp.zeros(qh.shape, acc)
+  dbias0 = None if bias is None else jnp.zeros(bias.shape, acc)
+  (dq, dbias), (dk, dv) = lax.scan(
+      per_kv_block, (dq0, dbias0), (jnp.arange(g.nk), kh, vh, q_lo, q_hi))
+  if dbias is not None:
+    dbias = dbias[:, :, :x.bias.shape[2], :x.bias.shape[3]]
+  return _q_rows_inv(dq, g), _kv_blocks_inv(dk, g), _kv_blocks_inv(dv, g), dbias
+
+
+def _accumulate_dbias(dbias, ds, g: _Geometry, i, j):
+  """Adds block (i, j) of d logits, [B, K, R, bk], into dbias [Bb, Nb, Tp|1, Sp|1]."""
+  d = ds.reshape(g.B, g.N, g.bq, g.bk)
+  Bb, Nb, Tb, Sb = dbias.shape
+  d = d.sum(axis=tuple(ax for ax, n in enumerate((Bb, Nb, Tb, Sb)) if n == 1),
+            keepdims=True)
+  start = (0, 0, i * g.bq if Tb != 1 else 0, j * g.bk if Sb != 1 else 0)
+  cur = lax.dynamic_slice(dbias, start, d.shape)
+  return lax.dynamic_update_slice(dbias, cur + d, start)
+
+
+# ---------------------------------------------------------------------------------------
+# Differentiable entry point.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _flash(spec, block_sizes, q, k, v, bias, aux):
+  x = dataclasses.replace(aux, q=q, k=k, v=v, bias=bias)
+  return forward(x, spec, block_sizes)
+
+
+def _flash_fwd(spec, block_sizes, q, k, v, bias, aux):
+  out, lse = forward(dataclasses.replace(aux, q=q, k=k, v=v, bias=bias), spec, block_sizes)
+  return (out, lse), (q, k, v, bias, aux, out, lse)
+
+
+def _flash_bwd(spec, block_sizes, res, cts):
+  q, k, v, bias, aux, out, lse = res
+  dout, dlse = cts
+  acc = accum_dtype(q.dtype)
+  delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
+  x = dataclasses.replace(aux, q=q, k=k, v=v, bias=bias)
+  dq, dk, dv, dbias = backward(x, spec, block_sizes, lse, delta, dout)
+  aux_ct = jax.tree.map(lambda _: None, aux)
+  return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+          None if bias is None else dbias.astype(bias.dtype), aux_ct)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def attention(x: AttnInputs, spec: MaskSpec, block_sizes: Optional[BlockSizes] = None):
+  """Differentiable blockwise attention on canonical inputs: (out, lse [B, T, N])."""
+  if block_sizes is None:
+    block_sizes = BlockSizes()
+  if not isinstance(block_sizes, BlockSizes):
+    raise ValueError("block_sizes for impl='xla' must be a ringattn_jax.flash_xla."
+                     f"BlockSizes; got {type(block_sizes).__name__}.")
+  aux = dataclasses.replace(x, q=None, k=None, v=None, bias=None)
+  return _flash(spec, block_sizes, x.q, x.k, x.v, x.bias, aux)
