@@ -165,12 +165,18 @@ class _Blocks:
     heads = (g.K, g.G) if a.shape[1] != 1 else (1, 1)
     return blk.reshape((a.shape[0],) + heads + (tq, tk))
 
-  def visible(self, i, j) -> Optional[jax.Array]:
-    """Boolean visibility of block (i, j), broadcastable to [B, K, G, bq, bk]."""
+  def visible(self, i, j, use_positions: bool) -> Optional[jax.Array]:
+    """Boolean visibility of block (i, j), broadcastable to [B, K, G, bq, bk].
+
+    `use_positions=False` drops the causal/window part: the caller knows the block
+    is fully visible under it (see `schedule`).
+    """
     g, spec = self.g, self.spec
-    qp = lax.dynamic_slice_in_dim(self.q_pos, i * g.bq, g.bq)[:, None]
-    kp = lax.dynamic_slice_in_dim(self.k_pos, j * g.bk, g.bk)[None, :]
-    masks = [masking.position_mask(spec, qp, kp)]
+    masks = []
+    if use_positions:
+      qp = lax.dynamic_slice_in_dim(self.q_pos, i * g.bq, g.bq)[:, None]
+      kp = lax.dynamic_slice_in_dim(self.k_pos, j * g.bk, g.bk)[None, :]
+      masks.append(masking.position_mask(spec, qp, kp))
     if self.q_seg is not None:
       qs = lax.dynamic_slice_in_dim(self.q_seg, i * g.bq, g.bq, axis=1)
       ks = lax.dynamic_slice_in_dim(self.k_seg, j * g.bk, g.bk, axis=1)
@@ -188,16 +194,25 @@ class _Blocks:
   def bias_block(self, i, j):
     return None if self.bias is None else self._slice_bnts(self.bias, i, j)
 
-  def ranges(self):
-    """(kv_lo, kv_hi, q_lo, q_hi): the block pairs worth computing (see block_ranges)."""
+  def schedule(self):
+    """(kv_sched, q_sched) of 4-tuples (lo, flo, fhi, hi); see masking.block_schedule."""
     g = self.g
     if not self.spec.uses_positions:
-      full = lambda n, m: (jnp.zeros((n,), jnp.int32), jnp.full((n,), m, jnp.int32))
-      return full(g.nq, g.nk) + full(g.nk, g.nq)
-    return masking.block_ranges(self.spec, self.q_pos, self.k_pos, g.bq, g.bk)
+      every = lambda n, m: (jnp.zeros((n,), jnp.int32),) * 2 + (jnp.full((n,), m, jnp.int32),) * 2
+      return every(g.nq, g.nk), every(g.nk, g.nq)
+    return masking.block_schedule(self.spec, self.q_pos, self.k_pos, g.bq, g.bk)
 
 
-def _scores(spec: MaskSpec, blocks: _Blocks, qb, kb, i, j, acc):
+def _segmented_loop(sched, body, carry):
+  """Runs body(idx, carry, use_positions) over [lo, hi), unmasked on [flo, fhi)."""
+  lo, flo, fhi, hi = sched
+  masked = lambda j, c: body(j, c, True)
+  carry = lax.fori_loop(lo, flo, masked, carry)
+  carry = lax.fori_loop(flo, fhi, lambda j, c: body(j, c, False), carry)
+  return lax.fori_loop(fhi, hi, masked, carry)
+
+
+def _scores(spec: MaskSpec, blocks: _Blocks, qb, kb, i, j, acc, use_positions):
   """Masked logits of block (i, j): [B, K, G, bq, bk] in `acc` (float32/64).
 
   Also returns the softcap's tanh (for the backward) and the visibility mask.
@@ -212,7 +227,7 @@ def _scores(spec: MaskSpec, blocks: _Blocks, qb, kb, i, j, acc):
   bias = blocks.bias_block(i, j)
   if bias is not None:
     s = s + bias.astype(acc)
-  vis = blocks.visible(i, j)
+  vis = blocks.visible(i, j, use_positions and spec.uses_positions)
   if vis is not None:
     s = jnp.where(vis, s, -jnp.inf)
   return s, tanh, vis
@@ -225,15 +240,15 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes) -> Tuple[jax
   blocks = _Blocks(x, spec, g)
   qh = _q_rows(x.q, g)  # [nq, B, K, R, H], R = G*bq
   kh, vh = _kv_blocks(x.k, g), _kv_blocks(x.v, g)  # [nk, B, K, bk, H]
-  kv_lo, kv_hi, _, _ = blocks.ranges()
+  kv_sched, _ = blocks.schedule()
   R = g.G * g.bq
 
   def per_q_block(args):
-    i, qb, lo, hi = args
+    i, qb, sched = args
 
-    def body(j, carry):
+    def body(j, carry, use_positions):
       m, l, o = carry
-      s, _, _ = _scores(spec, blocks, qb, kh[j], i, j, acc)
+      s, _, _ = _scores(spec, blocks, qb, kh[j], i, j, acc, use_positions)
       s = s.reshape(g.B, g.K, R, g.bk)
       m_new = jnp.maximum(m, s.max(-1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
@@ -246,13 +261,13 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes) -> Tuple[jax
 
     init = (jnp.full((g.B, g.K, R), -jnp.inf, acc), jnp.zeros((g.B, g.K, R), acc),
             jnp.zeros((g.B, g.K, R, g.H), acc))
-    m, l, o = lax.fori_loop(lo, hi, body, init)
+    m, l, o = _segmented_loop(sched, body, init)
     seen = l > 0
     out = jnp.where(seen[..., None], o / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
     return out.astype(x.q.dtype), lse
 
-  out, lse = lax.map(per_q_block, (jnp.arange(g.nq), qh, kv_lo, kv_hi))
+  out, lse = lax.map(per_q_block, (jnp.arange(g.nq), qh, kv_sched))
   return _q_rows_inv(out, g), _q_rows_inv(lse, g)
 
 
@@ -278,18 +293,18 @@ def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta,
   lse_h = _q_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse).astype(acc), g)
   delta_h = _q_rows(delta.astype(acc), g)
   kh, vh = _kv_blocks(x.k, g), _kv_blocks(x.v, g)
-  _, _, q_lo, q_hi = blocks.ranges()
+  _, q_sched = blocks.schedule()
   R = g.G * g.bq
   bias = blocks.bias
 
   def per_kv_block(carry, args):
     dq, dbias = carry
-    j, kb, vb, lo, hi = args
+    j, kb, vb, sched = args
 
-    def body(i, c):
+    def body(i, c, use_positions):
       dk, dv, dq, dbias = c
       qb, dob = qh[i], doh[i]
-      s, tanh, _ = _scores(spec, blocks, qb, kb, i, j, acc)
+      s, tanh, _ = _scores(spec, blocks, qb, kb, i, j, acc, use_positions)
       s = s.reshape(g.B, g.K, R, g.bk)
       p = jnp.exp(s - lse_h[i][..., None])
       dv = dv + jnp.einsum("BKRC,BKRH->BKCH", p.astype(dt), dob, preferred_element_type=acc)
@@ -305,13 +320,13 @@ def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta,
       return dk, dv, dq, dbias
 
     zeros_kv = jnp.zeros((g.B, g.K, g.bk, g.H), acc)
-    dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, (zeros_kv, zeros_kv, dq, dbias))
+    dk, dv, dq, dbias = _segmented_loop(sched, body, (zeros_kv, zeros_kv, dq, dbias))
     return (dq, dbias), (dk, dv)
 
   dq0 = jnp.zeros(qh.shape, acc)
   dbias0 = None if bias is None else jnp.zeros(bias.shape, acc)
   (dq, dbias), (dk, dv) = lax.scan(
-      per_kv_block, (dq0, dbias0), (jnp.arange(g.nk), kh, vh, q_lo, q_hi))
+      per_kv_block, (dq0, dbias0), (jnp.arange(g.nk), kh, vh, q_sched))
   if dbias is not None:
     dbias = dbias[:, :, :x.bias.shape[2], :x.bias.shape[3]]
   return _q_rows_inv(dq, g), _kv_blocks_inv(dk, g), _kv_blocks_inv(dv, g), dbias
