@@ -119,10 +119,10 @@ def _q_rows_inv(a, g: _Geometry):
   return a.reshape((g.B, g.Tp, g.N) + rest)[:, :g.T]
 
 
-def _kv_blocks(a, g: _Geometry):
-  """[B, S, K, H] -> [nk, B, K, bk, H]."""
+def _kv_blocks(a, g: _Geometry, transpose: bool = False):
+  """[B, S, K, H] -> [nk, B, K, bk, H] (or [nk, B, K, H, bk] if `transpose`)."""
   a = _pad_axis(a, 1, g.Sp).reshape(g.B, g.nk, g.bk, g.K, g.H)
-  return jnp.transpose(a, (1, 0, 3, 2, 4))
+  return jnp.transpose(a, (1, 0, 3, 4, 2) if transpose else (1, 0, 3, 2, 4))
 
 
 def _kv_blocks_inv(a, g: _Geometry):
@@ -212,13 +212,15 @@ def _segmented_loop(sched, body, carry):
   return lax.fori_loop(fhi, hi, masked, carry)
 
 
-def _scores(spec: MaskSpec, blocks: _Blocks, qb, kb, i, j, acc, use_positions):
+def _scores(spec: MaskSpec, blocks: _Blocks, qb, kb, i, j, acc, use_positions,
+            k_transposed=False):
   """Masked logits of block (i, j): [B, K, G, bq, bk] in `acc` (float32/64).
 
   Also returns the softcap's tanh (for the backward) and the visibility mask.
   """
   g = blocks.g
-  s = jnp.einsum("BKRH,BKCH->BKRC", qb, kb, preferred_element_type=acc)
+  s = jnp.einsum("BKRH,BKHC->BKRC" if k_transposed else "BKRH,BKCH->BKRC", qb, kb,
+                 preferred_element_type=acc)
   s = s.reshape(g.B, g.K, g.G, g.bq, g.bk) * jnp.asarray(spec.scale, acc)
   tanh = None
   if spec.logit_softcap is not None:
@@ -239,7 +241,8 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes) -> Tuple[jax
   acc = accum_dtype(x.q.dtype)
   blocks = _Blocks(x, spec, g)
   qh = _q_rows(x.q, g)  # [nq, B, K, R, H], R = G*bq
-  kh, vh = _kv_blocks(x.k, g), _kv_blocks(x.v, g)  # [nk, B, K, bk, H]
+  # Keys as [H, bk] blocks make q @ k^T a plain (NN) matmul: faster for bf16 on CPU.
+  kh, vh = _kv_blocks(x.k, g, transpose=True), _kv_blocks(x.v, g)
   kv_sched, _ = blocks.schedule()
   R = g.G * g.bq
 
@@ -248,7 +251,8 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes) -> Tuple[jax
 
     def body(j, carry, use_positions):
       m, l, o = carry
-      s, _, _ = _scores(spec, blocks, qb, kh[j], i, j, acc, use_positions)
+      s, _, _ = _scores(spec, blocks, qb, kh[j], i, j, acc, use_positions,
+                        k_transposed=True)
       s = s.reshape(g.B, g.K, R, g.bk)
       m_new = jnp.maximum(m, s.max(-1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
