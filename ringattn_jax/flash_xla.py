@@ -35,10 +35,12 @@ class BlockSizes:
     block_q_bwd, block_k_bwd: the same for the backward pass.
   """
 
-  block_q: int = 512
+  # Tuned on a 2-core AMX CPU at T=4096..8192, H=128 (experiments/benchmark_attention.py):
+  # big enough for efficient matmuls, small enough that a block's logits stay in cache.
+  block_q: int = 256
   block_k: int = 512
   block_q_bwd: int = 512
-  block_k_bwd: int = 512
+  block_k_bwd: int = 256
 
   def __post_init__(self):
     for f in dataclasses.fields(self):
