@@ -4,7 +4,20 @@ Import has no side effects: the backend (and with it the kernel) is chosen per c
 Arrays are [batch, seq, heads, head_dim], as in jax.nn.dot_product_attention.
 """
 from ringattn_jax.flash import flash_attention
+from ringattn_jax.layouts import LAYOUTS
+from ringattn_jax.layouts import layout_positions
+from ringattn_jax.layouts import permute_to_layout
+from ringattn_jax.layouts import unpermute_from_layout
+from ringattn_jax.layouts import work_per_device
 from ringattn_jax.reference import reference_attention
+from ringattn_jax.ring import ring_attention
+from ringattn_jax.ring import ring_hop_counts
+from ringattn_jax.sharded import STRATEGIES
+from ringattn_jax.sharded import sharded_attention
 
-__all__ = ["flash_attention", "reference_attention"]
+__all__ = [
+    "LAYOUTS", "STRATEGIES", "flash_attention", "layout_positions", "permute_to_layout",
+    "reference_attention", "ring_attention", "ring_hop_counts", "sharded_attention",
+    "unpermute_from_layout", "work_per_device",
+]
 __version__ = "0.1.0"

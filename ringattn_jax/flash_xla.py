@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ringattn_jax import _vma
 from ringattn_jax import masking
 from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
 
@@ -237,10 +238,25 @@ def _scores(spec: MaskSpec, blocks: _Blocks, qb, kb, i, j, acc, use_positions,
   return s, tanh, vis
 
 
-def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes) -> Tuple[jax.Array, jax.Array]:
-  """Blockwise forward. Returns out [B, T, N, H] (q's dtype) and lse [B, T, N] (f32/f64)."""
+def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes,
+            out_dtype=None) -> Tuple[jax.Array, jax.Array]:
+  """Blockwise forward.
+
+  Works on local shards inside shard_map(check_vma=True) too (ring attention calls it
+  once per hop).
+
+  Args:
+    x, spec: canonical inputs (see _inputs.canonicalize).
+    block_sizes: uses block_q and block_k.
+    out_dtype: dtype of `out` (default q's); ring attention asks for float32 partials
+      so that merging hops does not round each one to bf16.
+
+  Returns:
+    out [B, T, N, H] and lse [B, T, N] (float32; float64 for float64 inputs).
+  """
   g = _geometry(x, block_sizes.block_q, block_sizes.block_k)
   acc = accum_dtype(x.q.dtype)
+  axes = _vma.union_axes(x)
   blocks = _Blocks(x, spec, g)
   qh = _q_rows(x.q, g)  # [nq, B, K, R, H], R = G*bq
   # Keys as [H, bk] blocks make q @ k^T a plain (NN) matmul: faster for bf16 on CPU.
@@ -265,13 +281,13 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes) -> Tuple[jax
                       preferred_element_type=acc)
       return m_new, l, alpha[..., None] * o + pv
 
-    init = (jnp.full((g.B, g.K, R), -jnp.inf, acc), jnp.zeros((g.B, g.K, R), acc),
-            jnp.zeros((g.B, g.K, R, g.H), acc))
+    init = _vma.vary((jnp.full((g.B, g.K, R), -jnp.inf, acc), jnp.zeros((g.B, g.K, R), acc),
+                      jnp.zeros((g.B, g.K, R, g.H), acc)), axes)
     m, l, o = _segmented_loop(sched, body, init)
     seen = l > 0
     out = jnp.where(seen[..., None], o / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-    return out.astype(x.q.dtype), lse
+    return out.astype(out_dtype or x.q.dtype), lse
 
   out, lse = lax.map(per_q_block, (jnp.arange(g.nq), qh, kv_sched))
   return _q_rows_inv(out, g), _q_rows_inv(lse, g)
@@ -292,6 +308,7 @@ def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta,
   """
   g = _geometry(x, block_sizes.block_q_bwd, block_sizes.block_k_bwd)
   acc = accum_dtype(x.q.dtype)
+  axes = _vma.union_axes(x, lse, delta, dout)
   blocks = _Blocks(x, spec, g)
   dt = x.q.dtype
   qh, doh = _q_rows(x.q, g), _q_rows(dout.astype(dt), g)
@@ -325,12 +342,12 @@ def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta,
       dk = dk + jnp.einsum("BKRC,BKRH->BKCH", ds, qb, preferred_element_type=acc)
       return dk, dv, dq, dbias
 
-    zeros_kv = jnp.zeros((g.B, g.K, g.bk, g.H), acc)
+    zeros_kv = _vma.vary(jnp.zeros((g.B, g.K, g.bk, g.H), acc), axes)
     dk, dv, dq, dbias = _segmented_loop(sched, body, (zeros_kv, zeros_kv, dq, dbias))
     return (dq, dbias), (dk, dv)
 
-  dq0 = jnp.zeros(qh.shape, acc)
-  dbias0 = None if bias is None else jnp.zeros(bias.shape, acc)
+  dq0 = _vma.vary(jnp.zeros(qh.shape, acc), axes)
+  dbias0 = None if bias is None else _vma.vary(jnp.zeros(bias.shape, acc), axes)
   (dq, dbias), (dk, dv) = lax.scan(
       per_kv_block, (dq0, dbias0), (jnp.arange(g.nk), kh, vh, q_sched))
   if dbias is not None:
