@@ -103,6 +103,19 @@ def _pad_axis(a, axis, new_len, mode="constant"):
   return jnp.pad(a, widths, mode=mode)
 
 
+def _bits(a):
+  """16-bit floats as their uint16 bit pattern, for pure data movement.
+
+  XLA's CPU backend runs bf16/f16 transposes, pads and slices in float32 and converts
+  back per use; as integers they stay 16-bit. `_unbits` restores the dtype at the dot.
+  """
+  return lax.bitcast_convert_type(a, jnp.uint16) if a.dtype.itemsize == 2 else a
+
+
+def _unbits(a, dtype):
+  return lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
+
+
 # Layout changes. Queries and everything per query row live as [nq, B, K, G*bq, ...]
 # (rows ordered (g, t) so that scores reshape for free to [B, K, G, bq, bk]); keys and
 # values as [nk, B, K, bk, H].
@@ -258,18 +271,20 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes,
   acc = accum_dtype(x.q.dtype)
   axes = _vma.union_axes(x)
   blocks = _Blocks(x, spec, g)
-  qh = _q_rows(x.q, g)  # [nq, B, K, R, H], R = G*bq
+  dt = x.q.dtype
+  qh = _q_rows(_bits(x.q), g)  # [nq, B, K, R, H], R = G*bq
   # Keys as [H, bk] blocks make q @ k^T a plain (NN) matmul: faster for bf16 on CPU.
-  kh, vh = _kv_blocks(x.k, g, transpose=True), _kv_blocks(x.v, g)
+  kh, vh = _kv_blocks(_bits(x.k), g, transpose=True), _kv_blocks(_bits(x.v), g)
   kv_sched, _ = blocks.schedule()
   R = g.G * g.bq
 
   def per_q_block(args):
     i, qb, sched = args
+    qb = _unbits(qb, dt)
 
     def body(j, carry, use_positions):
       m, l, o = carry
-      s, _, _ = _scores(spec, blocks, qb, kh[j], i, j, acc, use_positions,
+      s, _, _ = _scores(spec, blocks, qb, _unbits(kh[j], dt), i, j, acc, use_positions,
                         k_transposed=True)
       s = s.reshape(g.B, g.K, R, g.bk)
       m_new = jnp.maximum(m, s.max(-1))
@@ -277,7 +292,7 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes,
       p = jnp.exp(s - m_safe[..., None])
       alpha = jnp.exp(m - m_safe)
       l = alpha * l + p.sum(-1)
-      pv = jnp.einsum("BKRC,BKCH->BKRH", p.astype(vh.dtype), vh[j],
+      pv = jnp.einsum("BKRC,BKCH->BKRH", p.astype(dt), _unbits(vh[j], dt),
                       preferred_element_type=acc)
       return m_new, l, alpha[..., None] * o + pv
 
@@ -287,10 +302,12 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes,
     seen = l > 0
     out = jnp.where(seen[..., None], o / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-    return out.astype(out_dtype or x.q.dtype), lse
+    return out, lse
 
+  # Blocks are stacked in the accumulator dtype and cast once at the end: XLA's CPU
+  # backend keeps a bf16 stacking buffer in f32 and would convert all of it per block.
   out, lse = lax.map(per_q_block, (jnp.arange(g.nq), qh, kv_sched))
-  return _q_rows_inv(out, g), _q_rows_inv(lse, g)
+  return _q_rows_inv(out, g).astype(out_dtype or x.q.dtype), _q_rows_inv(lse, g)
 
 
 def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta, dout):
@@ -311,11 +328,11 @@ def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta,
   axes = _vma.union_axes(x, lse, delta, dout)
   blocks = _Blocks(x, spec, g)
   dt = x.q.dtype
-  qh, doh = _q_rows(x.q, g), _q_rows(dout.astype(dt), g)
+  qh, doh = _q_rows(_bits(x.q), g), _q_rows(_bits(dout.astype(dt)), g)
   # Rows that see no key have lse = -inf: use +inf so that their p = exp(s - lse) = 0.
   lse_h = _q_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse).astype(acc), g)
   delta_h = _q_rows(delta.astype(acc), g)
-  kh, vh = _kv_blocks(x.k, g), _kv_blocks(x.v, g)
+  kh, vh = _kv_blocks(_bits(x.k), g), _kv_blocks(_bits(x.v), g)
   _, q_sched = blocks.schedule()
   R = g.G * g.bq
   bias = blocks.bias
@@ -323,10 +340,11 @@ def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta,
   def per_kv_block(carry, args):
     dq, dbias = carry
     j, kb, vb, sched = args
+    kb, vb = _unbits(kb, dt), _unbits(vb, dt)
 
     def body(i, c, use_positions):
       dk, dv, dq, dbias = c
-      qb, dob = qh[i], doh[i]
+      qb, dob = _unbits(qh[i], dt), _unbits(doh[i], dt)
       s, tanh, _ = _scores(spec, blocks, qb, kb, i, j, acc, use_positions)
       s = s.reshape(g.B, g.K, R, g.bk)
       p = jnp.exp(s - lse_h[i][..., None])
