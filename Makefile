@@ -21,9 +21,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests
 
-# The full single-device attention benchmark (minutes; writes results/).
+# The attention benchmarks: single-device, then sequence-parallel (~30 min; writes results/).
 bench: $(STAMP)
 	$(PY) -m experiments.benchmark_attention
+	$(PY) -m experiments.benchmark_ring
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

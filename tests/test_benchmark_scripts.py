@@ -1,0 +1,86 @@
+"""Smoke tests of the benchmark scripts: they run end to end and write their results.
+
+Each script runs in a subprocess (it configures its own simulated devices through
+XLA_FLAGS before JAX starts) with tiny settings. Only the structure of the results
+files is checked, never a timing.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(module, *args, timeout=180):
+  proc = subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+  return proc.stdout
+
+
+@pytest.mark.slow
+def test_benchmark_attention_quick(tmp_path):
+  _run("experiments.benchmark_attention", "--preset=quick", "--seq_lens=256",
+       "--memory_seq_lens=256", "--dtypes=float32", "--causal=true", "--repeats=1",
+       "--head_dim=32", "--impls=dense,xla", f"--out_dir={tmp_path}")
+  res = json.loads((tmp_path / "attention_benchmark.json").read_text())
+  assert set(res) >= {"env", "matmul_flops", "rows", "memory", "summary"}
+  assert {(r["impl"], r["dtype"], r["causal"], r["T"]) for r in res["rows"]} == {
+      ("dense", "float32", True, 256), ("xla", "float32", True, 256)}
+  for r in res["rows"]:
+    assert r["fwd_ms"] > 0 and r["fwd_bwd_ms"] > 0
+  assert {(m["impl"], m["T"]) for m in res["memory"]} == {("dense", 256), ("xla", 256)}
+  md = (tmp_path / "attention_benchmark.md").read_text()
+  assert "| xla    | float32  | True  |    256 |" in md
+
+
+@pytest.mark.slow
+def test_benchmark_ring_smoke(tmp_path):
+  out = _run("experiments.benchmark_ring", "--preset=smoke", "--dtypes=float32",
+             "--target_len=256", "--seq_lens=256", "--memory_seq_lens=256",
+             f"--out_dir={tmp_path}")
+  assert "1-device process" in out
+  res = json.loads((tmp_path / "ring_benchmark.json").read_text())
+  assert set(res) >= {"env", "targets", "memory", "balance", "strategies", "summary",
+                      "measurements", "single_1dev_ms"}
+  assert res["env"]["devices"] == 8 and res["env"]["sp"] == 8
+
+  programs = {"sharded_attention ring/zigzag", "ring_attention zigzag, pre-permuted",
+              "sharded_attention ring/contiguous"}
+  assert {r["program"] for r in res["targets"]} == programs
+  for r in res["targets"]:
+    assert r["T"] == 256 and r["dtype"] == "float32"
+    assert r["ring_ms"] > 0 and r["single_ms"] > 0 and r["single_1dev_ms"] > 0
+    assert r["ratio"] == pytest.approx(r["ring_ms"] / r["single_1dev_ms"])
+
+  assert {r["program"] for r in res["memory"]} == programs
+  for r in res["memory"]:
+    assert r["temp_bytes_sp"] > 0 and r["temp_bytes_sp1"] > 0 and r["temp_bytes_flash"] > 0
+    assert r["ratio"] == pytest.approx(r["temp_bytes_sp"] / r["temp_bytes_sp1"])
+
+  balance = {r["layout"]: r for r in res["balance"]}
+  assert set(balance) == {"contiguous", "zigzag", "striped"}
+  for r in balance.values():  # work counts are exact, so these are not timings
+    assert len(r["tiles"]) == 8
+  assert balance["zigzag"]["max_over_mean"] == pytest.approx(1.0)
+  assert balance["contiguous"]["max_over_mean"] > 1.5
+
+  assert {(r["strategy"], r["T"]) for r in res["strategies"]} == {
+      ("ring", 256), ("allgather", 256), ("ulysses", 256)}
+  for r in res["strategies"]:
+    assert r["fwd_bwd_ms"] > 0 and r["temp_bytes"] > 0
+
+  n_summary = len(res["targets"]) + len(res["memory"]) + len(res["balance"])
+  assert len(res["summary"]) == n_summary
+  assert all(s["met"] in (True, False, None) for s in res["summary"])
+
+  md = (tmp_path / "ring_benchmark.md").read_text()
+  for heading in ("## Ring vs single-device", "## Compiled per-device temp memory",
+                  "## Causal work balance", "## Strategies", "## Targets"):
+    assert heading in md
+  assert "| float32 | sharded_attention ring/zigzag | 8 |" in md
+  assert "| ulysses | contiguous | float32 | 256 | 8 |" in md
