@@ -168,22 +168,7 @@ def static_hop_bound(spec: MaskSpec, layout: str, n: int, T_local: int,
   q_min, q_max = qpos.min(1)[:, None], qpos.max(1)[:, None]
   e = (np.arange(n)[:, None] - np.arange(n)[None, :]) % n
   k_min, k_max = kpos.min(1)[e], kpos.max(1)[e]
-  vis = np.asarray(hop_visible(spec, q_min, q_max, k_min, k_max), bool)
+  vis = np.asarray(masking.range_visible(spec, q_min, q_max, k_min, k_max), bool)
   vis = np.broadcast_to(vis, (n, n))
   used = np.nonzero(vis.any(0))[0]
   return (int(used.max()) + 1 if used.size else 1), vis
-
-
-def hop_visible(spec: MaskSpec, q_min, q_max, k_min, k_max):
-  """Whether any key in [k_min, k_max] can be seen by any query in [q_min, q_max].
-
-  Conservative for arbitrary positions (it only uses the ranges); works on numpy
-  and on traced values alike.
-  """
-  vis = True
-  if spec.is_causal:
-    vis = vis & (k_min <= q_max)
-  if spec.window is not None:
-    left, right = spec.window
-    vis = vis & (k_max >= q_min - left) & (k_min <= q_max + right)
-  return vis

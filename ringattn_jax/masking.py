@@ -47,6 +47,23 @@ def and_masks(*masks: Optional[jax.Array]) -> Optional[jax.Array]:
   return out
 
 
+def range_visible(spec: MaskSpec, q_min, q_max, k_min, k_max):
+  """Whether any key in [k_min, k_max] can be seen by any query in [q_min, q_max].
+
+  Judged from the position ranges alone under causal/window (True if neither
+  applies): conservative for arbitrary positions, tight for monotone ones. Works on
+  numpy and jax values alike and broadcasts. Used to skip blocks (kernels) and whole
+  hops (ring attention).
+  """
+  vis = True
+  if spec.is_causal:
+    vis = vis & (k_min <= q_max)
+  if spec.window is not None:
+    left, right = spec.window
+    vis = vis & (k_max >= q_min - left) & (k_min <= q_max + right)
+  return vis
+
+
 def _block_bounds(spec: MaskSpec, q_pos, k_pos, block_q: int, block_k: int):
   """Per block pair: (visible [nq, nk], fully_visible [nq, nk]) under causal/window.
 
@@ -59,14 +76,12 @@ def _block_bounds(spec: MaskSpec, q_pos, k_pos, block_q: int, block_k: int):
   kb = k_pos.reshape(nk, block_k)
   q_min, q_max = qb.min(1)[:, None], qb.max(1)[:, None]
   k_min, k_max = kb.min(1)[None, :], kb.max(1)[None, :]
-  vis = jnp.ones((nq, nk), jnp.bool_)
+  vis = jnp.broadcast_to(range_visible(spec, q_min, q_max, k_min, k_max), (nq, nk))
   full = jnp.ones((nq, nk), jnp.bool_)
   if spec.is_causal:
-    vis &= k_min <= q_max
     full &= k_max <= q_min
   if spec.window is not None:
     left, right = spec.window
-    vis &= (k_max >= q_min - left) & (k_min <= q_max + right)
     full &= (k_min >= q_max - left) & (k_max <= q_min + right)
   return vis, full
 

@@ -51,6 +51,7 @@ from ringattn_jax import _inputs
 from ringattn_jax import _vma
 from ringattn_jax import flash_xla
 from ringattn_jax import layouts
+from ringattn_jax import masking
 from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
 
 
@@ -100,7 +101,7 @@ def _visible(x: AttnInputs, spec: MaskSpec):
   pred = jnp.asarray(True)
   if spec.uses_positions:
     qp, kp = x.q_positions, x.kv_positions
-    pred &= layouts.hop_visible(spec, qp.min(), qp.max(), kp.min(), kp.max())
+    pred &= masking.range_visible(spec, qp.min(), qp.max(), kp.min(), kp.max())
   if x.q_segment_ids is not None:
     # Disjoint segment-id ranges share no id: always safe, tight for packed sequences
     # (sorted ids). Checked per batch row; the hop runs if any row needs it.
