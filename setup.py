@@ -23,7 +23,9 @@ setup(
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100"],
         "notebook": ["jupyter", "nbclient>=0.10", "ipykernel", "matplotlib>=3.8"],
-        "hf": ["transformers>=4.45", "safetensors>=0.4", "torch"],
+        # torch pinned to the CPU build the machines carry (a bare "torch" pulls GBs of CUDA).
+        "hf": ["transformers>=4.45", "safetensors>=0.4", "torch==2.13.0"],
+        "data": ["tokenizers>=0.19", "sentencepiece>=0.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },

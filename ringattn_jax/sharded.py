@@ -53,6 +53,7 @@ class _Plan:
   batch_axes: Tuple[str, ...]
   head_axis: Optional[str]
   layout: str
+  permuted: bool
   block_sizes: flash_xla.BlockSizes
   is_causal: bool
   window: Any
@@ -139,6 +140,7 @@ def sharded_attention(
     batch_axes: Union[str, Sequence[str], None] = AUTO,
     head_axis: Optional[str] = AUTO,
     layout: str = "contiguous",
+    permuted: bool = False,
     is_causal: bool = False,
     segment_ids=None,
     kv_segment_ids=None,
@@ -167,6 +169,10 @@ def sharded_attention(
     layout: "contiguous", "zigzag" (balanced causal work; T and S divisible by 2n) or
       "striped" (see `ringattn_jax.layouts`). Inputs and outputs stay in the caller's
       order; tokens are permuted in and out here.
+    permuted: the inputs are already in `layout` order (a model that permuted its
+      tokens once at the input, see `permute_to_layout`); nothing is permuted here,
+      the output stays in layout order, and positions default to the layout's true
+      positions.
     is_causal, segment_ids [B, T], kv_segment_ids [B, S], local_window_size,
       logit_softcap, scale: as in `flash_attention`.
     q_positions, kv_positions: [T] / [S] int positions for causal/window (default
@@ -197,7 +203,8 @@ def sharded_attention(
       kv_segment_ids=kv_segment_ids, local_window_size=local_window_size,
       logit_softcap=logit_softcap, q_positions=q_positions, kv_positions=kv_positions)
   plan = _Plan(mesh=mesh, strategy=strategy, seq_axis=seq_axis, batch_axes=batch_axes,
-               head_axis=head_axis, layout=layout, block_sizes=block_sizes,
+               head_axis=head_axis, layout=layout, permuted=bool(permuted),
+               block_sizes=block_sizes,
                is_causal=spec.is_causal, window=spec.window,
                logit_softcap=spec.logit_softcap, scale=spec.scale,
                has_segments=spec.has_segments, has_q_positions=q_positions is not None,
@@ -238,14 +245,16 @@ def _relayout(plan: _Plan, a, spec: P, *, inverse: bool):
   sharding = NamedSharding(plan.mesh, spec)
   explicit = any(t == jax.sharding.AxisType.Explicit
                  for t in getattr(plan.mesh, "axis_types", ()))
+  permutes = plan.layout != "contiguous" and not plan.permuted
   if explicit:
     # A gather along an Explicit-sharded axis needs its output sharding spelled out;
     # let XLA plan the data movement (Auto axes) and return the result as `spec`.
-    if plan.layout != "contiguous":
+    if permutes:
       a = jax.sharding.auto_axes(lambda a: fn(a, plan.layout, plan.n, axis),
                                  out_sharding=sharding)(a)
     return jax.sharding.reshard(a, sharding)
-  return lax.with_sharding_constraint(fn(a, plan.layout, plan.n, axis), sharding)
+  return lax.with_sharding_constraint(
+      fn(a, plan.layout, plan.n, axis) if permutes else a, sharding)
 
 
 def _ring_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):

@@ -1,0 +1,213 @@
+"""`LlamaConfig`: the shape of a LLaMA-style model and how it runs.
+
+Shape fields carry Hugging Face's `LlamaConfig` names (so `config.json` maps onto them
+one to one); run-time fields (attention implementation, remat, scan, chunking, dtypes)
+are ours. The config is frozen and validated on construction: a bad value raises a
+ValueError that names the field, the value and what would be valid.
+
+Presets: `tiny` (tests and CPU demos), `llama2-7b`, `llama2-13b`, `llama3-8b`,
+`llama3-70b`, and `lwm-7b` (Large World Model: LLaMA-2-7B shapes, rope theta 50M,
+1M-token context).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Tuple, Union
+
+from models import rope
+
+# Attention implementations. "reference" is the dense oracle; "dot_product" is
+# jax.nn.dot_product_attention (the baseline researchers compare against); "flash" is
+# ringattn_jax.flash_attention on one device (or replicated over the sequence); the
+# last three shard the sequence over the mesh's "sp" axis via sharded_attention.
+SINGLE_DEVICE_ATTENTION = ("reference", "dot_product", "flash")
+SEQUENCE_PARALLEL_ATTENTION = ("ring", "allgather", "ulysses")
+ATTENTION = SINGLE_DEVICE_ATTENTION + SEQUENCE_PARALLEL_ATTENTION
+FLASH_IMPLS = ("auto", "xla", "pallas")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_names",
+                  "offload")
+# Intermediate tensors a layer tags with `checkpoint_name`, for the "save_names" and
+# "offload" remat policies.
+REMAT_NAMES = ("qkv", "attn_context", "attn_out", "mlp_hidden", "mlp_out")
+DTYPES = ("float32", "bfloat16", "float16")
+LAYOUTS = ("contiguous", "zigzag", "striped")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """Model shape (Hugging Face names) and run-time knobs (ours).
+
+  Shape:
+    vocab_size: V. hidden_size: D. intermediate_size: F (SwiGLU width).
+    num_hidden_layers: L. num_attention_heads: N. num_key_value_heads: K (N % K == 0).
+    head_dim: H (default D // N). rms_norm_eps. rope_theta. rope_scaling: Hugging
+    Face's dict (see models.rope). max_position_embeddings. tie_word_embeddings.
+    attention_bias / mlp_bias: biases on the projections (LLaMA: none).
+  Run-time:
+    attention: one of ATTENTION. flash_impl: kernel for "flash" ("auto" picks Pallas
+      on GPU/TPU, XLA on CPU). layout: token layout for the sequence-parallel
+      attentions ("zigzag"/"striped" balance causal work); tokens are permuted once at
+      the model input and positions carried, not per layer.
+    sliding_window: None or a window size (tokens see the previous `sliding_window`).
+    remat_policy: one of REMAT_POLICIES; remat_names: the REMAT_NAMES that
+      "save_names" keeps or "offload" moves to host memory.
+    scan_layers: lax.scan over stacked layers (compile time flat in depth) vs a Python
+      loop over the same stacked parameters.
+    ffn_chunks: split the feed-forward over this many token chunks (1 = off), bounding
+      the [B, T, F] intermediate.
+    loss_chunks: token chunks for the cross-entropy, which never materialises
+      [B, T, V] logits when > 1.
+    dtype: compute dtype of activations and matmuls; param_dtype: parameters.
+    shard_params_over_sp: shard parameters over "sp" as well as "fsdp" (as Large
+      World Model does), since sequence-parallel devices hold the same parameters.
+  """
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  rope_scaling: Optional[Mapping[str, Any]] = None
+  max_position_embeddings: int = 4096
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  initializer_range: float = 0.02
+
+  attention: str = "flash"
+  flash_impl: str = "auto"
+  layout: str = "contiguous"
+  sliding_window: Optional[int] = None
+  remat_policy: str = "none"
+  remat_names: Tuple[str, ...] = ("attn_out", "mlp_out")
+  scan_layers: bool = True
+  ffn_chunks: int = 1
+  loss_chunks: int = 1
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  shard_params_over_sp: bool = False
+
+  def __post_init__(self):
+    if self.num_key_value_heads is None:
+      object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+    if self.head_dim is None:
+      if self.hidden_size % self.num_attention_heads:
+        raise ValueError(
+            f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
+            f"({self.num_attention_heads}) when head_dim is not given.")
+      object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+    if self.rope_scaling is not None:
+      object.__setattr__(self, "rope_scaling",
+                         _Frozen(rope.validate_rope_scaling(dict(self.rope_scaling))))
+    object.__setattr__(self, "remat_names", tuple(self.remat_names))
+    self._validate()
+
+  def _validate(self):
+    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                 "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "max_position_embeddings", "ffn_chunks", "loss_chunks"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    if self.num_attention_heads % self.num_key_value_heads:
+      raise ValueError(
+          f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+          f"num_key_value_heads ({self.num_key_value_heads}).")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim must be even for rotary embeddings; got {self.head_dim}.")
+    for name, valid in (("attention", ATTENTION), ("flash_impl", FLASH_IMPLS),
+                        ("layout", LAYOUTS), ("remat_policy", REMAT_POLICIES),
+                        ("dtype", DTYPES), ("param_dtype", DTYPES)):
+      if getattr(self, name) not in valid:
+        raise ValueError(f"{name} must be one of {valid}; got {getattr(self, name)!r}.")
+    bad = [n for n in self.remat_names if n not in REMAT_NAMES]
+    if bad:
+      raise ValueError(f"remat_names must be drawn from {REMAT_NAMES}; got {bad}.")
+    if self.sliding_window is not None and (
+        isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
+        or self.sliding_window < 1):
+      raise ValueError(f"sliding_window must be None or a positive int; got "
+                       f"{self.sliding_window!r}.")
+    if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+      raise ValueError(f"rms_norm_eps and rope_theta must be > 0; got "
+                       f"{self.rms_norm_eps!r}, {self.rope_theta!r}.")
+
+  @property
+  def sequence_parallel(self) -> bool:
+    return self.attention in SEQUENCE_PARALLEL_ATTENTION
+
+  def replace(self, **changes) -> "LlamaConfig":
+    """A copy with `changes` applied (validated; unknown fields raise)."""
+    return from_dict({**to_dict(self), **changes})
+
+  def num_params(self) -> int:
+    """Parameter count (embeddings included once when tied)."""
+    D, F, V, H = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+    N, K = self.num_attention_heads, self.num_key_value_heads
+    attn = D * H * (N + 2 * K) + N * H * D
+    if self.attention_bias:
+      attn += H * (N + 2 * K) + D
+    mlp = 3 * D * F + (2 * F + D if self.mlp_bias else 0)
+    layer = attn + mlp + 2 * D
+    return V * D * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * layer + D
+
+
+class _Frozen(dict):
+  """A hashable dict, so a config holding rope_scaling can be a jit static argument."""
+
+  def __hash__(self):
+    return hash(tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                             for k, v in self.items())))
+
+  def __setitem__(self, *_):
+    raise TypeError("LlamaConfig.rope_scaling is read-only; use config.replace().")
+
+
+def to_dict(config: LlamaConfig) -> dict:
+  d = dataclasses.asdict(config)
+  if d["rope_scaling"] is not None:
+    d["rope_scaling"] = dict(d["rope_scaling"])
+  return d
+
+
+def from_dict(d: Mapping[str, Any]) -> LlamaConfig:
+  """Builds a config; unknown keys raise a ValueError listing them."""
+  fields = {f.name for f in dataclasses.fields(LlamaConfig)}
+  unknown = sorted(set(d) - fields)
+  if unknown:
+    raise ValueError(f"Unknown LlamaConfig fields {unknown}; valid fields: {sorted(fields)}.")
+  return LlamaConfig(**d)
+
+
+_LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
+PRESETS = {
+    "tiny": dict(vocab_size=264, hidden_size=64, intermediate_size=176,
+                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 max_position_embeddings=2048),
+    "llama2-7b": _LLAMA2_7B,
+    "llama2-13b": dict(_LLAMA2_7B, hidden_size=5120, intermediate_size=13824,
+                       num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                      rms_norm_eps=1e-5, rope_theta=500000.0,
+                      max_position_embeddings=8192),
+    "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
+                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
+                       rms_norm_eps=1e-5, rope_theta=500000.0,
+                       max_position_embeddings=8192),
+    "lwm-7b": dict(_LLAMA2_7B, rope_theta=50_000_000.0, max_position_embeddings=1_048_576),
+}
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+  """A preset by name, with field overrides (validated)."""
+  if name not in PRESETS:
+    raise ValueError(f"Unknown preset {name!r}; valid presets: {sorted(PRESETS)}.")
+  return from_dict({**PRESETS[name], **overrides})

@@ -1,0 +1,191 @@
+"""LLaMA building blocks in flax.nnx: RMSNorm, SwiGLU MLP, GQA attention, decoder block.
+
+Parameter layouts (einsum letters: B batch, T tokens, D model, N query heads, K
+key/value heads, H head dim, F MLP width):
+  q_proj [D, N, H], k_proj / v_proj [D, K, H], o_proj [N, H, D],
+  gate_proj / up_proj [D, F], down_proj [F, D], norms [D].
+Every parameter carries `logical_axes` metadata that models.sharding maps to the mesh.
+
+Layers take a static `Runtime` (config, mesh, sharding rules) at call time, so a
+module's state is only its parameters.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import ringattn_jax
+from models import rope
+from models import sharding
+from models.config import LlamaConfig
+from models.remat import checkpoint_name
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+  """What layers need besides parameters: static, hashable."""
+
+  config: LlamaConfig
+  mesh: Any = None
+  rules: Any = None
+
+  def constrain(self, x, logical):
+    return sharding.constrain(x, logical, self.mesh, self.rules)
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.config.dtype)
+
+
+def _param(rngs, shape, logical, cfg: LlamaConfig, init="normal"):
+  dtype = jnp.dtype(cfg.param_dtype)
+  if init == "normal":
+    value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, dtype)
+  elif init == "ones":
+    value = jnp.ones(shape, dtype)
+  else:
+    value = jnp.zeros(shape, dtype)
+  return nnx.Param(value, logical_axes=tuple(logical))
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * weight, computed in float32 and cast back (as Hugging Face does)."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.weight = _param(rngs, (cfg.hidden_size,), ("norm",), cfg, init="ones")
+    self.eps = cfg.rms_norm_eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return self.weight[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x)), optionally over token chunks."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    D, F = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = _param(rngs, (D, F), ("embed", "mlp"), cfg)
+    self.up_proj = _param(rngs, (D, F), ("embed", "mlp"), cfg)
+    self.down_proj = _param(rngs, (F, D), ("mlp", "embed"), cfg)
+    if cfg.mlp_bias:
+      self.gate_bias = _param(rngs, (F,), ("mlp",), cfg, init="zeros")
+      self.up_bias = _param(rngs, (F,), ("mlp",), cfg, init="zeros")
+      self.down_bias = _param(rngs, (D,), ("embed",), cfg, init="zeros")
+
+  def _dense(self, x, rt: Runtime):
+    dt = x.dtype
+    gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj[...].astype(dt))
+    up = jnp.einsum("BTD,DF->BTF", x, self.up_proj[...].astype(dt))
+    if rt.config.mlp_bias:
+      gate, up = gate + self.gate_bias[...].astype(dt), up + self.up_bias[...].astype(dt)
+    h = checkpoint_name(jax.nn.silu(gate) * up, "mlp_hidden")
+    h = rt.constrain(h, ("batch", "seq", "act_mlp"))
+    out = jnp.einsum("BTF,FD->BTD", h, self.down_proj[...].astype(dt))
+    if rt.config.mlp_bias:
+      out = out + self.down_bias[...].astype(dt)
+    return out
+
+  def __call__(self, x, rt: Runtime):
+    chunks = rt.config.ffn_chunks
+    if chunks == 1:
+      return checkpoint_name(self._dense(x, rt), "mlp_out")
+    B, T, D = x.shape
+    # Strided chunks (token m * chunks + c goes to chunk c): the MLP is per token, and
+    # this keeps the sequence sharding of the M axis local (no resharding).
+    xc = jnp.moveaxis(x.reshape(B, T // chunks, chunks, D), 2, 0)
+    body = jax.checkpoint(lambda xi: self._dense(xi, rt))
+    out = jax.lax.map(body, xc)
+    return checkpoint_name(jnp.moveaxis(out, 0, 2).reshape(B, T, D), "mlp_out")
+
+
+class Attention(nnx.Module):
+  """Grouped-query self-attention with rotary embeddings; the kernel chosen by config."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    D, N, K, H = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                  cfg.head_dim)
+    self.q_proj = _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), cfg)
+    self.k_proj = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+    self.v_proj = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+    self.o_proj = _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), cfg)
+    if cfg.attention_bias:
+      self.q_bias = _param(rngs, (N, H), ("q_heads", "head_dim"), cfg, init="zeros")
+      self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros")
+      self.v_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros")
+      self.o_bias = _param(rngs, (D,), ("embed",), cfg, init="zeros")
+
+  def project_qkv(self, x, cos, sin, rt: Runtime):
+    """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H], rotary applied to q and k."""
+    dt = x.dtype
+    q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
+    k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
+    v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+    if rt.config.attention_bias:
+      q = q + self.q_bias[...].astype(dt)
+      k = k + self.k_bias[...].astype(dt)
+      v = v + self.v_bias[...].astype(dt)
+    q = rope.apply_rotary_cos_sin(q, cos, sin)
+    k = rope.apply_rotary_cos_sin(k, cos, sin)
+    q = rt.constrain(checkpoint_name(q, "qkv"), ("batch", "seq", "act_heads", None))
+    k = rt.constrain(checkpoint_name(k, "qkv"), ("batch", "seq", "act_kv_heads", None))
+    v = rt.constrain(checkpoint_name(v, "qkv"), ("batch", "seq", "act_kv_heads", None))
+    return q, k, v
+
+  def project_out(self, ctx, rt: Runtime):
+    """ctx [B, T, N, H] -> [B, T, D]."""
+    out = jnp.einsum("BTNH,NHD->BTD", ctx, self.o_proj[...].astype(ctx.dtype))
+    if rt.config.attention_bias:
+      out = out + self.o_bias[...].astype(ctx.dtype)
+    return checkpoint_name(out, "attn_out")
+
+  def __call__(self, x, cos, sin, segment_ids, rt: Runtime):
+    q, k, v = self.project_qkv(x, cos, sin, rt)
+    ctx = checkpoint_name(attend(q, k, v, segment_ids, rt), "attn_context")
+    return self.project_out(ctx, rt)
+
+
+def attend(q, k, v, segment_ids, rt: Runtime):
+  """Causal attention by `config.attention`. q [B, T, N, H]; k, v [B, T, K, H].
+
+  Tokens are in the model's layout order (see models.llama); sequence-parallel
+  attentions are told so (`permuted=True`) and derive true positions from the layout.
+  """
+  cfg = rt.config
+  window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+  kw = dict(is_causal=True, segment_ids=segment_ids, local_window_size=window)
+  if cfg.attention == "reference":
+    return ringattn_jax.reference_attention(q, k, v, **kw)
+  if cfg.attention == "flash":
+    return ringattn_jax.flash_attention(q, k, v, impl=cfg.flash_impl, **kw)
+  if cfg.attention == "dot_product":
+    mask = None
+    if segment_ids is not None:
+      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
+                                        local_window_size=window)
+  return ringattn_jax.sharded_attention(
+      q, k, v, mesh=rt.mesh, strategy=cfg.attention, layout=cfg.layout,
+      permuted=True, **kw)
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder layer: x + attn(norm(x)); then x + mlp(norm(x))."""
+
+  def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
+    self.input_layernorm = RMSNorm(cfg, rngs=rngs)
+    self.self_attn = Attention(cfg, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(cfg, rngs=rngs)
+    self.mlp = MLP(cfg, rngs=rngs)
+
+  def __call__(self, x, cos, sin, segment_ids, rt: Runtime):
+    """x [B, T, D] -> [B, T, D]; cos, sin [B, T, H] float32; segment_ids [B, T] or None."""
+    x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, rt)
+    x = rt.constrain(x, ("batch", "seq", "act_embed"))
+    x = x + self.mlp(self.post_attention_layernorm(x), rt)
+    return rt.constrain(x, ("batch", "seq", "act_embed"))

@@ -1,0 +1,247 @@
+"""LLaMA-style causal language model in flax.nnx on ringattn_jax attention.
+
+    model = init_model(preset("tiny", attention="ring", layout="zigzag"), mesh=mesh)
+    logits = model(tokens)                               # [B, T, V], caller's order
+    loss, weight = model.loss(tokens, targets, loss_mask)
+
+Layers are stored stacked ([L, ...] parameters) and run with lax.scan
+(`config.scan_layers`) or a Python loop over the same parameters, each wrapped in the
+remat policy `config.remat_policy`.
+
+Sequence parallelism: with a ring/allgather/ulysses attention and a balanced layout,
+tokens, positions, segment ids and targets are permuted into layout order once at the
+input; every layer then works in that order (true positions drive RoPE and masks), and
+only `__call__` un-permutes its logits. The loss needs no un-permutation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import ringattn_jax
+from models import rope
+from models import sharding
+from models.config import LlamaConfig
+from models.layers import Block, RMSNorm, Runtime, _param
+from models.loss import cross_entropy
+from models.remat import apply_remat
+
+
+class Llama(nnx.Module):
+  """Embedding, L stacked decoder blocks, final RMSNorm, LM head (optionally tied).
+
+  Attributes: embed_tokens [V, D]; layers (a Block whose parameters are [L, ...]);
+  norm; lm_head [D, V] unless config.tie_word_embeddings.
+  """
+
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, mesh=None):
+    cfg = self.config = config
+    self.mesh = mesh
+    self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size),
+                               ("vocab", "embed"), cfg)
+    keys = jax.random.split(rngs.params(), cfg.num_hidden_layers)
+    make = lambda key: nnx.split(Block(cfg, rngs=nnx.Rngs(params=key)))[1]
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: Block(cfg, rngs=nnx.Rngs(0))))
+    self.layers = nnx.merge(graphdef, jax.vmap(make)(keys))
+    self.norm = RMSNorm(cfg, rngs=rngs)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size),
+                            ("embed", "vocab"), cfg)
+
+  # -- plumbing -------------------------------------------------------------------
+
+  @property
+  def runtime(self) -> Runtime:
+    return Runtime(self.config, self.mesh,
+                   sharding.rules_for(self.mesh, self.config.shard_params_over_sp))
+
+  @property
+  def ring_size(self) -> int:
+    if not self.config.sequence_parallel:
+      return 1
+    if self.mesh is None or "sp" not in self.mesh.axis_names:
+      raise ValueError(f"attention={self.config.attention!r} needs a mesh with an 'sp' "
+                       "axis; pass mesh=models.sharding.make_mesh(sp=...).")
+    return self.mesh.shape["sp"]
+
+  def _permutes(self) -> bool:
+    return self.config.sequence_parallel and self.config.layout != "contiguous"
+
+  def to_layout(self, x):
+    """[B, T, ...] caller order -> layout order (identity unless a balanced layout)."""
+    if not self._permutes():
+      return x
+    return ringattn_jax.permute_to_layout(x, self.config.layout, self.ring_size, axis=1)
+
+  def from_layout(self, x):
+    if not self._permutes():
+      return x
+    return ringattn_jax.unpermute_from_layout(x, self.config.layout, self.ring_size,
+                                              axis=1)
+
+  def _check_tokens(self, tokens, positions, segment_ids):
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(f"tokens must be [B, T] ints; got shape {tokens.shape} "
+                       f"{tokens.dtype}.")
+    for name, a in (("positions", positions), ("segment_ids", segment_ids)):
+      if a is not None and a.shape != tokens.shape:
+        raise ValueError(f"{name} must have the tokens' shape {tokens.shape}; got "
+                         f"{a.shape}.")
+    T, n = tokens.shape[1], self.ring_size
+    multiple = n * (2 if self.config.layout == "zigzag" and n > 1 else 1)
+    if T % multiple:
+      raise ValueError(f"sequence length {T} must be divisible by {multiple} "
+                       f"(sp={n}, layout={self.config.layout!r}).")
+    for name, c in (("ffn_chunks", self.config.ffn_chunks),
+                    ("loss_chunks", self.config.loss_chunks)):
+      if (T // n) % c:
+        raise ValueError(f"config.{name}={c} must divide the per-device sequence "
+                         f"length {T // n} (T={T}, sp={n}).")
+
+  # -- forward --------------------------------------------------------------------
+
+  def hidden_states(self, tokens, positions, segment_ids):
+    """Final hidden states [B, T, D] in the order given (no permutation here).
+
+    tokens [B, T] int; positions [B, T] int (RoPE positions: true token positions,
+    restarting per packed document if wanted); segment_ids [B, T] int or None.
+    """
+    cfg, rt = self.config, self.runtime
+    dt = rt.dtype
+    x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt)
+    x = rt.constrain(x, ("batch", "seq", "act_embed"))
+    inv_freq, attn_scale = rope.rope_frequencies(
+        cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
+        seq_len=tokens.shape[1])
+    cos, sin = rope.rotary_cos_sin(positions, jnp.asarray(inv_freq), attn_scale)
+    cos = rt.constrain(cos, ("batch", "seq", None))
+    sin = rt.constrain(sin, ("batch", "seq", None))
+
+    graphdef, stacked = nnx.split(self.layers)
+
+    def layer(x, layer_state):
+      return nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids, rt)
+
+    layer = apply_remat(layer, cfg.remat_policy, cfg.remat_names)
+    if cfg.scan_layers:
+      x, _ = jax.lax.scan(lambda x, s: (layer(x, s), None), x, stacked)
+    else:
+      for i in range(cfg.num_hidden_layers):
+        x = layer(x, jax.tree.map(lambda a: a[i], stacked))
+    return self.norm(x)
+
+  def _inputs(self, tokens, positions, segment_ids):
+    self._check_tokens(tokens, positions, segment_ids)
+    if positions is None:
+      positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
+                                   tokens.shape)
+    lay = lambda a: None if a is None else self.to_layout(a)
+    return lay(tokens), lay(positions), lay(segment_ids)
+
+  @property
+  def head_weight(self):
+    """[D, V] output projection (the embedding transposed when tied)."""
+    if self.config.tie_word_embeddings:
+      return self.embed_tokens[...].T
+    return self.lm_head[...]
+
+  def __call__(self, tokens, positions=None, segment_ids=None):
+    """tokens [B, T] int -> logits [B, T, V] float32, in the caller's token order.
+
+    Materialises [B, T, V]: for training use `loss`, which never does.
+    """
+    h = self.hidden_states(*self._inputs(tokens, positions, segment_ids))
+    logits = jnp.einsum("BTD,DV->BTV", h, self.head_weight.astype(h.dtype),
+                        preferred_element_type=jnp.float32)
+    logits = self.runtime.constrain(logits, ("batch", "seq", "act_vocab"))
+    return self.from_layout(logits)
+
+  def loss(self, tokens, targets, loss_mask=None, positions=None, segment_ids=None):
+    """Next-token cross-entropy. Returns (mean loss over loss_mask, sum of loss_mask).
+
+    tokens, targets [B, T] int (targets[t] is the token after tokens[t]); loss_mask
+    [B, T] (default ones). The logits are computed in `config.loss_chunks` chunks.
+    """
+    if targets.shape != tokens.shape:
+      raise ValueError(f"targets must have the tokens' shape {tokens.shape}; got "
+                       f"{targets.shape}.")
+    if loss_mask is None:
+      loss_mask = jnp.ones(tokens.shape, jnp.float32)
+    elif loss_mask.shape != tokens.shape:
+      raise ValueError(f"loss_mask must have the tokens' shape {tokens.shape}; got "
+                       f"{loss_mask.shape}.")
+    tokens_l, positions_l, segments_l = self._inputs(tokens, positions, segment_ids)
+    h = self.hidden_states(tokens_l, positions_l, segments_l)
+    total, weight = cross_entropy(h, self.head_weight, self.to_layout(targets),
+                                  self.to_layout(loss_mask.astype(jnp.float32)),
+                                  chunks=self.config.loss_chunks, rt=self.runtime)
+    return total / jnp.maximum(weight, 1.0), weight
+
+
+# -- construction and sharding ------------------------------------------------------
+
+
+def logical_axes(model_or_state):
+  """Pytree (like nnx.state) of each parameter's logical axis names."""
+  state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(
+      model_or_state)
+  is_var = lambda x: isinstance(x, nnx.Variable)
+
+  def axes(path, var):
+    names = tuple(var.get_metadata().get("logical_axes", (None,) * var.ndim))
+    if path and getattr(path[0], "key", None) == "layers":
+      names = ("layers",) + names
+    return names
+
+  return jax.tree_util.tree_map_with_path(axes, state, is_leaf=is_var)
+
+
+def param_shardings(model_or_state, mesh, config: LlamaConfig):
+  """Pytree of NamedShardings for the model's state on `mesh`, by the rules table."""
+  rules = sharding.rules_for(mesh, config.shard_params_over_sp)
+  specs = logical_axes(model_or_state)
+  return jax.tree.map(lambda names: jax.sharding.NamedSharding(
+      mesh, sharding.spec(names, rules)), specs, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def abstract_model(config: LlamaConfig, mesh=None) -> Llama:
+  """The model with ShapeDtypeStruct parameters (no memory; for planning)."""
+  return nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0), mesh=mesh))
+
+
+def init_model(config: LlamaConfig, mesh=None, seed: int = 0) -> Llama:
+  """Initialises the model; with a mesh, each parameter is created already sharded."""
+  if mesh is None:
+    return Llama(config, rngs=nnx.Rngs(seed))
+  graphdef, abstract_state = nnx.split(abstract_model(config, mesh))
+  shardings = param_shardings(abstract_state, mesh, config)
+  make = lambda: nnx.split(Llama(config, rngs=nnx.Rngs(seed), mesh=mesh))[1]
+  state = jax.jit(make, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)
+
+
+def reconfigure(model: Llama, config: LlamaConfig, mesh=None) -> Llama:
+  """The same parameters under another run-time config and/or mesh (resharded).
+
+  For switching attention, layout, remat, rope scaling or sequence-parallel degree
+  between runs or training stages. The shape fields must match.
+
+  Raises:
+    ValueError: a shape field differs (names the field and both values).
+  """
+  old = model.config
+  for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim",
+                "tie_word_embeddings", "attention_bias", "mlp_bias"):
+    if getattr(old, field) != getattr(config, field):
+      raise ValueError(f"reconfigure cannot change {field}: model has "
+                       f"{getattr(old, field)!r}, new config has {getattr(config, field)!r}.")
+  graphdef, abstract_state = nnx.split(abstract_model(config, mesh))
+  state = nnx.state(model)
+  if mesh is not None:
+    state = jax.device_put(state, param_shardings(abstract_state, mesh, config))
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,99 @@
+"""Mesh axes and the one table that maps logical axis names to them.
+
+Model code names its axes logically ("embed", "mlp", "batch", "seq", ...); this table
+says which mesh axes shard each name (MaxText's `logical_axis_rules`). Mesh axes:
+  dp   data parallel (batch; parameters replicated),
+  fsdp fully sharded data parallel (batch; parameters sharded),
+  tp   tensor parallel (heads, MLP width, vocabulary),
+  sp   sequence parallel (the ring).
+A mesh may have any subset of them; rules that name an absent axis drop it.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("dp", "fsdp", "tp", "sp")
+
+# Logical name -> mesh axes, for parameters and activations. "embed" of parameters is
+# sharded over fsdp (and also sp when config.shard_params_over_sp).
+LOGICAL_RULES: Dict[str, Tuple[str, ...]] = {
+    # parameters
+    "layers": (),
+    "vocab": ("tp",),
+    "embed": ("fsdp",),
+    "q_heads": ("tp",),
+    "kv_heads": ("tp",),
+    "head_dim": (),
+    "mlp": ("tp",),
+    "norm": (),
+    # activations
+    "batch": ("dp", "fsdp"),
+    "seq": ("sp",),
+    "act_embed": (),
+    "act_heads": ("tp",),
+    "act_kv_heads": ("tp",),
+    "act_mlp": ("tp",),
+    "act_vocab": ("tp",),
+}
+
+
+def make_mesh(dp: int = 1, fsdp: int = 1, tp: int = 1, sp: int = 1,
+              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+  """A mesh with axes ("dp", "fsdp", "tp", "sp") over `devices` (default: all).
+
+  Axis types are Auto (sharding propagated by XLA; the model places constraints).
+
+  Raises:
+    ValueError: a size < 1, or dp * fsdp * tp * sp != number of devices.
+  """
+  sizes = dict(dp=dp, fsdp=fsdp, tp=tp, sp=sp)
+  for name, size in sizes.items():
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+      raise ValueError(f"mesh axis {name} must be a positive int; got {size!r}.")
+  devices = list(jax.devices() if devices is None else devices)
+  total = int(np.prod(list(sizes.values())))
+  if total != len(devices):
+    raise ValueError(f"mesh dp*fsdp*tp*sp = {dp}*{fsdp}*{tp}*{sp} = {total} must equal "
+                     f"the number of devices ({len(devices)}).")
+  return Mesh(np.asarray(devices).reshape(dp, fsdp, tp, sp), MESH_AXES)
+
+
+def rules_for(mesh: Optional[Mesh], shard_params_over_sp: bool = False):
+  """The rules restricted to `mesh`'s axes (axes of size 1 dropped)."""
+  if mesh is None:
+    return {}
+  present = {a for a in mesh.axis_names if mesh.shape[a] > 1}
+  rules = dict(LOGICAL_RULES)
+  if shard_params_over_sp:
+    rules["embed"] = ("fsdp", "sp")
+  return {k: tuple(a for a in v if a in present) for k, v in rules.items()}
+
+
+def spec(logical: Sequence[Optional[str]], rules) -> P:
+  """PartitionSpec for logical axis names (None: replicated)."""
+  out, used = [], set()
+  for name in logical:
+    axes = tuple(a for a in rules.get(name, ()) if a not in used) if name else ()
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return P(*out)
+
+
+def constrain(x, logical: Sequence[Optional[str]], mesh: Optional[Mesh], rules):
+  """`with_sharding_constraint` by logical names; a no-op without a mesh.
+
+  A dim is left unconstrained where its size does not divide over its mesh axes.
+  """
+  if mesh is None:
+    return x
+  pspec = spec(logical, rules)
+  fixed = []
+  for size, axes in zip(x.shape, tuple(pspec) + (None,) * (x.ndim - len(pspec))):
+    names = () if axes is None else (axes,) if isinstance(axes, str) else axes
+    n = int(np.prod([mesh.shape[a] for a in names])) if names else 1
+    fixed.append(axes if size % n == 0 else None)
+  return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*fixed)))
