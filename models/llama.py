@@ -245,3 +245,15 @@ def reconfigure(model: Llama, config: LlamaConfig, mesh=None) -> Llama:
   if mesh is not None:
     state = jax.device_put(state, param_shardings(abstract_state, mesh, config))
   return nnx.merge(graphdef, state)
+
+
+def load_hf_checkpoint(path, **overrides) -> Llama:
+  """Loads a Hugging Face LLaMA checkpoint directory; see `models.hf`."""
+  from models import hf  # pylint: disable=import-outside-toplevel
+  return hf.load_hf_checkpoint(path, **overrides)
+
+
+def save_hf_checkpoint(model: Llama, path) -> None:
+  """Writes a checkpoint directory that transformers loads; see `models.hf`."""
+  from models import hf  # pylint: disable=import-outside-toplevel
+  hf.save_hf_checkpoint(model, path)

@@ -66,6 +66,7 @@ class _Ring:
   block_sizes: flash_xla.BlockSizes
   layout: str
   derive_kv_positions: bool  # kv positions from the layout (else they travel)
+  head_groups: int = 1  # kernel calls per hop, each on K / head_groups kv heads
 
 
 # --- manual-axis ("vma") typing helpers ------------------------------------------------
@@ -122,23 +123,36 @@ def _merge(o, lse, o_h, lse_h):
   return o, jnp.where(seen, m + jnp.log(jnp.where(seen, tot, 1.0)), -jnp.inf)
 
 
-def _run_ring(ring: _Ring, kv, state, hop_fn, send_back=None):
+def _run_ring(ring: _Ring, kv, hop_fn, send_back=None):
   """Runs hop_fn over `ring.hops` hops, rotating kv (and `send_back`-ed state).
 
-  hop_fn(h, kv, state) -> state. The next kv is sent before hop h is computed. If
-  `send_back` is given, state[send_back] (a tuple of arrays that belong to the visiting
-  shard, e.g. dK/dV) is rotated with kv after each hop and returned home at the end.
+  hop_fn(h, kv, state) -> state, where state is None at hop 0 (hop_fn then returns
+  fresh accumulators: nothing is zero-initialised ahead of time). The next kv is sent
+  before hop h is computed. If `send_back` is given, state[send_back] (a tuple of
+  arrays that belong to the visiting shard, e.g. dK/dV) is rotated with kv after each
+  hop and returned home at the end.
+
+  Hop 0 is peeled off the loop: it reads this device's own key/value shard in place
+  (the loop carry starts from the first permute's result, so the inputs are never
+  copied into loop buffers).
   """
+  def send(state):
+    if send_back is None:
+      return state
+    return state[:send_back] + (_shift(state[send_back], ring),) + state[send_back + 1:]
+
   def step(h, carry):
     kv, state = carry
     kv_next = _shift(kv, ring)  # issued before the compute that does not need it
-    state = hop_fn(h, kv, state)
-    if send_back is not None:
-      state = state[:send_back] + (_shift(state[send_back], ring),) + state[send_back + 1:]
-    return kv_next, state
+    return kv_next, send(hop_fn(h, kv, state))
 
-  if ring.hops > 1:
-    kv, state = lax.fori_loop(0, ring.hops - 1, step, (kv, state))
+  if ring.hops == 1:
+    return hop_fn(0, kv, None)
+  kv_next = _shift(kv, ring)
+  carry = (kv_next, send(hop_fn(0, kv, None)))
+  if ring.hops > 2:
+    carry = lax.fori_loop(1, ring.hops - 1, step, carry)
+  kv, state = carry
   state = hop_fn(ring.hops - 1, kv, state)
   if send_back is not None:
     # The travelling accumulators sit hops - 1 devices downstream of their home.
@@ -147,54 +161,121 @@ def _run_ring(ring: _Ring, kv, state, hop_fn, send_back=None):
   return state
 
 
+def _head_slice(a, g, size):
+  """Heads [g * size, (g + 1) * size) of a [B, L, heads, ...] array."""
+  return lax.dynamic_slice_in_dim(a, g * size, size, axis=2)
+
+
+def _head_update(a, upd, g, size):
+  return lax.dynamic_update_slice_in_dim(a, upd.astype(a.dtype), g * size, axis=2)
+
+
 def _ring_forward(ring: _Ring, x: AttnInputs):
   """Forward ring. Returns out [B, Tl, N, H] (q dtype), lse [B, Tl, N] (f32), and the
   number of hops this device computed (int32)."""
+  c = ring.head_groups
+  if c == 1:
+    return _ring_forward_heads(ring, x)
+  acc = accum_dtype(x.q.dtype)
+  Nc, Kc = x.q.shape[2] // c, x.k.shape[2] // c
+  axes = _vma.union_axes(x, lax.axis_index(ring.axis_name))
+
+  def group(g, carry):
+    out, lse, _ = carry
+    xg = dataclasses.replace(x, q=_head_slice(x.q, g, Nc), k=_head_slice(x.k, g, Kc),
+                             v=_head_slice(x.v, g, Kc))
+    out_g, lse_g, count = _ring_forward_heads(ring, xg)
+    return _head_update(out, out_g, g, Nc), _head_update(lse, lse_g, g, Nc), count
+
+  init = _vma.vary((jnp.zeros(x.q.shape, x.q.dtype), jnp.zeros(x.q.shape[:3], acc),
+                    jnp.zeros((), jnp.int32)), axes)
+  return lax.fori_loop(0, c, group, init)
+
+
+def _ring_forward_heads(ring: _Ring, x: AttnInputs):
+  """_ring_forward of one head group: one pass of the ring."""
   spec, acc = ring.spec, accum_dtype(x.q.dtype)
   kv = (x.k, x.v, x.kv_segment_ids, None if ring.derive_kv_positions else x.kv_positions)
   axes = _vma.union_axes(x, lax.axis_index(ring.axis_name))
-  o0 = jnp.zeros(x.q.shape, acc)
-  lse0 = jnp.full(x.q.shape[:3], -jnp.inf, acc)
-  state = _vma.vary((o0, lse0, jnp.zeros((), jnp.int32)), axes)
 
   def hop_fn(h, kv, state):
     xh = _hop_inputs(x, ring, kv, h)
 
     def compute(args):
-      xh, (o, lse, count) = args
+      xh, state = args
       o_h, lse_h = flash_xla.forward(xh, spec, ring.block_sizes, out_dtype=acc)
-      o, lse = _merge(o, lse, o_h, lse_h.astype(acc))
+      lse_h = lse_h.astype(acc)
+      if state is None:
+        return o_h, lse_h, jnp.ones((), jnp.int32)
+      o, lse, count = state
+      o, lse = _merge(o, lse, o_h, lse_h)
       return o, lse, count + 1
 
-    return _cond(_visible(xh, spec), compute, lambda args: args[1], (xh, state), axes)
+    def skip(args):
+      if args[1] is None:  # nothing seen yet: empty accumulators
+        return (jnp.zeros(x.q.shape, acc), jnp.full(x.q.shape[:3], -jnp.inf, acc),
+                jnp.zeros((), jnp.int32))
+      return args[1]
 
-  o, lse, count = _run_ring(ring, kv, state, hop_fn)
+    return _cond(_visible(xh, spec), compute, skip, (xh, state), axes)
+
+  o, lse, count = _run_ring(ring, kv, hop_fn)
   return o.astype(x.q.dtype), lse, count
 
 
 def _ring_backward(ring: _Ring, x: AttnInputs, out, lse, dout, dlse):
-  """Backward ring. Returns dq, dk, dv (float32/64) and the hops computed (int32)."""
-  spec, acc = ring.spec, accum_dtype(x.q.dtype)
+  """Backward ring. Returns dq, dk, dv (in q's dtype) and the hops computed (int32)."""
+  acc = accum_dtype(x.q.dtype)
   delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
+  c = ring.head_groups
+  if c == 1:
+    return _ring_backward_heads(ring, x, lse, delta, dout)
+  Nc, Kc = x.q.shape[2] // c, x.k.shape[2] // c
+  axes = _vma.union_axes(x, lse, dout, lax.axis_index(ring.axis_name))
+
+  def group(g, carry):
+    dq, dk, dv, _ = carry
+    xg = dataclasses.replace(x, q=_head_slice(x.q, g, Nc), k=_head_slice(x.k, g, Kc),
+                             v=_head_slice(x.v, g, Kc))
+    dq_g, dk_g, dv_g, count = _ring_backward_heads(
+        ring, xg, _head_slice(lse, g, Nc), _head_slice(delta, g, Nc),
+        _head_slice(dout, g, Nc))
+    return (_head_update(dq, dq_g, g, Nc), _head_update(dk, dk_g, g, Kc),
+            _head_update(dv, dv_g, g, Kc), count)
+
+  init = _vma.vary((jnp.zeros(x.q.shape, x.q.dtype), jnp.zeros(x.k.shape, x.k.dtype),
+                    jnp.zeros(x.v.shape, x.v.dtype), jnp.zeros((), jnp.int32)), axes)
+  return lax.fori_loop(0, c, group, init)
+
+
+def _ring_backward_heads(ring: _Ring, x: AttnInputs, lse, delta, dout):
+  """_ring_backward of one head group: one pass of the backward ring."""
+  spec, acc = ring.spec, accum_dtype(x.q.dtype)
   kv = (x.k, x.v, x.kv_segment_ids, None if ring.derive_kv_positions else x.kv_positions)
   axes = _vma.union_axes(x, lse, dout, lax.axis_index(ring.axis_name))
-  dq0 = jnp.zeros(x.q.shape, acc)
-  dkv0 = (jnp.zeros(x.k.shape, acc), jnp.zeros(x.v.shape, acc))
-  state = _vma.vary((dq0, dkv0, jnp.zeros((), jnp.int32)), axes)
 
   def hop_fn(h, kv, state):
     xh = _hop_inputs(x, ring, kv, h)
 
     def compute(args):
-      xh, (dq, (dk, dv), count) = args
+      xh, state = args
       dq_h, dk_h, dv_h, _ = flash_xla.backward(xh, spec, ring.block_sizes, lse, delta,
                                                  dout)
+      if state is None:
+        return dq_h, (dk_h, dv_h), jnp.ones((), jnp.int32)
+      dq, (dk, dv), count = state
       return dq + dq_h, (dk + dk_h, dv + dv_h), count + 1
 
-    return _cond(_visible(xh, spec), compute, lambda args: args[1], (xh, state), axes)
+    def skip(args):
+      if args[1] is None:  # nothing computed yet: zero accumulators
+        return (jnp.zeros(x.q.shape, acc), (jnp.zeros(x.k.shape, acc),
+                jnp.zeros(x.v.shape, acc)), jnp.zeros((), jnp.int32))
+      return args[1]
 
-  dq, (dk, dv), count = _run_ring(ring, kv, state, hop_fn, send_back=1)
-  return dq, dk, dv, count
+    return _cond(_visible(xh, spec), compute, skip, (xh, state), axes)
+
+  dq, (dk, dv), count = _run_ring(ring, kv, hop_fn, send_back=1)
+  return dq.astype(x.q.dtype), dk.astype(x.k.dtype), dv.astype(x.v.dtype), count
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -250,8 +331,10 @@ def _prepare(q, k, v, *, axis_name, is_causal=False, segment_ids=None,
   hops = n
   if derive_q and derive_kv and spec.uses_positions:
     hops, _ = layouts.static_hop_bound(spec, layout, n, Tl, Sl)
+  import os
+  hg = int(os.environ.get("RING_HG", "1"))
   ring = _Ring(axis_name=axis_name, n=n, hops=hops, spec=spec, block_sizes=block_sizes,
-               layout=layout, derive_kv_positions=derive_kv)
+               layout=layout, derive_kv_positions=derive_kv, head_groups=hg)
   return ring, x
 
 
