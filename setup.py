@@ -25,6 +25,8 @@ setup(
         "notebook": ["jupyter", "nbclient>=0.10", "ipykernel", "matplotlib>=3.8"],
         # torch pinned to the CPU build the machines carry (a bare "torch" pulls GBs of CUDA).
         "hf": ["transformers>=4.45", "safetensors>=0.4", "torch==2.13.0"],
+        # The trainer's optional outputs: heatmaps, TensorBoard events, a progress bar.
+        "train": ["matplotlib>=3.8", "tensorboardX>=2.6", "tqdm>=4.66"],
         "data": ["tokenizers>=0.19", "sentencepiece>=0.2"],
         "cuda": ["jax[cuda12]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],

@@ -253,7 +253,10 @@ def load_hf_checkpoint(path, **overrides) -> Llama:
   return hf.load_hf_checkpoint(path, **overrides)
 
 
-def save_hf_checkpoint(model: Llama, path) -> None:
-  """Writes a checkpoint directory that transformers loads; see `models.hf`."""
+def save_hf_checkpoint(model: Llama, path, **kwargs) -> None:
+  """Writes a checkpoint directory that transformers loads; see `models.hf`.
+
+  kwargs: overwrite, max_shard_size, dtype, extra_config (models.hf.save_hf_checkpoint).
+  """
   from models import hf  # pylint: disable=import-outside-toplevel
-  hf.save_hf_checkpoint(model, path)
+  hf.save_hf_checkpoint(model, path, **kwargs)

@@ -1,0 +1,74 @@
+"""Base config: every key the trainer reads, with defaults. Variants derive from this.
+
+Not meant to be launched on its own (it is the tiny model on a passkey task); see
+configs/tiny.py for the CPU demo. Sections:
+  model   LlamaConfig fields (models/config.py), starting from `model.preset`.
+  mesh    device mesh sizes dp, fsdp, tp, sp (product = number of devices).
+  data    experiments/data/config.py keys (synthetic task or text/tokens files).
+  optim   experiments/optim.py keys (AdamW, schedule, clipping, weight decay).
+  train   steps, accumulation, logging, checkpointing, profiling.
+  eval    needle-in-a-haystack grid, passkey-vs-length, perplexity.
+  stages  progressive context extension: a list of per-stage overrides (empty: one
+          stage with the settings above). See configs/progressive.py.
+"""
+import ml_collections
+
+from models.config import preset, to_dict
+
+MODEL_PRESET = "tiny"
+
+
+def model_config(name: str = MODEL_PRESET, **overrides) -> ml_collections.ConfigDict:
+  """All LlamaConfig fields of a preset, so `--config.model.<field>=...` works."""
+  fields = to_dict(preset(name, **overrides))
+  # rope_scaling may become a dict; keep a placeholder any type can replace.
+  return ml_collections.ConfigDict(dict(preset=name, **fields))
+
+
+def data_config(kind="passkey", seq_len=256, batch_size=16, **overrides):
+  d = dict(kind=kind, seq_len=seq_len, batch_size=batch_size, seed=0, tokenizer="byte",
+           value_digits=5, needle_depth=None, num_needles=4, num_queries=1, num_hops=2,
+           num_chains=1, num_pairs=None, filler="natural", eval_examples=256,
+           path=None, eval_path=None, eval_fraction=0.0, packing="concat",
+           shuffle=True, text_field="text", doc_separator=None, add_bos=True,
+           add_eos=True, dtype="uint16")
+  d.update(overrides)
+  return ml_collections.ConfigDict(d)
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = model_config()
+  c.mesh = ml_collections.ConfigDict(dict(dp=1, fsdp=1, tp=1, sp=1))
+  c.data = data_config()
+  c.optim = ml_collections.ConfigDict(dict(
+      learning_rate=1e-3, schedule="cosine", warmup_steps=50, total_steps=1000,
+      end_lr_fraction=0.1, weight_decay=0.01, b1=0.9, b2=0.95, eps=1e-8,
+      grad_clip_norm=1.0, decay_embeddings=False))
+  c.train = ml_collections.ConfigDict(dict(
+      steps=1000,               # total optimizer steps (all stages: sum of stage steps)
+      accum_steps=1,            # micro-batches per step (gradient accumulation)
+      # Extra loss weight on every in-document token besides the task's loss mask
+      # (0: answers only). A little language-modelling signal speeds up learning
+      # to copy, which retrieval needs.
+      lm_loss_weight=0.0,
+      log_every=50,
+      eval_every=0,             # 0: only at the end
+      checkpoint_every=200,     # 0: only at the end
+      keep_checkpoints=3,
+      async_checkpoints=True,
+      profile_steps=(),         # e.g. (10, 15): capture a profiler trace of steps 10..14
+      progress_bar=True,
+  ))
+  c.eval = ml_collections.ConfigDict(dict(
+      task="",                  # synthetic task for the needle grid; "" = data.kind
+      lengths=(),               # context lengths of the needle grid; () = (seq_len,)
+      depths=(0.0, 0.25, 0.5, 0.75, 1.0),
+      examples=32,              # examples per grid cell
+      batch_size=16,
+      perplexity_path="",       # held-out text for perplexity vs length ("" = off)
+      perplexity_lengths=(),
+  ))
+  c.stages = ()
+  return c

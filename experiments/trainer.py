@@ -1,0 +1,206 @@
+"""`train_and_evaluate(config, workdir)`: the training loop behind experiments/train.py.
+
+Notebooks and tests call it directly. It validates the whole config first (no compute
+before that), then runs the stages back to back (one stage unless `config.stages`):
+for each stage it builds the mesh, (re)configures the model (resharding the parameters
+carried from the previous stage), makes a fresh optimizer with the stage's schedule,
+and trains. Checkpoints (orbax; periodic, keep-N, async) hold the train state plus the
+stage index; a restarted run resumes from the newest one exactly: same parameters,
+optimizer state, RNG, step and data position (batches are a pure function of the step).
+
+workdir layout:
+  checkpoints/      orbax steps
+  metrics.jsonl     train / eval records (and tensorboard/ with tensorboardX)
+  eval/             needle_grid.json + needle_grid.png (final), per-stage subfolders
+  config.json       the config that ran
+  profile/          a JAX profiler trace when train.profile_steps is set
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from experiments import checkpoints as ckpt_lib
+from experiments import config_lib
+from experiments import evaluate
+from experiments import optim
+from experiments import train_step as step_lib
+from experiments.data import make_dataset
+from experiments.metrics import MetricWriter
+from models import llama
+from models.sharding import make_mesh
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  if not enabled:
+    return None
+  try:
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+
+def _lm_mask(batch, weight: float):
+  """Adds `weight` on every in-document target to the task's loss mask."""
+  if weight:
+    in_doc = (batch["segment_ids"] > 0).astype(np.float32)
+    batch = dict(batch, loss_mask=batch["loss_mask"] + weight * in_doc)
+  return batch
+
+
+class _StageRunner:
+  """Model, optimizer, data and jitted step of one stage."""
+
+  def __init__(self, config, stage: config_lib.Stage, params, process_index, process_count):
+    self.stage = stage
+    self.mesh = make_mesh(**stage.mesh)
+    if params is None:
+      model = llama.init_model(stage.model, mesh=self.mesh, seed=config.seed)
+    else:  # carry the previous stage's parameters onto this stage's mesh and config
+      graphdef, _ = nnx.split(llama.abstract_model(stage.model, self.mesh))
+      shardings = llama.param_shardings(params, self.mesh, stage.model)
+      model = nnx.merge(graphdef, jax.device_put(params, shardings))
+    self.optimizer = optim.make_optimizer(stage.optim)
+    self.schedule = optim.make_schedule(stage.optim)
+    self.graphdef = nnx.graphdef(model)
+    self.state = step_lib.create_train_state(model, self.optimizer, seed=config.seed)
+    self.shardings = step_lib.train_state_shardings(self.state, self.mesh, stage.model)
+    self.step_fn = step_lib.jit_train_step(self.graphdef, self.optimizer, self.shardings,
+                                           mesh=self.mesh,
+                                           accum_steps=config.train.accum_steps)
+    self.batch_sharding = step_lib.batch_sharding(self.mesh)
+    self.data = make_dataset(stage.data, "train", process_index, process_count)
+    self.lm_weight = float(config.train.lm_loss_weight)
+
+  def model(self):
+    return nnx.merge(self.graphdef, self.state.params)
+
+  def global_batch(self, step: int):
+    local = _lm_mask(self.data.batch(step), self.lm_weight)
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in local.items()}
+
+
+def _eval_grid(config, runner: _StageRunner, lengths, directory: Optional[str]):
+  eval_cfg = config.eval
+  data_cfg = dict(runner.stage.data)
+  sharding = runner.batch_sharding
+  grid = evaluate.needle_grid(runner.model(), data_cfg, lengths, tuple(eval_cfg.depths),
+                              eval_cfg.examples, eval_cfg.batch_size, sharding,
+                              task=eval_cfg.task)
+  if directory is not None and jax.process_index() == 0:
+    evaluate.save_grid(grid, directory)
+  return grid
+
+
+def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
+  """Trains (resuming from workdir's newest checkpoint) and evaluates.
+
+  Returns {"final_step", "train_loss", "needle_grid", "accuracy_at_train_length",
+  "tokens_per_second"}.
+  """
+  process_index, process_count = jax.process_index(), jax.process_count()
+  all_stages = config_lib.check_config(config, jax.device_count(), process_count)
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=1))
+  writer = MetricWriter(workdir, enabled=process_index == 0)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                               keep=config.train.keep_checkpoints,
+                               async_save=config.train.async_checkpoints)
+  total_steps = all_stages[-1].last_step
+  latest = ckpt.latest_step()
+  resume_stage = None
+  if latest is not None:
+    resume_stage = ckpt.meta(latest)["stage"]
+    logging.info("Resuming from step %d (stage %d).", latest, resume_stage)
+
+  params, runner, last_loss, tok_per_s = None, None, float("nan"), 0.0
+  train_cfg = config.train
+  profile = tuple(train_cfg.profile_steps)
+  for stage in all_stages:
+    if latest is not None and resume_stage > stage.index:
+      continue
+    runner = _StageRunner(config, stage, params, process_index, process_count)
+    step = stage.first_step
+    if latest is not None and resume_stage == stage.index:
+      runner.state, _ = ckpt.restore(latest, runner.state)
+      step = latest
+      latest = None
+    logging.info("Stage %d: steps %d..%d, seq_len %d, mesh %s, attention %s/%s.",
+                 stage.index, stage.first_step, stage.last_step, stage.data["seq_len"],
+                 stage.mesh, stage.model.attention, stage.model.layout)
+    bar = _progress(total_steps, step, train_cfg.progress_bar and process_index == 0)
+    t_last, tokens_since = time.time(), 0
+    while step < stage.last_step:
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(os.path.join(workdir, "profile"))
+      batch = runner.global_batch(step)
+      runner.state, metrics = runner.step_fn(runner.state, batch)
+      step += 1
+      tokens_since += int(np.prod(batch["tokens"].shape))
+      if profile and step == profile[1]:
+        jax.block_until_ready(runner.state)
+        jax.profiler.stop_trace()
+      if step % train_cfg.log_every == 0 or step == stage.last_step:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        elapsed = time.time() - t_last
+        tok_per_s = tokens_since / max(elapsed, 1e-9)
+        last_loss = metrics["loss"]
+        metrics.update(lr=float(runner.schedule(step - stage.first_step)),
+                       tokens_per_second=tok_per_s, stage=stage.index)
+        writer.write(step, metrics)
+        t_last, tokens_since = time.time(), 0
+        if bar is not None:
+          bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_per_s:,.0f}")
+        else:
+          logging.info("step %d/%d loss %.4f tokens/s %.0f", step, total_steps,
+                       last_loss, tok_per_s)
+      if bar is not None:
+        bar.update(1)
+      if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
+        ckpt.save(step, runner.state, {"stage": stage.index, "step": step})
+      if (train_cfg.eval_every and step % train_cfg.eval_every == 0
+          and step != stage.last_step):
+        grid = _eval_grid(config, runner, (stage.data["seq_len"],), None)
+        writer.write(step, {"needle_accuracy": float(np.mean(grid["accuracy"]))}, "eval")
+    if bar is not None:
+      bar.close()
+    ckpt.save(step, runner.state, {"stage": stage.index, "step": step})
+    if len(all_stages) > 1:
+      grid = _eval_grid(config, runner, (stage.data["seq_len"],),
+                        os.path.join(workdir, "eval", f"stage{stage.index}"))
+      writer.write(step, {"needle_accuracy": float(np.mean(grid["accuracy"]))},
+                   f"eval_stage{stage.index}")
+    params = runner.state.params
+  ckpt.close()
+
+  final = all_stages[-1]
+  lengths = tuple(config.eval.lengths) or (final.data["seq_len"],)
+  grid = _eval_grid(config, runner, lengths, os.path.join(workdir, "eval"))
+  at_train = grid["accuracy"][list(grid["lengths"]).index(final.data["seq_len"])] if (
+      final.data["seq_len"] in grid["lengths"]) else None
+  summary = {
+      "final_step": int(runner.state.step) + final.first_step,
+      "train_loss": last_loss,
+      "needle_grid": grid,
+      "accuracy_at_train_length": None if at_train is None else float(np.mean(at_train)),
+      "tokens_per_second": tok_per_s,
+  }
+  writer.write(final.last_step, {"needle_accuracy": float(np.mean(grid["accuracy"]))},
+               "eval")
+  writer.close()
+  if process_index == 0:
+    with open(os.path.join(workdir, "eval", "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=1)
+  return summary

@@ -1,0 +1,109 @@
+"""The trainer: config checks before compute, a short run's outputs, exact resume after
+SIGKILL, progressive stages."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import base
+from experiments import config_lib
+from experiments import metrics as metrics_lib
+from experiments import trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small_config(**train_overrides):
+  """A 1-layer, 32-wide model, ring attention (zigzag) on sp=4 x dp=2, T=96."""
+  c = base.get_config()
+  c.model = base.model_config("tiny", hidden_size=32, intermediate_size=64,
+                              num_hidden_layers=1, num_attention_heads=2,
+                              num_key_value_heads=1, attention="ring", layout="zigzag")
+  c.mesh.update(dp=2, sp=4)
+  c.data = base.data_config("assoc_recall", seq_len=96, batch_size=4, value_digits=2,
+                           num_pairs=4)
+  c.optim.update(learning_rate=1e-2, warmup_steps=2, total_steps=12)
+  c.train.update(steps=12, log_every=1, checkpoint_every=3, keep_checkpoints=2,
+                 progress_bar=False, lm_loss_weight=0.5)
+  c.eval.update(depths=(0.0, 1.0), examples=4, batch_size=4)
+  for k, v in train_overrides.items():
+    section, key = k.split(".")
+    c[section][key] = v
+  c.lock()
+  return c
+
+
+def _losses(workdir):
+  out = {}
+  for r in metrics_lib.read_metrics(workdir, "train"):
+    out.setdefault(r["step"], []).append(r["loss"])
+  return out
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c.mesh.update(sp=3), "mesh dp\\*fsdp\\*tp\\*sp"),
+    (lambda c: c.data.update(seq_len=92), "data.seq_len=92 must be divisible by 8"),
+    (lambda c: c.data.update(seq_len=72), "too short"),
+    (lambda c: c.data.update(batch_size=3), "data.batch_size=3 must be divisible by 2"),
+    (lambda c: c.model.update(attention="flash"), "needs a sequence-parallel"),
+    (lambda c: c.model.update(num_key_value_heads=3), "config.model"),
+    (lambda c: c.optim.update(schedule="wavy"), "config.optim"),
+    (lambda c: c.data.update(kind="poems"), "config.data"),
+    (lambda c: setattr(c, "stages", ({"seq_len": 64, "stepz": 3},)), "unknown keys"),
+])
+def test_config_errors_before_compute(change, match):
+  c = small_config()
+  with c.unlocked():
+    change(c)
+  with pytest.raises(ValueError, match=match):
+    config_lib.check_config(c, num_devices=8)
+
+
+def test_unknown_config_key_fails():
+  c = small_config()
+  with pytest.raises(AttributeError, match="does not exist"):
+    c.train.stepz = 3
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+  clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")
+  trainer.train_and_evaluate(small_config(), clean)
+  env = dict(os.environ, PYTHONPATH=ROOT, KILL_AT_STEP="7")
+  cmd = [sys.executable, os.path.join(ROOT, "tests", "train_worker.py"), crashed, "{}"]
+  killed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+  assert killed.returncode == -9, killed.stderr[-2000:]
+  before = _losses(crashed)
+  assert max(before) == 7 and 12 not in before
+  env["KILL_AT_STEP"] = "0"
+  resumed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  want, got = _losses(clean), _losses(crashed)
+  # Steps 7 (killed after logging it; last checkpoint at 6) and 7..12 are re-run.
+  assert len(got[7]) == 2 and all(len(got[s]) == 1 for s in range(8, 13))
+  for step in range(1, 13):
+    for loss in got[step]:
+      np.testing.assert_allclose(loss, want[step][0], rtol=1e-6, err_msg=f"step {step}")
+  assert want[12][0] < want[1][0]
+  with open(os.path.join(crashed, "eval", "needle_grid.json")) as f:
+    grid = json.load(f)
+  assert grid["lengths"] == [96] and len(grid["accuracy"][0]) == 2
+  assert os.path.exists(os.path.join(crashed, "eval", "needle_grid.png"))
+
+
+def test_progressive_stages_reshard_and_extend(tmp_path):
+  c = small_config()
+  with c.unlocked():
+    c.stages = ({"seq_len": 96, "sp": 2, "steps": 3},
+                {"seq_len": 192, "sp": 4, "steps": 3, "rope_theta": 40000.0,
+                 "learning_rate": 3e-3})
+    c.data.batch_size = 8
+  stages = config_lib.check_config(c, num_devices=8)
+  assert [s.mesh["dp"] for s in stages] == [4, 2]
+  summary = trainer.train_and_evaluate(c, str(tmp_path))
+  assert summary["final_step"] == 6
+  rows = metrics_lib.read_metrics(str(tmp_path), "train")
+  assert [r["stage"] for r in rows] == [0, 0, 0, 1, 1, 1]
+  assert os.path.exists(tmp_path / "eval" / "stage0" / "needle_grid.json")

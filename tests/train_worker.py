@@ -1,0 +1,31 @@
+"""Runs train_and_evaluate in a fresh process; with KILL_AT_STEP=k it SIGKILLs itself
+right after step k's metrics are written (a crash with no cleanup, async checkpoint
+writes possibly in flight)."""
+import json
+import os
+import signal
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+
+jax.config.update("jax_platforms", "cpu")
+
+from experiments import metrics as metrics_lib  # noqa: E402
+from experiments import trainer  # noqa: E402
+from tests.test_train import small_config  # noqa: E402
+
+kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
+if kill_at:
+  original = metrics_lib.MetricWriter.write
+
+  def write(self, step, scalars, split="train"):
+    original(self, step, scalars, split)
+    if split == "train" and step >= kill_at:
+      os.kill(os.getpid(), signal.SIGKILL)
+
+  trainer.MetricWriter.write = write
+
+config = small_config(**json.loads(sys.argv[2]))
+trainer.train_and_evaluate(config, sys.argv[1])
