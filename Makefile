@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo demo-attention progressive test bench bench-train clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -13,9 +13,19 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q -e '.[test,hf,train]'
 	touch $(STAMP)
 
-# The main job: a small attention experiment on 8 simulated CPU devices.
+# The main job: train the tiny model with ring attention on 8 simulated CPU devices on
+# passkey retrieval, then evaluate the needle grid (workdirs/tiny/eval/needle_grid.png).
+# A rerun resumes from workdirs/tiny's checkpoints; delete the folder to start over.
 demo: $(STAMP)
+	$(PY) -m experiments.train --config configs/tiny.py --workdir workdirs/tiny --devices 8
+
+# Attention only: flash and ring attention vs the float64 reference, plus a quick timing.
+demo-attention: $(STAMP)
 	$(PY) -m experiments.demo
+
+# Progressive context extension 256 -> 1024 tokens (about 20 minutes).
+progressive: $(STAMP)
+	$(PY) -m experiments.train --config configs/progressive.py --workdir workdirs/progressive --devices 8
 
 # The whole test suite (8 simulated CPU devices are configured in tests/conftest.py).
 test: $(STAMP)
@@ -25,6 +35,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m experiments.benchmark_attention
 	$(PY) -m experiments.benchmark_ring
+
+# Training throughput: ring on 8 simulated devices vs dot_product attention on one.
+bench-train: $(STAMP)
+	$(PY) -m experiments.benchmark_train
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

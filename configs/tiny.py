@@ -18,7 +18,8 @@ def get_config():
                               num_key_value_heads=2, attention="ring", layout="zigzag")
   c.mesh.sp = 8
   c.data = base.data_config("passkey", seq_len=256, batch_size=16)
-  c.optim.learning_rate = 3e-3
+  c.optim.learning_rate = 1e-3
+  c.optim.b2 = 0.99
   c.optim.warmup_steps = 50
   c.train.steps = 1000
   c.train.lm_loss_weight = 0.2

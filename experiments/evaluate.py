@@ -127,3 +127,33 @@ def save_grid(grid: Dict[str, Any], directory: str, title: str = "") -> Optional
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def main(argv):
+  """python -m experiments.evaluate --workdir DIR [--lengths ..] [--depths ..]."""
+  del argv
+  import os as _os  # pylint: disable=import-outside-toplevel,reimported
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  f = flags.FLAGS
+  if f.devices:
+    _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") +
+                                f" --xla_force_host_platform_device_count={f.devices}")
+    jax.config.update("jax_platforms", "cpu")
+  from experiments import trainer  # pylint: disable=import-outside-toplevel
+  grid = trainer.evaluate_checkpoint(
+      f.workdir, lengths=[int(x) for x in f.lengths] or None,
+      depths=[float(x) for x in f.depths] or None, examples=f.examples, step=f.step)
+  for length, row in zip(grid["lengths"], grid["accuracy"]):
+    print(f"length {length:>7}: " + "  ".join(f"{a:.2f}" for a in row))
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=ungrouped-imports
+  flags.DEFINE_string("workdir", None, "A training workdir (config.json + checkpoints/).")
+  flags.DEFINE_list("lengths", [], "Context lengths (default: the config's eval.lengths).")
+  flags.DEFINE_list("depths", [], "Needle depths in [0, 1] (default: the config's).")
+  flags.DEFINE_integer("examples", None, "Examples per cell.")
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
+  flags.DEFINE_integer("devices", 0, "Simulate this many CPU devices.")
+  flags.mark_flag_as_required("workdir")
+  app.run(main)

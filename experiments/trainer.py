@@ -137,9 +137,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       runner.state, _ = ckpt.restore(latest, runner.state)
       step = latest
       latest = None
-    logging.info("Stage %d: steps %d..%d, seq_len %d, mesh %s, attention %s/%s.",
-                 stage.index, stage.first_step, stage.last_step, stage.data["seq_len"],
-                 stage.mesh, stage.model.attention, stage.model.layout)
+    if process_index == 0:
+      print(f"stage {stage.index}: steps {stage.first_step}..{stage.last_step}, seq_len "
+            f"{stage.data['seq_len']}, mesh {stage.mesh}, attention "
+            f"{stage.model.attention}/{stage.model.layout}", flush=True)
     bar = _progress(total_steps, step, train_cfg.progress_bar and process_index == 0)
     t_last, tokens_since = time.time(), 0
     while step < stage.last_step:
@@ -204,3 +205,40 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
     with open(os.path.join(workdir, "eval", "summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=1)
   return summary
+
+
+def load_config(workdir: str):
+  """The config a run in `workdir` was started with (workdir/config.json), locked."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.lock()
+  return config
+
+
+def evaluate_checkpoint(workdir: str, lengths=None, depths=None, examples=None,
+                        step: Optional[int] = None) -> Dict[str, Any]:
+  """Needle grid of a saved checkpoint (default: the newest), with the run's config.
+
+  Writes workdir/eval/step_<step>/needle_grid.{json,png} and returns the grid.
+  """
+  config = load_config(workdir)
+  with config.unlocked():
+    if depths is not None:
+      config.eval.depths = tuple(depths)
+    if examples is not None:
+      config.eval.examples = int(examples)
+  all_stages = config_lib.check_config(config, jax.device_count(), jax.process_count())
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, 'checkpoints')}.")
+  stage = all_stages[ckpt.meta(step)["stage"]]
+  runner = _StageRunner(config, stage, None, jax.process_index(), jax.process_count())
+  runner.state, _ = ckpt.restore(step, runner.state)
+  ckpt.close()
+  lengths = tuple(lengths or config.eval.lengths or (stage.data["seq_len"],))
+  return _eval_grid(config, runner, lengths, os.path.join(workdir, "eval", f"step_{step}"))

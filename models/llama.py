@@ -112,7 +112,11 @@ class Llama(nnx.Module):
     """
     cfg, rt = self.config, self.runtime
     dt = rt.dtype
-    x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(dt)
+    # Gather rows from a replicated table (an FSDP-style all-gather of the weight):
+    # XLA cannot gather from a table sharded over vocab and embed without
+    # rematerialising it in full anyway.
+    table = rt.constrain(self.embed_tokens[...], (None, "act_embed"))
+    x = jnp.take(table, tokens, axis=0).astype(dt)
     x = rt.constrain(x, ("batch", "seq", "act_embed"))
     inv_freq, attn_scale = rope.rope_frequencies(
         cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,

@@ -91,6 +91,10 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     grid = json.load(f)
   assert grid["lengths"] == [96] and len(grid["accuracy"][0]) == 2
   assert os.path.exists(os.path.join(crashed, "eval", "needle_grid.png"))
+  # Evaluating the checkpoint directory afterwards reproduces the run's final grid.
+  again = trainer.evaluate_checkpoint(crashed)
+  assert again["accuracy"] == grid["accuracy"]
+  assert os.path.exists(os.path.join(crashed, "eval", "step_12", "needle_grid.json"))
 
 
 def test_progressive_stages_reshard_and_extend(tmp_path):

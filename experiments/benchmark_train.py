@@ -1,0 +1,122 @@
+r"""Training throughput (tokens/s) of the tiny model: ring attention on 8 simulated
+devices vs the same model with jax.nn.dot_product_attention on one device.
+
+  python -m experiments.benchmark_train [--seq_lens=2048,16384] [--steps=3]
+
+Each program is one jitted optimizer step (AdamW, fwd+bwd) of configs/tiny.py's model;
+time is the median of --steps runs after a warm-up (compile) run, in separate
+processes so each sees only its own device count. Writes results/train_benchmark.{md,json}.
+On simulated devices all 8 "devices" share this machine's cores: the comparison says
+what the ring's own overhead and its blockwise, causal-skipping attention cost or save
+against dense attention, not what real devices would gain.
+"""
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_list("seq_lens", ["2048", "16384"], "Sequence lengths.")
+flags.DEFINE_integer("steps", 3, "Timed steps per program (after one warm-up).")
+flags.DEFINE_integer("batch_size", 1, "Global batch size.")
+flags.DEFINE_string("out", "results/train_benchmark", "Results path prefix.")
+flags.DEFINE_string("_worker", "", "internal: run one measurement (attention:T).")
+FLAGS = flags.FLAGS
+
+PROGRAMS = (("ring", 8, "zigzag"), ("dot_product", 1, "contiguous"),
+            ("flash", 1, "contiguous"))
+
+
+def _measure(attention: str, devices: int, layout: str, T: int, steps: int, batch: int):
+  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  jax.config.update("jax_platforms", "cpu")
+  from configs import tiny  # pylint: disable=import-outside-toplevel
+  from experiments import config_lib, optim  # pylint: disable=import-outside-toplevel
+  from experiments import train_step as step_lib  # pylint: disable=import-outside-toplevel
+  from models import llama  # pylint: disable=import-outside-toplevel
+  from models.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+  c = tiny.get_config()
+  cfg = config_lib.model_config(c.model, attention=attention, layout=layout)
+  mesh = make_mesh(sp=devices)
+  model = llama.init_model(cfg, mesh=mesh)
+  optimizer = optim.make_optimizer(dict(c.optim))
+  state = step_lib.create_train_state(model, optimizer)
+  shardings = step_lib.train_state_shardings(state, mesh, cfg)
+  step = step_lib.jit_train_step(nnx_graphdef(model), optimizer, shardings, mesh=mesh)
+  rng = np.random.default_rng(0)
+  tokens = rng.integers(0, cfg.vocab_size, (batch, T)).astype(np.int32)
+  batch_arrays = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
+                  "loss_mask": np.ones((batch, T), np.float32)}
+  batch_arrays = {k: jax.device_put(v, step_lib.batch_sharding(mesh))
+                  for k, v in batch_arrays.items()}
+  t0 = time.perf_counter()
+  state, _ = step(state, batch_arrays)
+  jax.block_until_ready(state)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, m = step(state, batch_arrays)
+    jax.block_until_ready(m)
+    times.append(time.perf_counter() - t0)
+  sec = float(np.median(times))
+  return {"attention": attention, "devices": devices, "layout": layout, "T": T,
+          "batch": batch, "step_s": sec, "tokens_per_s": batch * T / sec,
+          "first_step_s": compile_s}
+
+
+def nnx_graphdef(model):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  return nnx.graphdef(model)
+
+
+def main(argv):
+  del argv
+  if FLAGS._worker:  # pylint: disable=protected-access
+    attention, devices, layout, T = FLAGS._worker.split(":")  # pylint: disable=protected-access
+    print("RESULT " + json.dumps(_measure(attention, int(devices), layout, int(T),
+                                          FLAGS.steps, FLAGS.batch_size)))
+    return
+  rows = []
+  for T in (int(t) for t in FLAGS.seq_lens):
+    for attention, devices, layout in PROGRAMS:
+      cmd = [sys.executable, "-m", "experiments.benchmark_train",
+             f"--_worker={attention}:{devices}:{layout}:{T}", f"--steps={FLAGS.steps}",
+             f"--batch_size={FLAGS.batch_size}"]
+      proc = subprocess.run(cmd, capture_output=True, text=True)
+      line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+      if proc.returncode or not line:
+        row = {"attention": attention, "devices": devices, "T": T,
+               "error": proc.stderr.strip().splitlines()[-1:]}
+      else:
+        row = json.loads(line[0][len("RESULT "):])
+      rows.append(row)
+      print(row, flush=True)
+  lines = ["# Training throughput, tiny model (configs/tiny.py), fwd+bwd+AdamW", "",
+           "| T | attention | devices | step (s) | tokens/s | vs dot_product, 1 device |",
+           "|---|---|---|---|---|---|"]
+  for row in rows:
+    if "error" in row:
+      lines.append(f"| {row['T']} | {row['attention']} | {row['devices']} | error: "
+                   f"{row['error']} | | |")
+      continue
+    base = [r for r in rows if r["T"] == row["T"] and r["attention"] == "dot_product"
+            and "error" not in r]
+    ratio = f"{row['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x" if base else "n/a"
+    lines.append(f"| {row['T']} | {row['attention']} ({row['layout']}) | {row['devices']} "
+                 f"| {row['step_s']:.3f} | {row['tokens_per_s']:,.0f} | {ratio} |")
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out + ".md", "w", encoding="utf-8") as f:
+    f.write("\n".join(lines) + "\n")
+  with open(FLAGS.out + ".json", "w", encoding="utf-8") as f:
+    json.dump(rows, f, indent=1)
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)
