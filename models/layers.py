@@ -144,10 +144,12 @@ class Attention(nnx.Module):
       out = out + self.o_bias[...].astype(ctx.dtype)
     return checkpoint_name(out, "attn_out")
 
-  def __call__(self, x, cos, sin, segment_ids, rt: Runtime):
+  def __call__(self, x, cos, sin, segment_ids, rt: Runtime, return_kv: bool = False):
+    """x [B, T, D] -> [B, T, D] (and the rotated k, v [B, T, K, H] if return_kv)."""
     q, k, v = self.project_qkv(x, cos, sin, rt)
     ctx = checkpoint_name(attend(q, k, v, segment_ids, rt), "attn_context")
-    return self.project_out(ctx, rt)
+    out = self.project_out(ctx, rt)
+    return (out, (k, v)) if return_kv else out
 
 
 def attend(q, k, v, segment_ids, rt: Runtime):
@@ -183,9 +185,14 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, segment_ids, rt: Runtime):
-    """x [B, T, D] -> [B, T, D]; cos, sin [B, T, H] float32; segment_ids [B, T] or None."""
-    x = x + self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, rt)
-    x = rt.constrain(x, ("batch", "seq", "act_embed"))
+  def __call__(self, x, cos, sin, segment_ids, rt: Runtime, return_kv: bool = False):
+    """x [B, T, D] -> [B, T, D]; cos, sin [B, T, H] float32; segment_ids [B, T] or None.
+
+    With return_kv, also this layer's rotated k, v [B, T, K, H] (a KV-cache prefill).
+    """
+    attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, rt,
+                              return_kv=True)
+    x = rt.constrain(x + attn, ("batch", "seq", "act_embed"))
     x = x + self.mlp(self.post_attention_layernorm(x), rt)
-    return rt.constrain(x, ("batch", "seq", "act_embed"))
+    x = rt.constrain(x, ("batch", "seq", "act_embed"))
+    return (x, kv) if return_kv else x

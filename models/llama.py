@@ -104,6 +104,33 @@ class Llama(nnx.Module):
 
   # -- forward --------------------------------------------------------------------
 
+  def embed(self, tokens):
+    """tokens [B, T] int -> embeddings [B, T, D] in the compute dtype."""
+    rt = self.runtime
+    # Gather rows from a replicated table (an FSDP-style all-gather of the weight):
+    # XLA cannot gather from a table sharded over vocab and embed without
+    # rematerialising it in full anyway.
+    table = rt.constrain(self.embed_tokens[...], (None, "act_embed"))
+    x = jnp.take(table, tokens, axis=0).astype(rt.dtype)
+    return rt.constrain(x, ("batch", "seq", "act_embed"))
+
+  def rotary_tables(self, positions, seq_len: int):
+    """positions [B, T] int -> RoPE (cos, sin) [B, T, H] float32 for all layers.
+
+    seq_len: the length the scaling sees (dynamic NTK / longrope depend on it).
+    """
+    cfg, rt = self.config, self.runtime
+    inv_freq, attn_scale = rope.rope_frequencies(
+        cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
+        seq_len=seq_len)
+    cos, sin = rope.rotary_cos_sin(positions, jnp.asarray(inv_freq), attn_scale)
+    return (rt.constrain(cos, ("batch", "seq", None)),
+            rt.constrain(sin, ("batch", "seq", None)))
+
+  def permutes_tokens(self) -> bool:
+    """Whether tokens are permuted into a balanced layout at the input."""
+    return self._permutes()
+
   def hidden_states(self, tokens, positions, segment_ids):
     """Final hidden states [B, T, D] in the order given (no permutation here).
 
@@ -111,20 +138,8 @@ class Llama(nnx.Module):
     restarting per packed document if wanted); segment_ids [B, T] int or None.
     """
     cfg, rt = self.config, self.runtime
-    dt = rt.dtype
-    # Gather rows from a replicated table (an FSDP-style all-gather of the weight):
-    # XLA cannot gather from a table sharded over vocab and embed without
-    # rematerialising it in full anyway.
-    table = rt.constrain(self.embed_tokens[...], (None, "act_embed"))
-    x = jnp.take(table, tokens, axis=0).astype(dt)
-    x = rt.constrain(x, ("batch", "seq", "act_embed"))
-    inv_freq, attn_scale = rope.rope_frequencies(
-        cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
-        seq_len=tokens.shape[1])
-    cos, sin = rope.rotary_cos_sin(positions, jnp.asarray(inv_freq), attn_scale)
-    cos = rt.constrain(cos, ("batch", "seq", None))
-    sin = rt.constrain(sin, ("batch", "seq", None))
-
+    x = self.embed(tokens)
+    cos, sin = self.rotary_tables(positions, seq_len=tokens.shape[1])
     graphdef, stacked = nnx.split(self.layers)
 
     def layer(x, layer_state):

@@ -1,0 +1,304 @@
+"""Flax attention layers on ringattn_jax: drop Ring Attention into your own model.
+
+    from ringattn_jax.flax_modules import MultiHeadAttention        # flax.nnx
+    from ringattn_jax.flax_modules import LinenMultiHeadAttention   # flax.linen
+
+    attn = MultiHeadAttention(512, num_heads=8, num_kv_heads=2, backend="ring",
+                              mesh=mesh, layout="zigzag", is_causal=True,
+                              rope=RotaryEmbedding(10000.0), rngs=nnx.Rngs(0))
+    y = attn(x, segment_ids=seg)                                  # [B, T, 512]
+
+Both modules compute the same thing with the same parameter names and shapes: GQA
+self-attention with query/key/value/output projections, an optional rotary embedding,
+and an attention backend chosen by name:
+
+  "reference"  ringattn_jax.reference_attention (dense; for checking)
+  "flash"      ringattn_jax.flash_attention (one device; `flash_impl` picks the kernel)
+  "ring", "allgather", "ulysses"
+               ringattn_jax.sharded_attention over `mesh` (the sequence sharded over
+               `seq_axis`, in token `layout`); inputs and outputs stay in the caller's
+               token order, so the rest of the model needs no change.
+
+This module imports Flax; `import ringattn_jax` does not import this module (nor Flax),
+so the library's functions stay usable without Flax installed.
+
+Parameters (letter legend: D in_features, N num_heads, K num_kv_heads, H head_dim,
+E out_features):
+  q_kernel [D, N, H], k_kernel [D, K, H], v_kernel [D, K, H], o_kernel [N, H, E];
+  with use_bias: q_bias [N, H], k_bias [K, H], v_bias [K, H], o_bias [E].
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax import nnx
+
+from ringattn_jax.flash import flash_attention
+from ringattn_jax.reference import reference_attention
+from ringattn_jax.sharded import AUTO, STRATEGIES, sharded_attention
+
+BACKENDS = ("reference", "flash") + STRATEGIES
+
+RopeFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class RotaryEmbedding:
+  """Rotary position embedding (RoPE), rotate-half convention (as LLaMA/transformers).
+
+  Called as `rope(x, positions)`: x [B, T, heads, H] (H even), positions [B, T] ints;
+  returns x rotated, in x's dtype (computed in float32, float64 for float64 x). Any
+  callable with this signature can be passed as a module's `rope`.
+  """
+
+  theta: float = 10000.0
+
+  def __call__(self, x, positions):
+    H = x.shape[-1]
+    if H % 2:
+      raise ValueError(f"RotaryEmbedding needs an even head_dim; got {H}.")
+    dtype = jnp.promote_types(x.dtype, jnp.float32)
+    inv_freq = 1.0 / self.theta ** (jnp.arange(0, H, 2, dtype=dtype) / H)  # [H/2]
+    angles = positions.astype(dtype)[..., None] * inv_freq  # [B, T, H/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+    xf = x.astype(dtype)
+    rotated = jnp.concatenate([-xf[..., H // 2:], xf[..., :H // 2]], -1)
+    return (xf * cos + rotated * sin).astype(x.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Settings:
+  """What both modules share: shapes, backend and mask options (validated)."""
+
+  in_features: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  out_features: int
+  backend: str
+  mesh: Any
+  layout: str
+  seq_axis: str
+  batch_axes: Any
+  head_axis: Any
+  flash_impl: str
+  is_causal: bool
+  local_window_size: Any
+  logit_softcap: Optional[float]
+  scale: Optional[float]
+  use_bias: bool
+  rope: Optional[RopeFn]
+  dtype: Any
+
+  @classmethod
+  def make(cls, *, in_features, num_heads, num_kv_heads=None, head_dim=None,
+           out_features=None, **kw):
+    for name, value in (("in_features", in_features), ("num_heads", num_heads)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if head_dim is None:
+      if in_features % num_heads:
+        raise ValueError(f"in_features ({in_features}) must be divisible by num_heads "
+                         f"({num_heads}) when head_dim is not given.")
+      head_dim = in_features // num_heads
+    out_features = in_features if out_features is None else out_features
+    for name, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
+                        ("out_features", out_features)):
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads "
+                       f"({num_kv_heads}).")
+    s = cls(in_features=in_features, num_heads=num_heads, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, out_features=out_features, **kw)
+    if s.backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {BACKENDS}; got {s.backend!r}.")
+    if s.backend in STRATEGIES and s.mesh is None:
+      raise ValueError(f"backend={s.backend!r} shards the sequence over a mesh: pass "
+                       f"mesh=... (with a {s.seq_axis!r} axis).")
+    if s.rope is not None and not callable(s.rope):
+      raise ValueError(f"rope must be None or a callable (x, positions) -> x; got "
+                       f"{s.rope!r}.")
+    return s
+
+  def shapes(self):
+    D, N, K, H, E = (self.in_features, self.num_heads, self.num_kv_heads, self.head_dim,
+                     self.out_features)
+    kernels = dict(q_kernel=(D, N, H), k_kernel=(D, K, H), v_kernel=(D, K, H),
+                   o_kernel=(N, H, E))
+    biases = dict(q_bias=(N, H), k_bias=(K, H), v_bias=(K, H), o_bias=(E,))
+    return kernels, (biases if self.use_bias else {})
+
+  def attend(self, q, k, v, segment_ids):
+    kw = dict(is_causal=self.is_causal, segment_ids=segment_ids,
+              local_window_size=self.local_window_size, logit_softcap=self.logit_softcap,
+              scale=self.scale)
+    if self.backend == "reference":
+      return reference_attention(q, k, v, **kw)
+    if self.backend == "flash":
+      return flash_attention(q, k, v, impl=self.flash_impl, **kw)
+    return sharded_attention(q, k, v, mesh=self.mesh, strategy=self.backend,
+                             seq_axis=self.seq_axis, batch_axes=self.batch_axes,
+                             head_axis=self.head_axis, layout=self.layout, **kw)
+
+  def apply(self, params, x, segment_ids=None, positions=None):
+    """x [B, T, D] -> [B, T, E], from a dict of the parameters named in `shapes`."""
+    if x.ndim != 3 or x.shape[-1] != self.in_features:
+      raise ValueError(f"inputs must be [B, T, in_features={self.in_features}]; got "
+                       f"shape {x.shape}.")
+    B, T, _ = x.shape
+    dt = jnp.dtype(self.dtype) if self.dtype is not None else x.dtype
+    x = x.astype(dt)
+    w = lambda name: params[name].astype(dt)
+    q = jnp.einsum("BTD,DNH->BTNH", x, w("q_kernel"))
+    k = jnp.einsum("BTD,DKH->BTKH", x, w("k_kernel"))
+    v = jnp.einsum("BTD,DKH->BTKH", x, w("v_kernel"))
+    if self.use_bias:
+      q, k, v = q + w("q_bias"), k + w("k_bias"), v + w("v_bias")
+    if self.rope is not None:
+      if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+      elif positions.shape != (B, T):
+        raise ValueError(f"positions must be [B, T] = [{B}, {T}]; got {positions.shape}.")
+      q, k = self.rope(q, positions), self.rope(k, positions)
+    ctx = self.attend(q, k, v, segment_ids)
+    out = jnp.einsum("BTNH,NHE->BTE", ctx, w("o_kernel"))
+    if self.use_bias:
+      out = out + w("o_bias")
+    return out
+
+
+def _default_kernel_init(name):
+  if name == "o_kernel":  # [N, H, E]: fan-in N * H
+    return jax.nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
+  return jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))  # [D, heads, H]
+
+
+_DOC_ARGS = """
+  Args:
+    in_features: D, the input feature size.
+    num_heads: N query heads.
+    num_kv_heads: K key/value heads (default N; GQA/MQA with fewer, N % K == 0).
+    head_dim: H (default D // N).
+    out_features: E (default D).
+    backend: "reference", "flash", "ring", "allgather" or "ulysses" (module docstring).
+    mesh: a jax.sharding.Mesh; required by "ring", "allgather" and "ulysses".
+    layout: token layout over the ring ("contiguous", "zigzag", "striped"); inputs and
+      outputs stay in the caller's order either way.
+    seq_axis, batch_axes, head_axis: mesh axes for the sequence, batch and heads (see
+      `ringattn_jax.sharded_attention`).
+    flash_impl: the "flash" backend's kernel ("auto", "xla", "pallas", "reference").
+    is_causal, local_window_size, logit_softcap, scale: the mask and logits options of
+      `ringattn_jax.flash_attention`.
+    use_bias: biases on the four projections.
+    rope: None, or a callable (x [B, T, heads, H], positions [B, T]) -> x applied to
+      queries and keys (e.g. `RotaryEmbedding(theta)`); hashable (it is static).
+    dtype: compute dtype (default: the input's); param_dtype: parameter dtype.
+    kernel_init, bias_init: initializers (key, shape, dtype) -> array; default
+      lecun_normal over each kernel's input axes, and zeros.
+
+  Call: `(x [B, T, D], segment_ids=None [B, T] ints (packed sequences: tokens attend
+  within their segment), positions=None [B, T] ints (RoPE positions; default arange))`
+  -> [B, T, E]. Masks (causal, window) act on token index; `positions` only feeds RoPE.
+"""
+
+
+class MultiHeadAttention(nnx.Module):
+  """GQA self-attention (flax.nnx) on a ringattn_jax backend chosen by name."""
+
+  __doc__ += _DOC_ARGS
+
+  def __init__(self, in_features: int, num_heads: int, *,
+               num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
+               out_features: Optional[int] = None, backend: str = "flash", mesh=None,
+               layout: str = "contiguous", seq_axis: str = "sp",
+               batch_axes: Union[str, Sequence[str], None] = AUTO,
+               head_axis: Optional[str] = AUTO, flash_impl: str = "auto",
+               is_causal: bool = False, local_window_size=None,
+               logit_softcap: Optional[float] = None, scale: Optional[float] = None,
+               use_bias: bool = False, rope: Optional[RopeFn] = None, dtype=None,
+               param_dtype=jnp.float32, kernel_init=None,
+               bias_init=jax.nn.initializers.zeros, rngs: nnx.Rngs):
+    if isinstance(batch_axes, list):
+      batch_axes = tuple(batch_axes)
+    self.settings = _Settings.make(
+        in_features=in_features, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        head_dim=head_dim, out_features=out_features, backend=backend, mesh=mesh,
+        layout=layout, seq_axis=seq_axis, batch_axes=batch_axes, head_axis=head_axis,
+        flash_impl=flash_impl, is_causal=is_causal, local_window_size=local_window_size,
+        logit_softcap=logit_softcap, scale=scale, use_bias=use_bias, rope=rope,
+        dtype=dtype)
+    kernels, biases = self.settings.shapes()
+    for name, shape in kernels.items():
+      init = kernel_init or _default_kernel_init(name)
+      setattr(self, name, nnx.Param(init(rngs.params(), shape, param_dtype)))
+    for name, shape in biases.items():
+      setattr(self, name, nnx.Param(bias_init(rngs.params(), shape, param_dtype)))
+
+  def __call__(self, x, segment_ids=None, positions=None):
+    kernels, biases = self.settings.shapes()
+    params = {name: getattr(self, name)[...] for name in (*kernels, *biases)}
+    return self.settings.apply(params, x, segment_ids, positions)
+
+
+class LinenMultiHeadAttention(nn.Module):
+  """GQA self-attention (flax.linen) on a ringattn_jax backend chosen by name.
+
+  The same computation, parameter names and shapes as `MultiHeadAttention`.
+  """
+
+  __doc__ += _DOC_ARGS
+
+  in_features: int
+  num_heads: int
+  num_kv_heads: Optional[int] = None
+  head_dim: Optional[int] = None
+  out_features: Optional[int] = None
+  backend: str = "flash"
+  mesh: Any = None
+  layout: str = "contiguous"
+  seq_axis: str = "sp"
+  batch_axes: Union[str, Sequence[str], None] = AUTO
+  head_axis: Optional[str] = AUTO
+  flash_impl: str = "auto"
+  is_causal: bool = False
+  local_window_size: Any = None
+  logit_softcap: Optional[float] = None
+  scale: Optional[float] = None
+  use_bias: bool = False
+  rope: Optional[RopeFn] = None
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  kernel_init: Optional[Callable] = None
+  bias_init: Callable = jax.nn.initializers.zeros
+
+  def _settings(self) -> _Settings:
+    batch_axes = self.batch_axes
+    if isinstance(batch_axes, list):
+      batch_axes = tuple(batch_axes)
+    return _Settings.make(
+        in_features=self.in_features, num_heads=self.num_heads,
+        num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+        out_features=self.out_features, backend=self.backend, mesh=self.mesh,
+        layout=self.layout, seq_axis=self.seq_axis, batch_axes=batch_axes,
+        head_axis=self.head_axis, flash_impl=self.flash_impl, is_causal=self.is_causal,
+        local_window_size=self.local_window_size, logit_softcap=self.logit_softcap,
+        scale=self.scale, use_bias=self.use_bias, rope=self.rope, dtype=self.dtype)
+
+  @nn.compact
+  def __call__(self, x, segment_ids=None, positions=None):
+    settings = self._settings()
+    kernels, biases = settings.shapes()
+    params = {}
+    for name, shape in kernels.items():
+      init = self.kernel_init or _default_kernel_init(name)
+      params[name] = self.param(name, init, shape, self.param_dtype)
+    for name, shape in biases.items():
+      params[name] = self.param(name, self.bias_init, shape, self.param_dtype)
+    return settings.apply(params, x, segment_ids, positions)
