@@ -14,8 +14,18 @@ Measures, on an `sp` mesh of `--sp` devices (B=1, N=8, H=128 by default):
    (`--single_process`, default; simulating 8 devices slows a one-device program) and,
    for reference, in this process too.
 2. Compiled per-device temp memory of forward+backward (`memory_analysis()` of the
-   SPMD program, which is per device), compiled only, never run: sp=n vs the same
-   call on a 1-device mesh. Target: sp=8 / sp=1 <= 0.2x.
+   SPMD program, which is per device), compiled only, never run. The program is the
+   VJP with the output cotangent as an argument, as in training (a `sum(out)` loss
+   would make it a broadcast constant that XLA materialises or fuses depending on the
+   rest of the program: noise, not attention's memory). Target: sp=8 / sp=1 <= 0.2x,
+   where sp=1 is the *same* program on a 1-device mesh: the same code, head grouping
+   and kernel, only the ring size changes, so the ratio measures what sequence
+   parallelism does to per-device memory. Also reported: single-device
+   `flash_attention(impl="xla")` (what one device would otherwise run; a different
+   program with its own footprint, so ratios against it also measure that
+   program), and the per-device total (arguments + outputs + temp; temp alone leaves
+   out the inputs, the cotangent and the gradients, in whose buffers XLA parks part of
+   the working set when they are large).
 3. Causal work balance: tiles per device max/mean from `layouts.work_per_device` for
    each layout. Target: <= 1.05 for zigzag and striped.
 4. Strategies ring / allgather / ulysses, causal float32, at several T: forward+backward
@@ -28,13 +38,16 @@ statistics and timings come from that same executable.
 Usage:
   python -m experiments.benchmark_ring                  # full: ~15 min on 2 cores
   python -m experiments.benchmark_ring --preset=smoke   # under a minute
+  python -m experiments.benchmark_ring --sections=memory  # compile only, ~2 min;
+      # writes ring_benchmark_memory.{md,json}
   python -m experiments.benchmark_ring --target_len=8192 --dtypes=float32 \
       --seq_lens=4096 --memory_seq_lens=8192 --strategies=ring,ulysses
 
 Shares --batch, --heads, --head_dim, --dtypes, --seq_lens, --memory_seq_lens,
 --repeats, --xla_block_q/k and --out_dir with `experiments.benchmark_attention`
 (imported for its helpers); its --preset is replaced by this script's.
-Writes `<out_dir>/ring_benchmark.{md,json}`.
+Writes `<out_dir>/ring_benchmark.{md,json}` (`ring_benchmark_<sections>.{md,json}` when
+--sections selects only some tables).
 """
 from __future__ import annotations
 
@@ -63,6 +76,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from experiments import benchmark_attention as ba  # noqa: E402
 from ringattn_jax import layouts, ring_attention, sharded_attention  # noqa: E402
+from ringattn_jax import ring as ring_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 # benchmark_attention defines --preset (full|quick); this script's presets replace it
@@ -92,6 +106,10 @@ flags.DEFINE_bool("single_process", True,
                   "Also time single-device flash in a separate 1-device process (this "
                   "process simulates 8 devices, which slows a one-device program); the "
                   "target ratios use that baseline.")
+SECTIONS = ("targets", "memory", "balance", "strategies")
+flags.DEFINE_list("sections", list(SECTIONS),
+                  f"Tables to measure, of {SECTIONS}. Only some: results go to "
+                  "ring_benchmark_<sections>.{md,json}.")
 flags.DEFINE_list("single_worker_jobs", None,
                   "Internal: run as the 1-device worker for these dtype:T jobs.")
 
@@ -181,13 +199,22 @@ def compile_fwd_bwd(fn: Callable, args):
   return compiled, time.perf_counter() - t0
 
 
+def vjp_program(fn: Callable) -> Callable:
+  """(q, k, v, ct) -> (dq, dk, dv): forward + backward with the cotangent an input."""
+  def run(q, k, v, ct):
+    _, pull = jax.vjp(fn, q, k, v)
+    return pull(ct)
+  return run
+
+
 def memory_stats(compiled) -> Dict[str, Optional[int]]:
   """Per-device bytes of a compiled (SPMD) program."""
   m = compiled.memory_analysis()
   if m is None:
-    return dict(temp_bytes=None, argument_bytes=None)
+    return dict(temp_bytes=None, argument_bytes=None, output_bytes=None)
   return dict(temp_bytes=int(m.temp_size_in_bytes),
-              argument_bytes=int(m.argument_size_in_bytes))
+              argument_bytes=int(m.argument_size_in_bytes),
+              output_bytes=int(m.output_size_in_bytes))
 
 
 def inputs(cfg: Config, T: int, dtype, sharding):
@@ -245,6 +272,23 @@ class Runner:
     self.cache[key] = rec
     log(_fmt_rec(rec))
     return rec
+
+  def measure_memory(self, kind: str, dtype: str, T: int, n: int = 1,
+                     layout: Optional[str] = None) -> Dict:
+    """Compiled (never run) memory of `vjp_program` of a program, per device."""
+    key = ("vjp", kind, dtype, T, n, layout)
+    if key not in self.cache:
+      fn, sharding = self._program(kind, n, layout)
+      sds = jax.ShapeDtypeStruct((self.cfg.B, T, self.cfg.N, self.cfg.H),
+                                 jnp.dtype(dtype), sharding=sharding)
+      t0 = time.perf_counter()
+      compiled = jax.jit(vjp_program(fn)).lower(sds, sds, sds, sds).compile()
+      rec = dict(kind=kind, program="vjp", dtype=dtype, T=T, sp=n, layout=layout,
+                 compile_s=time.perf_counter() - t0, **memory_stats(compiled),
+                 fwd_bwd_ms=None)
+      self.cache[key] = rec
+      log(_fmt_rec(rec) + " [vjp, compiled only]")
+    return self.cache[key]
 
 
 def _mib(b):
@@ -323,18 +367,31 @@ def run_targets(run: Runner, dtypes: List[str], progs: List[tuple],
   return rows
 
 
+def _total(r: Dict) -> Optional[int]:
+  parts = (r["temp_bytes"], r["argument_bytes"], r["output_bytes"])
+  return None if None in parts else sum(parts)
+
+
 def run_memory(run: Runner, seq_lens: List[int], progs: List[tuple],
                dtype: str = "float32") -> List[Dict]:
+  """Per-device memory of the VJP: sp=n vs the same program on 1 device, and flash."""
   cfg, rows = run.cfg, []
   for T in seq_lens:
-    single = run.measure("single", dtype, T, timed=False)
+    single = run.measure_memory("single", dtype, T)
     for kind, layout, label in progs:
-      many = run.measure(kind, dtype, T, cfg.sp, layout, timed=False)
-      one = run.measure(kind, dtype, T, 1, layout, timed=False)
+      many = run.measure_memory(kind, dtype, T, cfg.sp, layout)
+      one = run.measure_memory(kind, dtype, T, 1, layout)
+      groups = {m: ring_lib.auto_head_groups(cfg.B, T // m, cfg.N, cfg.H)
+                for m in (cfg.sp, 1)}
       rows.append(dict(dtype=dtype, T=T, program=label, kind=kind, layout=layout,
-                       sp=cfg.sp, temp_bytes_sp=many["temp_bytes"],
-                       temp_bytes_sp1=one["temp_bytes"], temp_bytes_flash=single["temp_bytes"],
-                       ratio=_ratio(many["temp_bytes"], one["temp_bytes"])))
+                       sp=cfg.sp, head_groups_sp=groups[cfg.sp], head_groups_sp1=groups[1],
+                       temp_bytes_sp=many["temp_bytes"], temp_bytes_sp1=one["temp_bytes"],
+                       temp_bytes_flash=single["temp_bytes"],
+                       ratio=_ratio(many["temp_bytes"], one["temp_bytes"]),
+                       ratio_flash=_ratio(many["temp_bytes"], single["temp_bytes"]),
+                       total_bytes_sp=_total(many), total_bytes_sp1=_total(one),
+                       total_bytes_flash=_total(single),
+                       ratio_total=_ratio(_total(many), _total(one))))
   return rows
 
 
@@ -401,46 +458,35 @@ def _f(x, spec):
   return "-" if x is None else format(x, spec)
 
 
-def markdown(env, cfg, targets, memory, balance, strategies, summary) -> List[str]:
+def markdown(env, cfg, targets, memory, balance, strategies, summary,
+             sections=SECTIONS) -> List[str]:
+  """The results as markdown: the tables of `sections`, then the targets."""
   md = ["# Sequence-parallel attention benchmark", "",
-        f"Environment: `{json.dumps(env)}`", "",
-        f"The {cfg.sp} simulated devices share the host's {env['cpu_count']} cores, so "
+        f"Environment: `{json.dumps(env)}`", ""]
+  if "targets" in sections or "strategies" in sections:
+    md += [f"The {cfg.sp} simulated devices share the host's {env['cpu_count']} cores, so "
         "sp > 1 is not faster here: the time ratios measure the overhead of the "
         "sequence-parallel program (hops, merges, permutations, collectives). Timings: "
         "forward+backward, median after one warm-up run, `block_until_ready`. "
         "'single (1-dev proc)' is flash_attention(impl=\"xla\") timed in a separate "
         "process with one device (the honest baseline: simulating 8 devices slows a "
         "one-device program); 'single (this proc)' is the same program in this process. "
-        "Ratios use the 1-device-process baseline when it was measured.", "",
-        f"## Ring vs single-device flash_attention(impl=\"xla\"), causal, "
-        f"T={cfg.target_len} (target <= {TARGET_TIME_RATIO}x)", "",
-        "| dtype | program | sp | ring ms | single (1-dev proc) ms | single (this proc) ms "
-        "| ring / single | ring / single (this proc) |", "|---|---|---|---|---|---|---|---|"]
-  md += [f"| {r['dtype']} | {r['program']} | {r['sp']} | {r['ring_ms']:.1f} | "
-         f"{_f(r['single_1dev_ms'], '.1f')} | {r['single_ms']:.1f} | {r['ratio']:.2f} | "
-         f"{r['ratio_in_process']:.2f} |" for r in targets]
-  md += ["", f"## Compiled per-device temp memory of forward+backward, causal "
-         f"(target sp={cfg.sp} / sp=1 <= {TARGET_MEMORY_RATIO}x; compiled, not run)", "",
-         "| dtype | T | program | sp=n MiB | sp=1 MiB | sp=n / sp=1 | "
-         "single-device flash MiB |", "|---|---|---|---|---|---|---|"]
-  md += [f"| {r['dtype']} | {r['T']} | {r['program']} | {_mib(r['temp_bytes_sp'])} | "
-         f"{_mib(r['temp_bytes_sp1'])} | {_f(r['ratio'], '.3f')} | "
-         f"{_mib(r['temp_bytes_flash'])} |" for r in memory]
-  md += ["", f"## Causal work balance (`layouts.work_per_device`; target max/mean <= "
-         f"{TARGET_BALANCE} for zigzag/striped)", "",
-         "| layout | T | sp | block | tiles per device | max / mean | "
-         "total / single-device |", "|---|---|---|---|---|---|---|"]
-  md += [f"| {r['layout']} | {r['T']} | {r['sp']} | {r['block']} | "
-         f"{' '.join(map(str, r['tiles']))} | {r['max_over_mean']:.3f} | "
-         f"{r['total_over_single']:.3f} |" for r in balance]
-  md += ["", "## Strategies (causal, forward+backward, sharded_attention)", "",
-         "| strategy | layout | dtype | T | sp | ms | TFLOP/s | single (1-dev proc) ms | "
-         "single (this proc) ms | vs single | temp MiB / device | single-device temp MiB |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  md += [f"| {r['strategy']} | {r['layout']} | {r['dtype']} | {r['T']} | {r['sp']} | "
-         f"{r['fwd_bwd_ms']:.1f} | {r['tflops']:.3f} | {_f(r['single_1dev_ms'], '.1f')} | "
-         f"{r['single_ms']:.1f} | {r['vs_single']:.2f} | {_mib(r['temp_bytes'])} | "
-         f"{_mib(r['single_temp_bytes'])} |" for r in strategies]
+        "Ratios use the 1-device-process baseline when it was measured.", ""]
+  if "targets" in sections:
+    md += [f"## Ring vs single-device flash_attention(impl=\"xla\"), causal, "
+           f"T={cfg.target_len} (target <= {TARGET_TIME_RATIO}x)", "",
+           "| dtype | program | sp | ring ms | single (1-dev proc) ms | single (this proc) "
+           "ms | ring / single | ring / single (this proc) |",
+           "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['dtype']} | {r['program']} | {r['sp']} | {r['ring_ms']:.1f} | "
+           f"{_f(r['single_1dev_ms'], '.1f')} | {r['single_ms']:.1f} | {r['ratio']:.2f} | "
+           f"{r['ratio_in_process']:.2f} |" for r in targets]
+  if "memory" in sections:
+    md += _memory_markdown(cfg, memory)
+  if "balance" in sections:
+    md += _balance_markdown(balance)
+  if "strategies" in sections:
+    md += _strategies_markdown(strategies)
   verdict = {True: "MET", False: "MISSED", None: "(reported)"}
   md += ["", "## Targets", ""]
   md += [f"- {s['target']}: {s['value']:.3f} (target <= {s['threshold']}): "
@@ -448,13 +494,59 @@ def markdown(env, cfg, targets, memory, balance, strategies, summary) -> List[st
   return md
 
 
-def write_results(out_dir, payload, md):
+def _memory_markdown(cfg, memory) -> List[str]:
+  md = ["", f"## Compiled per-device temp memory of forward+backward, causal "
+        f"(target sp={cfg.sp} / sp=1 <= {TARGET_MEMORY_RATIO}x; compiled, not run)", "",
+        "The VJP with the output cotangent as an argument (`jax.vjp(f, q, k, v)[1](ct)`), "
+        "compiled only. **sp=1 is the same program on a 1-device mesh** (same code, "
+        "head grouping and kernel): the target ratio. 'flash' is single-device "
+        "`flash_attention(impl=\"xla\")`, a different program: what one device would "
+        "otherwise run. 'total' = arguments + outputs + temp per device (temp leaves out "
+        "q, k, v, the cotangent and the gradients, whose buffers XLA also uses for "
+        "temporaries). 'groups': the ring's automatic `head_groups` at sp=n / sp=1.", "",
+        "| dtype | T | program | groups | sp=n MiB | sp=1 MiB | sp=n / sp=1 | "
+        "flash MiB | sp=n / flash | total sp=n MiB | total sp=1 MiB | total sp=n / sp=1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  md += [f"| {r['dtype']} | {r['T']} | {r['program']} | "
+         f"{r['head_groups_sp']} / {r['head_groups_sp1']} | {_mib(r['temp_bytes_sp'])} | "
+         f"{_mib(r['temp_bytes_sp1'])} | {_f(r['ratio'], '.3f')} | "
+         f"{_mib(r['temp_bytes_flash'])} | {_f(r['ratio_flash'], '.3f')} | "
+         f"{_mib(r['total_bytes_sp'])} | {_mib(r['total_bytes_sp1'])} | "
+         f"{_f(r['ratio_total'], '.3f')} |" for r in memory]
+  return md
+
+
+def _balance_markdown(balance) -> List[str]:
+  md = ["", f"## Causal work balance (`layouts.work_per_device`; target max/mean <= "
+        f"{TARGET_BALANCE} for zigzag/striped)", "",
+        "| layout | T | sp | block | tiles per device | max / mean | "
+        "total / single-device |", "|---|---|---|---|---|---|---|"]
+  md += [f"| {r['layout']} | {r['T']} | {r['sp']} | {r['block']} | "
+         f"{' '.join(map(str, r['tiles']))} | {r['max_over_mean']:.3f} | "
+         f"{r['total_over_single']:.3f} |" for r in balance]
+  return md
+
+
+def _strategies_markdown(strategies) -> List[str]:
+  md = ["", "## Strategies (causal, forward+backward, sharded_attention)", "",
+        "Temp memory here is that of the timed program (loss `sum(out)`).", "",
+        "| strategy | layout | dtype | T | sp | ms | TFLOP/s | single (1-dev proc) ms | "
+        "single (this proc) ms | vs single | temp MiB / device | single-device temp MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  md += [f"| {r['strategy']} | {r['layout']} | {r['dtype']} | {r['T']} | {r['sp']} | "
+         f"{r['fwd_bwd_ms']:.1f} | {r['tflops']:.3f} | {_f(r['single_1dev_ms'], '.1f')} | "
+         f"{r['single_ms']:.1f} | {r['vs_single']:.2f} | {_mib(r['temp_bytes'])} | "
+         f"{_mib(r['single_temp_bytes'])} |" for r in strategies]
+  return md
+
+
+def write_results(out_dir, payload, md, name="ring_benchmark"):
   os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "ring_benchmark.json"), "w") as f:
+  with open(os.path.join(out_dir, f"{name}.json"), "w") as f:
     json.dump(payload, f, indent=1)
-  with open(os.path.join(out_dir, "ring_benchmark.md"), "w") as f:
+  with open(os.path.join(out_dir, f"{name}.md"), "w") as f:
     f.write("\n".join(md) + "\n")
-  log(f"wrote {out_dir}/ring_benchmark.{{md,json}}")
+  log(f"wrote {out_dir}/{name}.{{md,json}}")
 
 
 def main(argv):
@@ -470,36 +562,50 @@ def main(argv):
              machine=platform.machine(), preset=FLAGS.preset,
              xla_block_sizes=dataclasses.asdict(ba.xla_block_sizes()),
              **dataclasses.asdict(cfg))
+  sections = [x for x in SECTIONS if x in FLAGS.sections]
+  unknown = set(FLAGS.sections) - set(SECTIONS)
+  if unknown or not sections:
+    raise app.UsageError(f"--sections must name some of {SECTIONS}; got {FLAGS.sections}.")
+  env["sections"] = sections
   log(f"# ring benchmark on {env}")
   run = Runner(cfg)
   progs = variants(FLAGS.target_layouts, FLAGS.core_rows)
 
   single_1dev = {}
-  if FLAGS.single_process:
-    jobs = [(d, cfg.target_len) for d in FLAGS.dtypes]
-    jobs += [(FLAGS.strategy_dtype, T) for T in cfg.seq_lens
-             if (FLAGS.strategy_dtype, T) not in jobs]
+  targets, memory, balance, strategies = [], [], [], []
+  if FLAGS.single_process and ("targets" in sections or "strategies" in sections):
+    jobs = [(d, cfg.target_len) for d in FLAGS.dtypes] if "targets" in sections else []
+    if "strategies" in sections:
+      jobs += [(FLAGS.strategy_dtype, T) for T in cfg.seq_lens
+               if (FLAGS.strategy_dtype, T) not in jobs]
     log(f"## 0. single-device flash in a 1-device process: {jobs}")
     single_1dev = single_process_times(jobs)
-  log(f"## 1. ring vs single-device flash, T={cfg.target_len}")
-  targets = run_targets(run, FLAGS.dtypes, progs, single_1dev)
-  log(f"## 2. compiled per-device temp memory at T={cfg.memory_seq_lens}")
-  memory = run_memory(run, cfg.memory_seq_lens, progs)
-  log(f"## 3. causal work balance, T={cfg.target_len}, block {cfg.balance_block}")
-  balance = run_balance(cfg, FLAGS.balance_layouts)
-  log(f"## 4. strategies at T={cfg.seq_lens}")
-  strategies = run_strategies(run, FLAGS.strategies, cfg.seq_lens, FLAGS.strategy_dtype,
-                              FLAGS.strategy_layout, single_1dev)
+  if "targets" in sections:
+    log(f"## 1. ring vs single-device flash, T={cfg.target_len}")
+    targets = run_targets(run, FLAGS.dtypes, progs, single_1dev)
+  if "memory" in sections:
+    log(f"## 2. compiled per-device temp memory at T={cfg.memory_seq_lens}")
+    memory = run_memory(run, cfg.memory_seq_lens, progs)
+  if "balance" in sections:
+    log(f"## 3. causal work balance, T={cfg.target_len}, block {cfg.balance_block}")
+    balance = run_balance(cfg, FLAGS.balance_layouts)
+  if "strategies" in sections:
+    log(f"## 4. strategies at T={cfg.seq_lens}")
+    strategies = run_strategies(run, FLAGS.strategies, cfg.seq_lens,
+                                FLAGS.strategy_dtype, FLAGS.strategy_layout, single_1dev)
   summary = summarize(targets, memory, balance)
-  md = markdown(env, cfg, targets, memory, balance, strategies, summary)
+  md = markdown(env, cfg, targets, memory, balance, strategies, summary, sections)
   log("\n".join(md))
   env["wall_s"] = time.perf_counter() - t_start
+  name = "ring_benchmark"
+  if len(sections) < len(SECTIONS):
+    name += "_" + "_".join(sections)
   write_results(FLAGS.out_dir, dict(env=env, targets=targets, memory=memory,
                                     balance=balance, strategies=strategies,
                                     summary=summary, measurements=list(run.cache.values()),
                                     single_1dev_ms=[dict(dtype=d, T=t, fwd_bwd_ms=v)
                                                     for (d, t), v in single_1dev.items()]),
-                md)
+                md, name)
   log(f"total {env['wall_s']:.0f} s")
 
 

@@ -124,6 +124,8 @@ def make_schedule(opt_cfg) -> optax.Schedule:
   c = validate(opt_cfg)
   peak, warm = float(c["learning_rate"]), c["warmup_steps"]
   end = peak * float(c["end_lr_fraction"])
+  if c["schedule"] == "cosine" and warm == 0:
+    return optax.cosine_decay_schedule(peak, c["total_steps"], alpha=c["end_lr_fraction"])
   if c["schedule"] == "cosine":
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warm,

@@ -172,3 +172,30 @@ def static_hop_bound(spec: MaskSpec, layout: str, n: int, T_local: int,
   vis = np.broadcast_to(vis, (n, n))
   used = np.nonzero(vis.any(0))[0]
   return (int(used.max()) + 1 if used.size else 1), vis
+
+
+def static_ring_plan(spec: MaskSpec, layout: str, n: int, T_local: int,
+                     S_local: int) -> Tuple[int, int]:
+  """Hops of a ring that may rotate both ways, from the layout's positions alone.
+
+  Hop h (0 <= h < n) is the one at which device d holds the key/value shard of device
+  (d - h) mod n (`static_hop_bound`). The ring visits hops 0, 1, ..., a by sending
+  shards to d + 1 and then hops n - 1, ..., n - b (the shards of d + 1, ..., d + b) by a
+  second pass that sends to d - 1, starting again from the local shard. A two-sided
+  window of (left, right) keys over shards of S_local keys needs a ~ ceil(left /
+  S_local) and b ~ ceil(right / S_local) instead of the whole ring.
+
+  Returns:
+    (a + 1, b): the fewest hops a + 1 + b that include every hop at which any device
+    sees any key (judged as the runtime hop skip does); on ties, the fewest reverse
+    hops (a causal ring stays one pass). At least (1, 0).
+  """
+  _, vis = static_hop_bound(spec, layout, n, T_local, S_local)
+  used = np.nonzero(vis.any(0))[0]
+  best = None
+  for a in range(n - 1, -1, -1):
+    later = used[used > a]
+    b = n - int(later.min()) if later.size else 0
+    if best is None or a + 1 + b < best[0] + best[1]:
+      best = (a + 1, b)
+  return best

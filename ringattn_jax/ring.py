@@ -5,9 +5,7 @@ Called inside `jax.shard_map` on local shards: device d of the n devices on
 K key/value heads travel: GQA/MQA costs no extra communication). At hop h the device
 holds the key/value shard of device (d - h) mod n; it sends that shard on to d + 1 with
 `jax.lax.ppermute` and runs the blockwise kernel (`flash_xla.forward`) on it with the
-true positions of both sides, merging (out, lse) with a stable log-add-exp. Per-device
-memory is O(T/n): one local query shard, two key/value shards (current and in flight)
-and the float32 accumulators.
+true positions of both sides, merging (out, lse) with a stable log-add-exp.
 
 Backward (custom VJP): a second ring. K, V travel as in the forward, and the float32
 dK, dV accumulators travel *with* them, so each hop adds its contribution to the shard
@@ -15,12 +13,33 @@ it belongs to; one final permute brings every dK/dV home. dQ accumulates locally
 hop calls `flash_xla.backward` with the *global* lse and delta = rowsum(dO * O) - dlse,
 so the per-hop gradients are exact parts of the full gradient and simply add up.
 
+Memory per device is O(T/n). What it holds besides the inputs, the outputs and the
+forward's (out, lse):
+- Head groups: the ring makes one pass per group of key/value heads (`head_groups`
+  passes over K / head_groups key/value heads and their query heads). Heads are
+  independent, so this is exact; it divides by `head_groups` everything a pass holds:
+  the travelling K/V (current and in flight), the travelling dK/dV, the merge
+  accumulators and the kernel's own layout copies and partial results. Each pass
+  writes its final slice of out/lse (dq/dk/dv) into the result in place. Passes cost
+  per-pass overheads (more, smaller transfers and kernel calls): the default
+  (`auto_head_groups`) uses them on CPU, where they measured no slower, and not on
+  GPU/TPU (not measured; see `auto_head_groups`).
+- Hop 0 (the device's own shard) is peeled off the loop: it reads the inputs in place,
+  its results *are* the accumulators (no zero-initialised buffers), and the loop's
+  K/V buffers start from the first permute's result (no copy of the inputs).
+- Two buffers per travelling array (current and in flight): the minimum for
+  overlapping a transfer with compute.
+
 Hop skipping: a hop whose whole key/value shard is hidden from every local query
 (causal: all key positions after all query positions; window: outside every query's
 window; packed sequences: no shared segment id) is not computed, via `jax.lax.cond` on
-a per-device predicate from min/max positions. With the contiguous layout the ring also
-*stops rotating* after the last hop at which any device can see anything (a static
-bound: causal + window of w keys needs ceil(w / (S/n)) + 1 hops, not n).
+a per-device predicate from min/max positions. With the default (layout-derived)
+positions the ring also *stops rotating* after the last hop at which any device can see
+anything (a static bound, `layouts.static_ring_plan`), in both directions: shards
+before the device's own arrive by sending to d + 1, shards after it by a second, short
+pass sending to d - 1. A window of w keys on shards of S/n keys needs about
+ceil(w / (S/n)) + 1 hops, not n: causal + window (w, 0) one pass, a two-sided window
+(l, r) about ceil(l / (S/n)) + 1 + ceil(r / (S/n)) hops over the two passes.
 
 Overlap of communication and compute: the next hop's `ppermute` is issued before the
 current hop's compute and nothing in that compute depends on it, so XLA may run the
@@ -55,18 +74,30 @@ from ringattn_jax import masking
 from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
 
 
+# Automatic `head_groups` (see `ring_attention`): on CPU, as many passes as keep each
+# pass's K (or V) shard at >= this many elements per device (512 tokens x 128 dims);
+# smaller passes would only add per-pass overhead to memory that does not matter.
+MIN_PASS_ELEMENTS = 1 << 16
+
+
 @dataclasses.dataclass(frozen=True)
 class _Ring:
   """Static description of one ring: what the custom VJP specialises on."""
 
   axis_name: Any
   n: int  # ring size
-  hops: int  # hops computed; the ring rotates hops - 1 times
+  hops_next: int  # hops of the pass sending to d + 1 (including the local hop 0)
+  hops_prev: int  # hops of the pass sending to d - 1 (shards d + 1, ..., d + hops_prev)
   spec: MaskSpec
   block_sizes: flash_xla.BlockSizes
   layout: str
   derive_kv_positions: bool  # kv positions from the layout (else they travel)
-  head_groups: int = 1  # kernel calls per hop, each on K / head_groups kv heads
+  head_groups: int  # passes of the ring, each over K / head_groups key/value heads
+
+  @property
+  def hops(self) -> int:
+    """Key/value shards the ring visits (computed or skipped) per head group."""
+    return self.hops_next + self.hops_prev
 
 
 # --- manual-axis ("vma") typing helpers ------------------------------------------------
@@ -88,11 +119,12 @@ def _shift(tree, ring: _Ring, shift: int = 1):
   return jax.tree.map(lambda a: lax.ppermute(a, ring.axis_name, perm), tree)
 
 
-def _hop_inputs(x: AttnInputs, ring: _Ring, kv, hop):
-  """Canonical inputs of hop `hop`: local queries and the visiting key/value shard."""
+def _hop_inputs(x: AttnInputs, ring: _Ring, kv, offset):
+  """Canonical inputs of a hop: local queries and the key/value shard of device
+  d - offset (mod n)."""
   k, v, kv_seg, kv_pos = kv
   if ring.derive_kv_positions:
-    src = (lax.axis_index(ring.axis_name) - hop) % ring.n
+    src = (lax.axis_index(ring.axis_name) - offset) % ring.n
     kv_pos = layouts.local_positions(ring.layout, ring.n, k.shape[1], src)
   return dataclasses.replace(x, k=k, v=v, kv_segment_ids=kv_seg, kv_positions=kv_pos)
 
@@ -123,42 +155,74 @@ def _merge(o, lse, o_h, lse_h):
   return o, jnp.where(seen, m + jnp.log(jnp.where(seen, tot, 1.0)), -jnp.inf)
 
 
-def _run_ring(ring: _Ring, kv, hop_fn, send_back=None):
-  """Runs hop_fn over `ring.hops` hops, rotating kv (and `send_back`-ed state).
+# --- the ring --------------------------------------------------------------------------
 
-  hop_fn(h, kv, state) -> state, where state is None at hop 0 (hop_fn then returns
-  fresh accumulators: nothing is zero-initialised ahead of time). The next kv is sent
-  before hop h is computed. If `send_back` is given, state[send_back] (a tuple of
-  arrays that belong to the visiting shard, e.g. dK/dV) is rotated with kv after each
-  hop and returned home at the end.
 
-  Hop 0 is peeled off the loop: it reads this device's own key/value shard in place
-  (the loop carry starts from the first permute's result, so the inputs are never
-  copied into loop buffers).
+def _run_pass(ring: _Ring, kv, hop_fn, *, hops: int, first: int, step: int, state,
+              send_back=None):
+  """One pass of the ring: `hops` hops, sending kv to d + step after each.
+
+  At hop i this device holds the key/value shard of device d - (first + step * i);
+  `kv` is that of hop 0. hop_fn(offset, kv, state) -> state, where state may be None
+  (or hold None at `send_back`): hop_fn then starts fresh accumulators from its own
+  results. If `send_back` is given, state[send_back] (arrays that belong to the visiting
+  shard, e.g. dK/dV) travels with kv and is sent home at the end.
+
+  Hop 0 is peeled off the loop: it reads `kv` in place (no copy into loop buffers; the
+  loop's buffers start from the first permute's result) and starts the accumulators.
+  The next kv is sent before a hop is computed.
   """
   def send(state):
     if send_back is None:
       return state
-    return state[:send_back] + (_shift(state[send_back], ring),) + state[send_back + 1:]
+    moved = _shift(state[send_back], ring, step)
+    return state[:send_back] + (moved,) + state[send_back + 1:]
 
-  def step(h, carry):
+  def body(i, carry):
     kv, state = carry
-    kv_next = _shift(kv, ring)  # issued before the compute that does not need it
-    return kv_next, send(hop_fn(h, kv, state))
+    kv_next = _shift(kv, ring, step)  # issued before the compute that does not need it
+    return kv_next, send(hop_fn(first + step * i, kv, state))
 
-  if ring.hops == 1:
-    return hop_fn(0, kv, None)
-  kv_next = _shift(kv, ring)
-  carry = (kv_next, send(hop_fn(0, kv, None)))
-  if ring.hops > 2:
-    carry = lax.fori_loop(1, ring.hops - 1, step, carry)
-  kv, state = carry
-  state = hop_fn(ring.hops - 1, kv, state)
+  if hops == 1:
+    state = hop_fn(first, kv, state)
+  else:
+    kv_next = _shift(kv, ring, step)
+    carry = (kv_next, send(hop_fn(first, kv, state)))
+    if hops > 2:
+      carry = lax.fori_loop(1, hops - 1, body, carry)
+    kv, state = carry
+    state = hop_fn(first + step * (hops - 1), kv, state)
   if send_back is not None:
-    # The travelling accumulators sit hops - 1 devices downstream of their home.
-    back = _shift(state[send_back], ring, -(ring.hops - 1))
+    # The shard of device e was first visited on device e + first and then moved
+    # step * (hops - 1) further.
+    back = _shift(state[send_back], ring, -(first + step * (hops - 1)))
     state = state[:send_back] + (back,) + state[send_back + 1:]
   return state
+
+
+def _run_ring(ring: _Ring, kv, hop_fn, send_back=None):
+  """Both passes: shards d, d - 1, ..., then d + 1, d + 2, ... (see `_run_pass`).
+
+  State carries over from the first pass to the second, except state[send_back],
+  which each pass starts afresh and brings home; the two are added.
+  """
+  state = _run_pass(ring, kv, hop_fn, hops=ring.hops_next, first=0, step=1, state=None,
+                    send_back=send_back)
+  if ring.hops_prev == 0:
+    return state
+  home = None
+  if send_back is not None:
+    home = state[send_back]
+    state = state[:send_back] + (None,) + state[send_back + 1:]
+  state = _run_pass(ring, _shift(kv, ring, -1), hop_fn, hops=ring.hops_prev, first=-1,
+                    step=-1, state=state, send_back=send_back)
+  if send_back is not None:
+    total = jax.tree.map(jnp.add, home, state[send_back])
+    state = state[:send_back] + (total,) + state[send_back + 1:]
+  return state
+
+
+# --- head groups -----------------------------------------------------------------------
 
 
 def _head_slice(a, g, size):
@@ -170,52 +234,60 @@ def _head_update(a, upd, g, size):
   return lax.dynamic_update_slice_in_dim(a, upd.astype(a.dtype), g * size, axis=2)
 
 
+def _group_inputs(ring: _Ring, x: AttnInputs, g):
+  """Inputs of head group g: its K / head_groups kv heads and their query heads."""
+  Nc, Kc = x.q.shape[2] // ring.head_groups, x.k.shape[2] // ring.head_groups
+  return dataclasses.replace(x, q=_head_slice(x.q, g, Nc), k=_head_slice(x.k, g, Kc),
+                             v=_head_slice(x.v, g, Kc))
+
+
+# --- forward and backward --------------------------------------------------------------
+
+
 def _ring_forward(ring: _Ring, x: AttnInputs):
   """Forward ring. Returns out [B, Tl, N, H] (q dtype), lse [B, Tl, N] (f32), and the
   number of hops this device computed (int32)."""
   c = ring.head_groups
   if c == 1:
-    return _ring_forward_heads(ring, x)
-  acc = accum_dtype(x.q.dtype)
-  Nc, Kc = x.q.shape[2] // c, x.k.shape[2] // c
-  axes = _vma.union_axes(x, lax.axis_index(ring.axis_name))
+    return _ring_forward_pass(ring, x)
+  acc, Nc = accum_dtype(x.q.dtype), x.q.shape[2] // c
 
   def group(g, carry):
     out, lse, _ = carry
-    xg = dataclasses.replace(x, q=_head_slice(x.q, g, Nc), k=_head_slice(x.k, g, Kc),
-                             v=_head_slice(x.v, g, Kc))
-    out_g, lse_g, count = _ring_forward_heads(ring, xg)
+    out_g, lse_g, count = _ring_forward_pass(ring, _group_inputs(ring, x, g))
     return _head_update(out, out_g, g, Nc), _head_update(lse, lse_g, g, Nc), count
 
+  axes = _vma.union_axes(x, lax.axis_index(ring.axis_name))
   init = _vma.vary((jnp.zeros(x.q.shape, x.q.dtype), jnp.zeros(x.q.shape[:3], acc),
                     jnp.zeros((), jnp.int32)), axes)
   return lax.fori_loop(0, c, group, init)
 
 
-def _ring_forward_heads(ring: _Ring, x: AttnInputs):
-  """_ring_forward of one head group: one pass of the ring."""
+def _ring_forward_pass(ring: _Ring, x: AttnInputs):
+  """`_ring_forward` for the heads of `x`, all at once."""
   spec, acc = ring.spec, accum_dtype(x.q.dtype)
   kv = (x.k, x.v, x.kv_segment_ids, None if ring.derive_kv_positions else x.kv_positions)
   axes = _vma.union_axes(x, lax.axis_index(ring.axis_name))
 
-  def hop_fn(h, kv, state):
-    xh = _hop_inputs(x, ring, kv, h)
+  def hop_fn(offset, kv, state):
+    xh = _hop_inputs(x, ring, kv, offset)
 
     def compute(args):
       xh, state = args
       o_h, lse_h = flash_xla.forward(xh, spec, ring.block_sizes, out_dtype=acc)
       lse_h = lse_h.astype(acc)
-      if state is None:
+      if state is None:  # the first hop's partials are the accumulators
         return o_h, lse_h, jnp.ones((), jnp.int32)
       o, lse, count = state
       o, lse = _merge(o, lse, o_h, lse_h)
       return o, lse, count + 1
 
     def skip(args):
-      if args[1] is None:  # nothing seen yet: empty accumulators
+      state = args[1]
+      if state is None:  # nothing seen yet: out 0, lse -inf
         return (jnp.zeros(x.q.shape, acc), jnp.full(x.q.shape[:3], -jnp.inf, acc),
                 jnp.zeros((), jnp.int32))
-      return args[1]
+      return state
 
     return _cond(_visible(xh, spec), compute, skip, (xh, state), axes)
 
@@ -224,53 +296,60 @@ def _ring_forward_heads(ring: _Ring, x: AttnInputs):
 
 
 def _ring_backward(ring: _Ring, x: AttnInputs, out, lse, dout, dlse):
-  """Backward ring. Returns dq, dk, dv (in q's dtype) and the hops computed (int32)."""
+  """Backward ring. Returns dq, dk, dv (in the dtypes of q, k, v) and the hops
+  computed (int32)."""
   acc = accum_dtype(x.q.dtype)
   delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
   c = ring.head_groups
   if c == 1:
-    return _ring_backward_heads(ring, x, lse, delta, dout)
+    return _ring_backward_pass(ring, x, lse, delta, dout)
   Nc, Kc = x.q.shape[2] // c, x.k.shape[2] // c
-  axes = _vma.union_axes(x, lse, dout, lax.axis_index(ring.axis_name))
 
   def group(g, carry):
     dq, dk, dv, _ = carry
-    xg = dataclasses.replace(x, q=_head_slice(x.q, g, Nc), k=_head_slice(x.k, g, Kc),
-                             v=_head_slice(x.v, g, Kc))
-    dq_g, dk_g, dv_g, count = _ring_backward_heads(
-        ring, xg, _head_slice(lse, g, Nc), _head_slice(delta, g, Nc),
-        _head_slice(dout, g, Nc))
+    dq_g, dk_g, dv_g, count = _ring_backward_pass(
+        ring, _group_inputs(ring, x, g), _head_slice(lse, g, Nc),
+        _head_slice(delta, g, Nc), _head_slice(dout, g, Nc))
     return (_head_update(dq, dq_g, g, Nc), _head_update(dk, dk_g, g, Kc),
             _head_update(dv, dv_g, g, Kc), count)
 
-  init = _vma.vary((jnp.zeros(x.q.shape, x.q.dtype), jnp.zeros(x.k.shape, x.k.dtype),
-                    jnp.zeros(x.v.shape, x.v.dtype), jnp.zeros((), jnp.int32)), axes)
+  # Every group overwrites its slice of these buffers, so their initial values are
+  # never read. Filling them with a value of delta (not a constant) keeps XLA from
+  # hoisting them to the start of the program, where they would be live during the
+  # whole forward pass.
+  fill = delta[(0,) * delta.ndim]
+  blank = lambda a: jnp.broadcast_to(fill.astype(a.dtype), a.shape)
+  axes = _vma.union_axes(x, lse, dout, lax.axis_index(ring.axis_name))
+  init = _vma.vary((blank(x.q), blank(x.k), blank(x.v), jnp.zeros((), jnp.int32)), axes)
   return lax.fori_loop(0, c, group, init)
 
 
-def _ring_backward_heads(ring: _Ring, x: AttnInputs, lse, delta, dout):
-  """_ring_backward of one head group: one pass of the backward ring."""
+def _ring_backward_pass(ring: _Ring, x: AttnInputs, lse, delta, dout):
+  """`_ring_backward` for the heads of `x`, all at once (delta given)."""
   spec, acc = ring.spec, accum_dtype(x.q.dtype)
   kv = (x.k, x.v, x.kv_segment_ids, None if ring.derive_kv_positions else x.kv_positions)
   axes = _vma.union_axes(x, lse, dout, lax.axis_index(ring.axis_name))
+  zeros_kv = lambda: (jnp.zeros(x.k.shape, acc), jnp.zeros(x.v.shape, acc))
 
-  def hop_fn(h, kv, state):
-    xh = _hop_inputs(x, ring, kv, h)
+  def hop_fn(offset, kv, state):
+    xh = _hop_inputs(x, ring, kv, offset)
 
     def compute(args):
       xh, state = args
       dq_h, dk_h, dv_h, _ = flash_xla.backward(xh, spec, ring.block_sizes, lse, delta,
                                                  dout)
-      if state is None:
+      if state is None:  # the first hop's gradients are the accumulators
         return dq_h, (dk_h, dv_h), jnp.ones((), jnp.int32)
-      dq, (dk, dv), count = state
-      return dq + dq_h, (dk + dk_h, dv + dv_h), count + 1
+      dq, dkv, count = state
+      dkv = (dk_h, dv_h) if dkv is None else (dkv[0] + dk_h, dkv[1] + dv_h)
+      return dq + dq_h, dkv, count + 1
 
     def skip(args):
-      if args[1] is None:  # nothing computed yet: zero accumulators
-        return (jnp.zeros(x.q.shape, acc), (jnp.zeros(x.k.shape, acc),
-                jnp.zeros(x.v.shape, acc)), jnp.zeros((), jnp.int32))
-      return args[1]
+      state = args[1]
+      if state is None:
+        return jnp.zeros(x.q.shape, acc), zeros_kv(), jnp.zeros((), jnp.int32)
+      dq, dkv, count = state
+      return dq, zeros_kv() if dkv is None else dkv, count
 
     return _cond(_visible(xh, spec), compute, skip, (xh, state), axes)
 
@@ -301,10 +380,29 @@ def _ring_attention_bwd(ring, res, cts):
 _ring_attention.defvjp(_ring_attention_fwd, _ring_attention_bwd)
 
 
+def auto_head_groups(B: int, S_local: int, K: int, H: int,
+                     backend: Optional[str] = None) -> int:
+  """The `head_groups` that `ring_attention` uses by default.
+
+  CPU: the most passes (a divisor of K) whose K shards keep >= MIN_PASS_ELEMENTS
+  elements each (on the 2-core CPU of experiments/benchmark_ring.py they were no
+  slower, often faster: smaller working sets). GPU/TPU: 1, the previous behaviour. Not
+  measured there: every pass repeats the kernel's whole block loop with 1/head_groups
+  of the work per iteration, so where per-iteration overhead (kernel launches) is
+  significant, passes cost time; ask for them (`head_groups=`) when memory binds.
+  """
+  backend = jax.default_backend() if backend is None else backend
+  if backend != "cpu":
+    return 1
+  per_head = B * S_local * H
+  return max(c for c in range(1, K + 1)
+             if K % c == 0 and (c == 1 or per_head * (K // c) >= MIN_PASS_ELEMENTS))
+
+
 def _prepare(q, k, v, *, axis_name, is_causal=False, segment_ids=None,
              kv_segment_ids=None, local_window_size=None, logit_softcap=None, scale=None,
              q_positions=None, kv_positions=None, layout="contiguous",
-             block_sizes=None) -> Tuple[_Ring, AttnInputs]:
+             block_sizes=None, head_groups=None) -> Tuple[_Ring, AttnInputs]:
   """Validates the local arguments and plans the ring (static hops, positions)."""
   layouts.check_layout(layout)
   if block_sizes is None:
@@ -328,13 +426,19 @@ def _prepare(q, k, v, *, axis_name, is_causal=False, segment_ids=None,
       q, k, v, scale=scale, is_causal=is_causal, segment_ids=segment_ids,
       kv_segment_ids=kv_segment_ids, local_window_size=local_window_size,
       logit_softcap=logit_softcap, q_positions=q_positions, kv_positions=kv_positions)
-  hops = n
+  B, _, K, H = x.k.shape
+  if head_groups is None:
+    head_groups = auto_head_groups(B, Sl, K, H)
+  elif (not isinstance(head_groups, int) or isinstance(head_groups, bool)
+        or head_groups <= 0 or K % head_groups):
+    raise ValueError(f"head_groups must be a positive int dividing the {K} (local) "
+                     f"key/value heads; got {head_groups!r}.")
+  hops_next, hops_prev = n, 0
   if derive_q and derive_kv and spec.uses_positions:
-    hops, _ = layouts.static_hop_bound(spec, layout, n, Tl, Sl)
-  import os
-  hg = int(os.environ.get("RING_HG", "1"))
-  ring = _Ring(axis_name=axis_name, n=n, hops=hops, spec=spec, block_sizes=block_sizes,
-               layout=layout, derive_kv_positions=derive_kv, head_groups=hg)
+    hops_next, hops_prev = layouts.static_ring_plan(spec, layout, n, Tl, Sl)
+  ring = _Ring(axis_name=axis_name, n=n, hops_next=hops_next, hops_prev=hops_prev,
+               spec=spec, block_sizes=block_sizes, layout=layout,
+               derive_kv_positions=derive_kv, head_groups=head_groups)
   return ring, x
 
 
@@ -351,6 +455,7 @@ def ring_attention(
     kv_positions=None,
     layout: str = "contiguous",
     block_sizes: Optional[flash_xla.BlockSizes] = None,
+    head_groups: Optional[int] = None,
     return_lse: bool = False,
 ):
   """Exact attention over a sequence sharded on mesh axis `axis_name` (inside shard_map).
@@ -374,6 +479,12 @@ def ring_attention(
       "striped"; see `ringattn_jax.layouts`). The inputs must already be in that order
       (`layouts.permute_to_layout`); the output is in the same order.
     block_sizes: `flash_xla.BlockSizes` of the per-hop kernel (clamped to Tl/Sl).
+    head_groups: the ring makes this many passes, each over K / head_groups key/value
+      heads (and their query heads); must divide K. Memory per device beyond the
+      inputs, outputs and (out, lse) shrinks with it; the number of transfers and of
+      kernel calls grows with it (each 1 / head_groups the size). Default
+      (`auto_head_groups`): on CPU as many as keep passes >= `MIN_PASS_ELEMENTS` per
+      K shard (1 for small shards); on GPU/TPU 1.
     return_lse: also return the log-sum-exp [B, Tl, N] float32.
 
   Returns:
@@ -384,7 +495,7 @@ def ring_attention(
                      segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                      local_window_size=local_window_size, logit_softcap=logit_softcap,
                      scale=scale, q_positions=q_positions, kv_positions=kv_positions,
-                     layout=layout, block_sizes=block_sizes)
+                     layout=layout, block_sizes=block_sizes, head_groups=head_groups)
   aux = dataclasses.replace(x, q=None, k=None, v=None)
   out, lse = _ring_attention(ring, x.q, x.k, x.v, aux)
   return (out, lse) if return_lse else out
@@ -394,9 +505,9 @@ def ring_hop_counts(q, k, v, *, axis_name, dout=None, **kwargs):
   """Diagnostics (not differentiable): hops this device computes and hops issued.
 
   Same arguments as `ring_attention`. Returns (forward_hops int32, backward_hops
-  int32, ring_hops int) where ring_hops is the static number of hops the ring makes
-  (ring_hops - 1 ppermutes of K/V per pass). Backward hops are counted with `dout`
-  (default ones).
+  int32, ring_hops int) where ring_hops is the static number of key/value shards the
+  ring visits, over both directions (ring_hops - 1 ppermutes of K/V per head group and
+  per forward or backward ring). Backward hops are counted with `dout` (default ones).
   """
   kwargs.pop("return_lse", None)
   ring, x = _prepare(q, k, v, axis_name=axis_name, **kwargs)

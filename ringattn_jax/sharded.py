@@ -55,6 +55,7 @@ class _Plan:
   layout: str
   permuted: bool
   block_sizes: flash_xla.BlockSizes
+  head_groups: Optional[int]
   is_causal: bool
   window: Any
   logit_softcap: Optional[float]
@@ -150,6 +151,7 @@ def sharded_attention(
     q_positions=None,
     kv_positions=None,
     block_sizes: Optional[flash_xla.BlockSizes] = None,
+    head_groups: Optional[int] = None,
     return_lse: bool = False,
 ):
   """Exact attention with the sequence sharded over `mesh` axis `seq_axis`.
@@ -168,7 +170,10 @@ def sharded_attention(
       none.
     layout: "contiguous", "zigzag" (balanced causal work; T and S divisible by 2n) or
       "striped" (see `ringattn_jax.layouts`). Inputs and outputs stay in the caller's
-      order; tokens are permuted in and out here.
+      order; tokens are permuted in and out here, by collectives that move T/n tokens
+      per device (zigzag: two ppermutes; striped: an all_to_all if T/n and S/n are
+      divisible by n, else a gather that holds the whole sequence on every device).
+      That costs a few local-size copies per call; `permuted=True` costs none.
     permuted: the inputs are already in `layout` order (a model that permuted its
       tokens once at the input, see `permute_to_layout`); nothing is permuted here,
       the output stays in layout order, and positions default to the layout's true
@@ -178,6 +183,8 @@ def sharded_attention(
     q_positions, kv_positions: [T] / [S] int positions for causal/window (default
       arange), in the caller's order.
     block_sizes: `flash_xla.BlockSizes` of the per-device kernel.
+    head_groups: strategy="ring" only: passes of the ring, each over that fraction of
+      the (per-device) key/value heads (see `ring_attention`); default automatic.
     return_lse: also return the log-sum-exp [B, T, N] float32.
 
   Returns:
@@ -197,6 +204,9 @@ def sharded_attention(
   if not isinstance(block_sizes, flash_xla.BlockSizes):
     raise ValueError("block_sizes must be a ringattn_jax.flash_xla.BlockSizes; got "
                      f"{type(block_sizes).__name__}.")
+  if head_groups is not None and strategy != "ring":
+    raise ValueError(f"head_groups applies to strategy='ring' only; got strategy="
+                     f"{strategy!r}.")
   batch_axes, head_axis = _resolve_axes(mesh, seq_axis, batch_axes, head_axis)
   x, spec = _inputs.canonicalize(
       q, k, v, scale=scale, is_causal=is_causal, segment_ids=segment_ids,
@@ -204,7 +214,7 @@ def sharded_attention(
       logit_softcap=logit_softcap, q_positions=q_positions, kv_positions=kv_positions)
   plan = _Plan(mesh=mesh, strategy=strategy, seq_axis=seq_axis, batch_axes=batch_axes,
                head_axis=head_axis, layout=layout, permuted=bool(permuted),
-               block_sizes=block_sizes,
+               block_sizes=block_sizes, head_groups=head_groups,
                is_causal=spec.is_causal, window=spec.window,
                logit_softcap=spec.logit_softcap, scale=spec.scale,
                has_segments=spec.has_segments, has_q_positions=q_positions is not None,
@@ -226,17 +236,80 @@ def _sharded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, plan: _Plan):
   specs = (x_spec,) * 3 + (ids_spec,) * 2 + (pos_spec,) * 2
   # Absent optional arguments (None) are empty pytrees: give them no spec.
   in_specs = tuple(None if a is None else sp for a, sp in zip(args, specs))
-  args = tuple(None if a is None else _relayout(plan, a, sp, inverse=False)
+  # Layout permutation: inside the shard_map with collectives that move O(T/n) per
+  # device (`_permute_local`) where possible, else as a global gather (which XLA
+  # implements by gathering the whole sequence on every device).
+  permutes = plan.layout != "contiguous" and not plan.permuted and plan.n > 1
+  local_perm = permutes and _permutes_locally(plan, q.shape[1] // plan.n,
+                                              k.shape[1] // plan.n)
+  glob_perm = permutes and not local_perm
+  args = tuple(None if a is None else _relayout(plan, a, sp, inverse=False,
+                                                permute=glob_perm)
                for a, sp in zip(args, in_specs))
-  out, lse = jax.shard_map(
-      functools.partial(local, plan), mesh=plan.mesh, in_specs=in_specs,
-      out_specs=(x_spec, lse_spec))(*args)
-  return (_relayout(plan, out, x_spec, inverse=True),
-          _relayout(plan, lse, lse_spec, inverse=True))
+
+  def run(*args):
+    if local_perm:  # the sequence is dim 1 (dim 0 for positions: a 1-entry spec)
+      args = [None if a is None else _permute_local(plan, a, 0 if len(sp) == 1 else 1)
+              for a, sp in zip(args, in_specs)]
+    out, lse = local(plan, *args)
+    if local_perm:
+      out, lse = (_permute_local(plan, a, 1, inverse=True) for a in (out, lse))
+    return out, lse
+
+  out, lse = jax.shard_map(run, mesh=plan.mesh, in_specs=in_specs,
+                           out_specs=(x_spec, lse_spec))(*args)
+  return (_relayout(plan, out, x_spec, inverse=True, permute=glob_perm),
+          _relayout(plan, lse, lse_spec, inverse=True, permute=glob_perm))
 
 
-def _relayout(plan: _Plan, a, spec: P, *, inverse: bool):
-  """Caller order <-> layout order along the sequence axis, placed on the mesh as spec.
+def _permutes_locally(plan: _Plan, T_local: int, S_local: int) -> bool:
+  """Whether `_permute_local` handles the layout for these local lengths."""
+  if plan.layout == "zigzag":
+    return True  # local lengths are even (checked)
+  return plan.layout == "striped" and T_local % plan.n == 0 and S_local % plan.n == 0
+
+
+def _permute_local(plan: _Plan, a, axis: int, *, inverse: bool = False):
+  """Inside shard_map: this device's contiguous block of the caller's order -> its
+  tokens in `plan.layout` order along `axis` (or back, if `inverse`).
+
+  Moves T/n tokens per device: zigzag with two half-shard ppermutes, striped with one
+  all_to_all (needs T/n divisible by n).
+  """
+  n, name = plan.n, plan.seq_axis
+  L = a.shape[axis]
+  if plan.layout == "striped":
+    pre, post = a.shape[:axis], a.shape[axis + 1:]
+    if not inverse:  # local token r * n + s -> device s, position (block of d) + r
+      x = a.reshape(pre + (L // n, n) + post)
+      x = lax.all_to_all(x, name, split_axis=axis + 1, concat_axis=axis, tiled=True)
+    else:
+      x = a.reshape(pre + (L, 1) + post)
+      x = lax.all_to_all(x, name, split_axis=axis, concat_axis=axis + 1, tiled=True)
+    return x.reshape(a.shape)
+  # zigzag: device j holds chunks 2j, 2j + 1 (of 2n); device i wants chunks i and
+  # 2n - 1 - i. Even chunks travel with one permutation, odd ones with another.
+  dest = lambda c: c if c < n else 2 * n - 1 - c
+  perm_even = [(j, dest(2 * j)) for j in range(n)]
+  perm_odd = [(j, dest(2 * j + 1)) for j in range(n)]
+  swap = lambda perm: [(t, f) for f, t in perm]
+  first, second = (lax.slice_in_dim(a, 0, L // 2, axis=axis),
+                   lax.slice_in_dim(a, L // 2, L, axis=axis))
+  # On even devices the even chunk is the first half of the zigzag shard.
+  even = lax.axis_index(name) % 2 == 0
+  if not inverse:
+    e, o = lax.ppermute(first, name, perm_even), lax.ppermute(second, name, perm_odd)
+    first, second = jnp.where(even, e, o), jnp.where(even, o, e)
+  else:
+    e, o = jnp.where(even, first, second), jnp.where(even, second, first)
+    first, second = lax.ppermute(e, name, swap(perm_even)), lax.ppermute(o, name,
+                                                                         swap(perm_odd))
+  return jnp.concatenate([first, second], axis=axis)
+
+
+def _relayout(plan: _Plan, a, spec: P, *, inverse: bool, permute: bool):
+  """Caller order <-> layout order along the sequence axis (if `permute`), placed on
+  the mesh as spec.
 
   The sequence is dim 1 (dim 0 for positions, whose spec has one entry).
   """
@@ -245,23 +318,23 @@ def _relayout(plan: _Plan, a, spec: P, *, inverse: bool):
   sharding = NamedSharding(plan.mesh, spec)
   explicit = any(t == jax.sharding.AxisType.Explicit
                  for t in getattr(plan.mesh, "axis_types", ()))
-  permutes = plan.layout != "contiguous" and not plan.permuted
   if explicit:
     # A gather along an Explicit-sharded axis needs its output sharding spelled out;
     # let XLA plan the data movement (Auto axes) and return the result as `spec`.
-    if permutes:
+    if permute:
       a = jax.sharding.auto_axes(lambda a: fn(a, plan.layout, plan.n, axis),
                                  out_sharding=sharding)(a)
     return jax.sharding.reshard(a, sharding)
   return lax.with_sharding_constraint(
-      fn(a, plan.layout, plan.n, axis) if permutes else a, sharding)
+      fn(a, plan.layout, plan.n, axis) if permute else a, sharding)
 
 
 def _ring_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
   return ring.ring_attention(
       q, k, v, axis_name=plan.seq_axis, segment_ids=q_seg, kv_segment_ids=kv_seg,
       q_positions=q_pos, kv_positions=kv_pos, layout=plan.layout,
-      block_sizes=plan.block_sizes, return_lse=True, **plan.mask_kwargs())
+      block_sizes=plan.block_sizes, head_groups=plan.head_groups, return_lse=True,
+      **plan.mask_kwargs())
 
 
 def _local_positions(plan: _Plan, pos, length_local):

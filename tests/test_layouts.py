@@ -61,9 +61,33 @@ def test_static_hop_bound():
   assert layouts.static_hop_bound(window, "contiguous", 8, 16, 16)[0] == 4
   # A window that is a multiple of the shard: ceil(32 / 16) + 1 = 3.
   assert layouts.static_hop_bound(MaskSpec(window=(32, 0)), "contiguous", 8, 16, 16)[0] == 3
-  # Balanced layouts and two-sided windows need the whole ring.
+  # Balanced layouts and two-sided windows need the whole ring in one direction.
   assert layouts.static_hop_bound(causal, "zigzag", 8, 16, 16)[0] == 8
   assert layouts.static_hop_bound(MaskSpec(window=(3, 3)), "contiguous", 8, 16, 16)[0] == 8
+
+
+def test_static_ring_plan():
+  """(hops sending to d + 1 including the local one, hops sending to d - 1)."""
+  plan = lambda spec, layout="contiguous", L=16: layouts.static_ring_plan(spec, layout, 8,
+                                                                          L, L)
+  # One direction whenever that is as short: causal rings, causal windows.
+  assert plan(MaskSpec(is_causal=True)) == (8, 0)
+  assert plan(MaskSpec(is_causal=True, window=(40, 0))) == (4, 0)
+  assert plan(MaskSpec(is_causal=True), "zigzag") == (8, 0)
+  # Two-sided windows: ceil(left / 16) shards before, ceil(right / 16) after.
+  assert plan(MaskSpec(window=(3, 3))) == (2, 1)
+  assert plan(MaskSpec(window=(40, 17))) == (4, 2)
+  assert plan(MaskSpec(window=(0, 20))) == (1, 2)
+  # Unconstrained (no positions used): the whole ring.
+  assert plan(MaskSpec()) == (8, 0)
+  # The plan covers every hop the one-directional bound says is visible.
+  for spec in (MaskSpec(window=(3, 3)), MaskSpec(window=(40, 17)),
+               MaskSpec(window=(5, 30)), MaskSpec(is_causal=True, window=(20, 0))):
+    for layout in layouts.LAYOUTS:
+      a, b = plan(spec, layout)
+      _, vis = layouts.static_hop_bound(spec, layout, 8, 16, 16)
+      used = set(np.nonzero(vis.any(0))[0])
+      assert used <= set(range(a)) | set(range(8 - b, 8)), (spec, layout, a, b)
 
 
 def test_work_balance_causal():

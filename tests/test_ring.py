@@ -94,6 +94,22 @@ def test_matches_oracle(strategy, n, layout, heads, feature):
   check_against_reference(fn, q, k, v, **FEATURES[feature])
 
 
+# (n, layout, heads, head_groups, feature): the ring makes one pass per head group.
+GROUP_CASES = [
+    (4, "zigzag", "mha", 4, "causal_segments"),
+    (4, "contiguous", "gqa", 2, "window_asym"),  # two-sided: passes in both directions
+]
+
+
+@pytest.mark.parametrize("n,layout,heads,head_groups,feature", GROUP_CASES,
+                         ids=["-".join(map(str, c)) for c in GROUP_CASES])
+def test_head_groups_match_oracle(n, layout, heads, head_groups, feature):
+  N, K = HEADS[heads]
+  q, k, v, _ = make_qkv(n + 20, 2, T, T, N, K, 8)
+  fn = sharded(mesh_1d(n), put=(None, "sp"), layout=layout, head_groups=head_groups)
+  check_against_reference(fn, q, k, v, **FEATURES[feature])
+
+
 @pytest.mark.parametrize("strategy,layout", [("ring", "zigzag"), ("allgather", "contiguous")])
 def test_cross_attention_with_offsets(strategy, layout):
   """T != S, queries at the end of the key sequence (chunked prefill / decoding)."""
@@ -101,6 +117,15 @@ def test_cross_attention_with_offsets(strategy, layout):
   fn = sharded(mesh_1d(4), strategy=strategy, layout=layout)
   check_against_reference(fn, q, k, v, is_causal=True, q_positions=32 + jnp.arange(32),
                           local_window_size=(40, 0))
+
+
+@pytest.mark.parametrize("strategy", ["ring", "allgather"])
+def test_striped_permuted_by_gather(strategy):
+  """Striped with T/n not divisible by n (6 on 4 devices): sharded_attention permutes
+  with a global gather instead of an all_to_all."""
+  q, k, v, _ = make_qkv(13, 2, 24, 24, 4, 2, 8)
+  check_against_reference(sharded(mesh_1d(4), put=(None, "sp"), strategy=strategy,
+                                  layout="striped"), q, k, v, is_causal=True)
 
 
 @pytest.mark.parametrize("strategy", ["ring", "ulysses"])
@@ -183,6 +208,14 @@ def test_hop_skipping():
   # stops rotating after them (3 K/V ppermutes instead of 7).
   fwd, bwd, hops = _hop_counts(n, Tl, is_causal=True, local_window_size=(17, 0))
   assert fwd == bwd == [1, 2, 3, 4, 4, 4, 4, 4] and hops == [4] * n
+  # Two-sided window (9, 4): shards d - 2, d - 1, d (sending to d + 1), then d + 1 (a
+  # second pass sending to d - 1): 4 hops in all, 3 K/V ppermutes instead of 7. The
+  # first and last devices have no shard on one side.
+  fwd, bwd, hops = _hop_counts(n, Tl, local_window_size=(9, 4))
+  assert fwd == bwd == [2, 3, 4, 4, 4, 4, 4, 3] and hops == [4] * n
+  # Looking only ahead: the local hop, then 3 shards from the other direction.
+  fwd, _, hops = _hop_counts(n, Tl, local_window_size=(0, 20))
+  assert fwd == [4, 4, 4, 4, 4, 3, 2, 1] and hops == [4] * n
   # Zigzag balances causal work: every hop has something visible on every device.
   fwd, _, hops = _hop_counts(n, Tl, is_causal=True, layout="zigzag")
   assert fwd == [n] * n and hops == [n] * n
@@ -216,6 +249,48 @@ def test_errors(kwargs, match):
   k = jnp.zeros(kwargs.pop("k", (2, 32, 2, 8)))
   with pytest.raises(ValueError, match=match):
     sharded_attention(q, k, k, mesh=mesh_1d(4), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"head_groups": 3}, r"head_groups must be a positive int dividing the 2"),
+    ({"head_groups": 0}, r"head_groups must be a positive int"),
+    ({"head_groups": 2, "strategy": "ulysses"}, "head_groups applies to strategy='ring'"),
+])
+def test_errors_head_groups(kwargs, match):
+  q, k = jnp.zeros((2, 32, 4, 8)), jnp.zeros((2, 32, 2, 8))
+  with pytest.raises(ValueError, match=match):
+    sharded_attention(q, k, k, mesh=mesh_1d(4), **kwargs)
+
+
+def test_head_groups_shrink_compiled_memory():
+  """Compiled per-device temp memory of forward+backward falls with head_groups.
+
+  Compile only. One pass per key/value head holds a quarter of the per-pass buffers
+  (travelling K/V and dK/dV, merge accumulators, kernel layout copies) of one pass
+  over all four.
+  """
+  n, Tg, heads, H = 4, 1024, 4, 32
+  mesh = mesh_1d(n)
+  spec = P(None, "sp")
+  sds = jax.ShapeDtypeStruct((1, Tg, heads, H), jnp.float32,
+                             sharding=NamedSharding(mesh, spec))
+
+  def temp(head_groups):
+    local = functools.partial(ring_attention, axis_name="sp", is_causal=True,
+                              block_sizes=BlockSizes(64, 64, 64, 64),
+                              head_groups=head_groups)
+    fn = jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
+
+    def vjp(q, k, v, ct):
+      return jax.vjp(fn, q, k, v)[1](ct)
+
+    stats = jax.jit(vjp).lower(sds, sds, sds, sds).compile().memory_analysis()
+    return None if stats is None else stats.temp_size_in_bytes
+
+  one, four = temp(1), temp(4)
+  if one is None:
+    pytest.skip("memory_analysis() not available on this backend")
+  assert four <= 0.6 * one, (one, four)
 
 
 def test_error_batch_not_divisible():

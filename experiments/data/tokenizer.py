@@ -105,6 +105,18 @@ def _first_token_id(lookup, names: Sequence[str]) -> Optional[int]:
   return None
 
 
+
+def _wrap(tok, text: str, encode, add_bos: bool, add_eos: bool) -> np.ndarray:
+  """encode(text) -> int32 ids, with the tokenizer's bos/eos added if asked and known."""
+  if not isinstance(text, str):
+    raise ValueError(f"encode expects a str, got {type(text).__name__}")
+  ids = list(encode(text))
+  if add_bos and tok.bos_id is not None:
+    ids = [tok.bos_id] + ids
+  if add_eos and tok.eos_id is not None:
+    ids = ids + [tok.eos_id]
+  return np.asarray(ids, dtype=np.int32)
+
 class HFTokenizer:
   """A Hugging Face `tokenizers` tokenizer loaded from a `tokenizer.json` file.
 
@@ -133,14 +145,8 @@ class HFTokenizer:
   def encode(self, text: str, *, add_bos: bool = False,
              add_eos: bool = False) -> np.ndarray:
     """Encodes `text` without the tokenizer's own post-processing; see ByteTokenizer."""
-    if not isinstance(text, str):
-      raise ValueError(f"encode expects a str, got {type(text).__name__}")
-    ids = list(self._tok.encode(text, add_special_tokens=False).ids)
-    if add_bos and self.bos_id is not None:
-      ids = [self.bos_id] + ids
-    if add_eos and self.eos_id is not None:
-      ids = ids + [self.eos_id]
-    return np.asarray(ids, dtype=np.int32)
+    return _wrap(self, text, lambda t: self._tok.encode(t, add_special_tokens=False).ids,
+                 add_bos, add_eos)
 
   def decode(self, ids: IdsLike) -> str:
     arr = _as_ids(ids, self.vocab_size)
@@ -169,14 +175,7 @@ class SentencePieceTokenizer:
 
   def encode(self, text: str, *, add_bos: bool = False,
              add_eos: bool = False) -> np.ndarray:
-    if not isinstance(text, str):
-      raise ValueError(f"encode expects a str, got {type(text).__name__}")
-    ids = list(self._sp.encode(text))
-    if add_bos and self.bos_id is not None:
-      ids = [self.bos_id] + ids
-    if add_eos and self.eos_id is not None:
-      ids = ids + [self.eos_id]
-    return np.asarray(ids, dtype=np.int32)
+    return _wrap(self, text, self._sp.encode, add_bos, add_eos)
 
   def decode(self, ids: IdsLike) -> str:
     arr = _as_ids(ids, self.vocab_size)
