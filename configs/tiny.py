@@ -21,7 +21,7 @@ def get_config():
   c.optim.learning_rate = 1e-3
   c.optim.b2 = 0.99
   c.optim.warmup_steps = 50
-  c.train.steps = 1000
+  c.train.steps = 1500
   c.train.lm_loss_weight = 0.2
   c.train.log_every = 50
   c.train.checkpoint_every = 250

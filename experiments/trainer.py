@@ -191,8 +191,17 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   grid = _eval_grid(config, runner, lengths, os.path.join(workdir, "eval"))
   at_train = grid["accuracy"][list(grid["lengths"]).index(final.data["seq_len"])] if (
       final.data["seq_len"] in grid["lengths"]) else None
+  ppl = None
+  if config.eval.perplexity_path:
+    path = config.eval.perplexity_path
+    text_cfg = dict(final.data, kind="text", path=path, eval_path=path)
+    ppl = evaluate.perplexity(runner.model(), text_cfg,
+                              tuple(config.eval.perplexity_lengths) or (final.data["seq_len"],),
+                              config.eval.batch_size, sharding=runner.batch_sharding)
+    writer.write(final.last_step, {f"perplexity_{n}": v for n, v in ppl.items()}, "eval")
   summary = {
       "final_step": int(runner.state.step) + final.first_step,
+      "perplexity": ppl,
       "train_loss": last_loss,
       "needle_grid": grid,
       "accuracy_at_train_length": None if at_train is None else float(np.mean(at_train)),
