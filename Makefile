@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,hf,train]'
+	$(PY) -m pip install -q -e '.[test,hf,train,notebook]'
 	touch $(STAMP)
 
 # The main job: train the tiny model with ring attention on 8 simulated CPU devices on

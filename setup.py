@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.6", "hypothesis>=6.100"],
-        "notebook": ["jupyter", "nbclient>=0.10", "ipykernel", "matplotlib>=3.8"],
+        "notebook": ["nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "matplotlib>=3.8"],
         # torch pinned to the CPU build the machines carry (a bare "torch" pulls GBs of CUDA).
         "hf": ["transformers>=4.45", "safetensors>=0.4", "torch==2.13.0"],
         # The trainer's optional outputs: heatmaps, TensorBoard events, a progress bar.

@@ -110,8 +110,8 @@ def save_grid(grid: Dict[str, Any], directory: str, title: str = "") -> Optional
                     "wrote needle_grid.json only.")
     return None
   acc = np.asarray(grid["accuracy"], float)
-  fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(grid["depths"]),
-                                  1.2 + 0.6 * len(grid["lengths"])))
+  fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(grid["depths"]),
+                                  2.2 + 0.5 * len(grid["lengths"])))
   im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
   ax.set_xticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
   ax.set_yticks(range(len(grid["lengths"])), [str(n) for n in grid["lengths"]])
