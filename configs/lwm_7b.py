@@ -11,7 +11,7 @@ Launch on each host of a 64-device pod (e.g. TPU v5p-128 or 8 nodes of 8 H100s):
       --distributed --config.data.path=/data/books/*.bin
 (under SLURM, `srun` one process per host; jax.distributed.initialize() reads the
 SLURM environment). Plan memory first:
-  python -m experiments.memory_planner --preset=lwm-7b --devices=64 ...
+  python -m experiments.memory_planner --plans=custom --preset=lwm-7b --num_devices=64 --sp=64
 
 Expected: ~1M-token needle retrieval after the last stage, as in the LWM paper; this
 recipe is documented, not run in CI (it needs the hardware).
