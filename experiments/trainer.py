@@ -74,6 +74,9 @@ class _StageRunner:
     self.graphdef = nnx.graphdef(model)
     self.state = step_lib.create_train_state(model, self.optimizer, seed=config.seed)
     self.shardings = step_lib.train_state_shardings(self.state, self.mesh, stage.model)
+    # Place step and rng on the mesh as the jitted step returns them, so the second
+    # step does not trace and compile the program again.
+    self.state = jax.device_put(self.state, self.shardings)
     self.step_fn = step_lib.jit_train_step(self.graphdef, self.optimizer, self.shardings,
                                            mesh=self.mesh,
                                            accum_steps=config.train.accum_steps)
