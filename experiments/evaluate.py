@@ -53,7 +53,7 @@ def retrieval_accuracy(model, data_cfg: Dict[str, Any], examples: int, batch_siz
   correct = total = 0
   for step in range(ds.num_batches):
     meta = ds.metadata(step)
-    ok, _, count = _scores(model, _put(ds.batch(step), sharding))
+    ok, _, _ = _scores(model, _put(ds.batch(step), sharding))
     real = np.array([m is not None for m in meta])
     correct += int(np.sum(np.asarray(ok) & real))
     total += int(np.sum(real))

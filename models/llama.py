@@ -68,17 +68,18 @@ class Llama(nnx.Module):
                        "axis; pass mesh=models.sharding.make_mesh(sp=...).")
     return self.mesh.shape["sp"]
 
-  def _permutes(self) -> bool:
+  def permutes_tokens(self) -> bool:
+    """Whether tokens are permuted into a balanced layout at the input."""
     return self.config.sequence_parallel and self.config.layout != "contiguous"
 
   def to_layout(self, x):
     """[B, T, ...] caller order -> layout order (identity unless a balanced layout)."""
-    if not self._permutes():
+    if not self.permutes_tokens():
       return x
     return ringattn_jax.permute_to_layout(x, self.config.layout, self.ring_size, axis=1)
 
   def from_layout(self, x):
-    if not self._permutes():
+    if not self.permutes_tokens():
       return x
     return ringattn_jax.unpermute_from_layout(x, self.config.layout, self.ring_size,
                                               axis=1)
@@ -126,10 +127,6 @@ class Llama(nnx.Module):
     cos, sin = rope.rotary_cos_sin(positions, jnp.asarray(inv_freq), attn_scale)
     return (rt.constrain(cos, ("batch", "seq", None)),
             rt.constrain(sin, ("batch", "seq", None)))
-
-  def permutes_tokens(self) -> bool:
-    """Whether tokens are permuted into a balanced layout at the input."""
-    return self._permutes()
 
   def hidden_states(self, tokens, positions, segment_ids):
     """Final hidden states [B, T, D] in the order given (no permutation here).
