@@ -31,10 +31,10 @@ PROGRAMS = (("ring", 8, "zigzag"), ("dot_product", 1, "contiguous"),
 
 
 def _measure(attention: str, devices: int, layout: str, T: int, steps: int, batch: int):
-  os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  jax.config.update("jax_platforms", "cpu")
+  from ringattn_jax.cpu_devices import simulate_cpu_devices  # pylint: disable=import-outside-toplevel
+  simulate_cpu_devices(devices)
   from configs import tiny  # pylint: disable=import-outside-toplevel
   from experiments import config_lib, optim  # pylint: disable=import-outside-toplevel
   from experiments import train_step as step_lib  # pylint: disable=import-outside-toplevel

@@ -10,18 +10,16 @@ r"""The README's main job: a small attention experiment on 8 simulated CPU devic
 
   python -m experiments.demo            # about a minute on a 2-core CPU
 """
-import os
 
-# Simulated devices must be configured before the backend starts.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8")
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from ringattn_jax.cpu_devices import simulate_cpu_devices
+
+simulate_cpu_devices(8)  # before the backend starts
 
 from experiments import benchmark_attention  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402

@@ -35,12 +35,10 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO: keep it quiet
     logging.set_verbosity(logging.WARNING)
-  if FLAGS.devices:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={FLAGS.devices}")
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.devices:
-    jax.config.update("jax_platforms", "cpu")
+    from ringattn_jax.cpu_devices import simulate_cpu_devices  # pylint: disable=import-outside-toplevel
+    simulate_cpu_devices(FLAGS.devices)
   if FLAGS.coordinator or FLAGS.distributed:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator,
                                num_processes=FLAGS.num_processes,

@@ -3,6 +3,7 @@
 Import has no side effects: the backend (and with it the kernel) is chosen per call.
 Arrays are [batch, seq, heads, head_dim], as in jax.nn.dot_product_attention.
 """
+from ringattn_jax.cpu_devices import simulate_cpu_devices
 from ringattn_jax.flash import flash_attention
 from ringattn_jax.layouts import LAYOUTS
 from ringattn_jax.layouts import layout_positions
@@ -18,6 +19,7 @@ from ringattn_jax.sharded import sharded_attention
 __all__ = [
     "LAYOUTS", "STRATEGIES", "flash_attention", "layout_positions", "permute_to_layout",
     "reference_attention", "ring_attention", "ring_hop_counts", "sharded_attention",
+    "simulate_cpu_devices",
     "unpermute_from_layout", "work_per_device",
 ]
 __version__ = "0.1.0"
