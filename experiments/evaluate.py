@@ -18,6 +18,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -45,6 +46,13 @@ def _put(batch, sharding):
   return {k: jax.device_put(v, sharding) for k, v in arrays.items()}
 
 
+def _host(x) -> np.ndarray:
+  """A jax.Array as numpy on every process, also when it spans several processes."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 def retrieval_accuracy(model, data_cfg: Dict[str, Any], examples: int, batch_size: int,
                        sharding=None) -> float:
   """Exact-match accuracy on `examples` eval examples of a synthetic task config."""
@@ -55,7 +63,7 @@ def retrieval_accuracy(model, data_cfg: Dict[str, Any], examples: int, batch_siz
     meta = ds.metadata(step)
     ok, _, _ = _scores(model, _put(ds.batch(step), sharding))
     real = np.array([m is not None for m in meta])
-    correct += int(np.sum(np.asarray(ok) & real))
+    correct += int(np.sum(_host(ok) & real))
     total += int(np.sum(real))
   return correct / max(total, 1)
 
@@ -102,16 +110,16 @@ def save_grid(grid: Dict[str, Any], directory: str, title: str = "") -> Optional
   with open(os.path.join(directory, "needle_grid.json"), "w", encoding="utf-8") as f:
     json.dump(grid, f, indent=1)
   try:
-    import matplotlib  # pylint: disable=import-outside-toplevel
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+    # A bare Figure (no pyplot) draws off-screen without switching the caller's
+    # backend: a notebook keeps showing its own plots inline.
+    from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   except ImportError:
     logging.warning("matplotlib not installed (pip install ringattn_jax[train]); "
                     "wrote needle_grid.json only.")
     return None
   acc = np.asarray(grid["accuracy"], float)
-  fig, ax = plt.subplots(figsize=(2.0 + 0.9 * len(grid["depths"]),
-                                  2.2 + 0.5 * len(grid["lengths"])))
+  fig = Figure(figsize=(2.0 + 0.9 * len(grid["depths"]), 2.2 + 0.5 * len(grid["lengths"])))
+  ax = fig.add_subplot()
   im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
   ax.set_xticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
   ax.set_yticks(range(len(grid["lengths"])), [str(n) for n in grid["lengths"]])
@@ -125,20 +133,17 @@ def save_grid(grid: Dict[str, Any], directory: str, title: str = "") -> Optional
   fig.tight_layout()
   path = os.path.join(directory, "needle_grid.png")
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
 def main(argv):
   """python -m experiments.evaluate --workdir DIR [--lengths ..] [--depths ..]."""
   del argv
-  import os as _os  # pylint: disable=import-outside-toplevel,reimported
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
   if f.devices:
-    _os.environ["XLA_FLAGS"] = (_os.environ.get("XLA_FLAGS", "") +
-                                f" --xla_force_host_platform_device_count={f.devices}")
-    jax.config.update("jax_platforms", "cpu")
+    from ringattn_jax.cpu_devices import simulate_cpu_devices  # pylint: disable=import-outside-toplevel
+    simulate_cpu_devices(f.devices)
   from experiments import trainer  # pylint: disable=import-outside-toplevel
   grid = trainer.evaluate_checkpoint(
       f.workdir, lengths=[int(x) for x in f.lengths] or None,

@@ -2,39 +2,16 @@
 SIGKILL, progressive stages."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from configs import base
 from experiments import config_lib
 from experiments import metrics as metrics_lib
 from experiments import trainer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def small_config(**train_overrides):
-  """A 1-layer, 32-wide model, ring attention (zigzag) on sp=4 x dp=2, T=96."""
-  c = base.get_config()
-  c.model = base.model_config("tiny", hidden_size=32, intermediate_size=64,
-                              num_hidden_layers=1, num_attention_heads=2,
-                              num_key_value_heads=1, attention="ring", layout="zigzag")
-  c.mesh.update(dp=2, sp=4)
-  c.data = base.data_config("assoc_recall", seq_len=96, batch_size=4, value_digits=2,
-                           num_pairs=4)
-  c.optim.update(learning_rate=1e-2, warmup_steps=2, total_steps=12)
-  c.train.update(steps=12, log_every=1, checkpoint_every=3, keep_checkpoints=2,
-                 progress_bar=False, lm_loss_weight=0.5)
-  c.eval.update(depths=(0.0, 1.0), examples=4, batch_size=4)
-  for k, v in train_overrides.items():
-    section, key = k.split(".")
-    c[section][key] = v
-  c.lock()
-  return c
-
+from tests import train_runs
+from tests.small_train_config import small_config
 
 def _losses(workdir):
   out = {}
@@ -68,18 +45,13 @@ def test_unknown_config_key_fails():
     c.train.stepz = 3
 
 
-def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
-  clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")
-  trainer.train_and_evaluate(small_config(), clean)
-  env = dict(os.environ, PYTHONPATH=ROOT, KILL_AT_STEP="7")
-  cmd = [sys.executable, os.path.join(ROOT, "tests", "train_worker.py"), crashed, "{}"]
-  killed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-  assert killed.returncode == -9, killed.stderr[-2000:]
+def _resume_scenario(root):
+  clean, crashed = os.path.join(root, "clean"), os.path.join(root, "crashed")
+  train_runs.train(clean)
+  train_runs.train(crashed, kill_at=7, want_rc=-9)
   before = _losses(crashed)
   assert max(before) == 7 and 12 not in before
-  env["KILL_AT_STEP"] = "0"
-  resumed = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  train_runs.train(crashed)
   want, got = _losses(clean), _losses(crashed)
   # Steps 7 (killed after logging it; last checkpoint at 6) and 7..12 are re-run.
   assert len(got[7]) == 2 and all(len(got[s]) == 1 for s in range(8, 13))
@@ -91,10 +63,16 @@ def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     grid = json.load(f)
   assert grid["lengths"] == [96] and len(grid["accuracy"][0]) == 2
   assert os.path.exists(os.path.join(crashed, "eval", "needle_grid.png"))
-  # Evaluating the checkpoint directory afterwards reproduces the run's final grid.
-  again = trainer.evaluate_checkpoint(crashed)
-  assert again["accuracy"] == grid["accuracy"]
-  assert os.path.exists(os.path.join(crashed, "eval", "step_12", "needle_grid.json"))
+  # Evaluating the checkpoint directory afterwards (the evaluate CLI) reproduces the
+  # run's final grid.
+  train_runs.run([sys.executable, "-m", "experiments.evaluate", "--workdir", crashed,
+        "--devices", "8"], 0)
+  with open(os.path.join(crashed, "eval", "step_12", "needle_grid.json")) as f:
+    assert json.load(f)["accuracy"] == grid["accuracy"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
+  train_runs.with_retry_on_xla_cpu_abort(_resume_scenario, str(tmp_path))
 
 
 def test_progressive_stages_reshard_and_extend(tmp_path):

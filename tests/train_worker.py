@@ -6,15 +6,13 @@ import os
 import signal
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+from ringattn_jax.cpu_devices import simulate_cpu_devices
 
-import jax  # noqa: E402
-
-jax.config.update("jax_platforms", "cpu")
+simulate_cpu_devices(8)
 
 from experiments import metrics as metrics_lib  # noqa: E402
 from experiments import trainer  # noqa: E402
-from tests.test_train import small_config  # noqa: E402
+from tests.small_train_config import small_config  # noqa: E402
 
 kill_at = int(os.environ.get("KILL_AT_STEP", "0"))
 if kill_at:
