@@ -20,10 +20,10 @@ def get_config():
   c.mesh.update(dp=4, sp=2)
   c.data.batch_size = 16
   c.stages = (
-      dict(seq_len=256, sp=2, steps=1000, warmup_steps=50, learning_rate=1e-3),
-      dict(seq_len=512, sp=4, steps=150, warmup_steps=10, learning_rate=1e-3,
+      dict(seq_len=256, sp=2, steps=1500, warmup_steps=50, learning_rate=1e-3),
+      dict(seq_len=512, sp=4, steps=200, warmup_steps=10, learning_rate=1e-3,
            rope_theta=40000.0, batch_size=8),
-      dict(seq_len=1024, sp=8, steps=100, warmup_steps=10, learning_rate=5e-4,
+      dict(seq_len=1024, sp=8, steps=150, warmup_steps=10, learning_rate=5e-4,
            rope_theta=160000.0, batch_size=8),
   )
   c.train.checkpoint_every = 250

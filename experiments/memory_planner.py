@@ -222,9 +222,13 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
   floor = max(adjusted_floor, m.argument_size_in_bytes + m.output_size_in_bytes
               - m.alias_size_in_bytes + params_bytes)
   micro_batch = spec.global_batch // (spec.dp * spec.fsdp) // spec.accum_steps
-  shadow = cpu_bf16_shadow_bytes(
-      compiled.as_text(),
-      (cfg.num_hidden_layers, micro_batch, seq_len // spec.sp, cfg.hidden_size))
+  # Residual stacks the layer scans save: [L] layer inputs, or with remat_layer_group g
+  # the outer scan's [L/g] group inputs and a group's own [g] layer inputs.
+  g, L = cfg.remat_layer_group, cfg.num_hidden_layers
+  hlo = compiled.as_text()
+  shadow = sum(cpu_bf16_shadow_bytes(hlo, (n, micro_batch, seq_len // spec.sp,
+                                           cfg.hidden_size))
+               for n in sorted({L // g, g} if g > 1 else {L}))
   return dict(
       seq_len=seq_len, global_batch=spec.global_batch,
       tokens_per_device=spec.global_batch * seq_len // spec.num_devices,
@@ -328,7 +332,9 @@ def issue_plans(preset: str = "llama2-7b", remat: str = "full",
   """Ring (LWM-style) vs blockwise (flash) vs dense, at the same per-device memory.
 
   ring_lwm: sp=n ring attention, zigzag layout, params over fsdp x sp (Large World
-    Model's layout), remat `remat`; ring_lwm_dots: the same with
+    Model's layout), remat `remat`; ring_lwm_groups: the same with the layer stack
+    checkpointed in groups of 4 (`remat_layer_group`: L/4 + 4 saved layer inputs
+    instead of L); ring_lwm_dots: the same as ring_lwm with
     "dots_with_no_batch_dims" remat; flash_fsdp: blockwise attention, fsdp=n (one
     sequence per device, params sharded n ways as in ring_lwm); dense_fsdp: the same
     with jax.nn.dot_product_attention; flash_1dev: blockwise attention on one device.
@@ -339,6 +345,7 @@ def issue_plans(preset: str = "llama2-7b", remat: str = "full",
   ring = base.replace(attention="ring", layout="zigzag", shard_params_over_sp=True)
   return [
       PlanSpec("ring_lwm", ring, sp=n),
+      PlanSpec("ring_lwm_groups", ring.replace(remat_layer_group=4), sp=n),
       PlanSpec("ring_lwm_dots", ring.replace(remat_policy="dots_with_no_batch_dims"),
                sp=n),
       PlanSpec("flash_fsdp", base.replace(attention="flash"), fsdp=n),
@@ -409,7 +416,10 @@ def render_markdown(results: List[Dict], budget: int, header: str) -> str:
 PLAN_NOTES = (
     "ring_lwm: ring attention over sp=8 (zigzag layout), parameters and AdamW state "
     "sharded over fsdp x sp (Large World Model's layout), one sequence of T tokens "
-    "split over the 8 devices. ring_lwm_dots: the same with remat "
+    "split over the 8 devices. ring_lwm_groups: the same with the layer stack "
+    "checkpointed in groups of 4 layers (remat_layer_group=4: 8 group inputs plus one "
+    "group's 4 layer inputs saved instead of 32 layer inputs; one extra forward). "
+    "ring_lwm_dots: the same as ring_lwm with remat "
     "dots_with_no_batch_dims (saves every weight-matmul output per layer). "
     "flash_fsdp: the blockwise baseline at the same per-device memory: "
     "single-device flash attention, fsdp=8 (same 8-way parameter sharding), one "
@@ -468,8 +478,8 @@ def define_flags():
   """The script's flags (defined only when run, so importing the library never
   collides with other absl scripts' flags in one process)."""
   flags.DEFINE_integer("num_devices", 8, "Simulated CPU devices (read before jax starts).")
-  flags.DEFINE_list("plans", ["ring_lwm", "ring_lwm_dots", "flash_fsdp", "dense_fsdp",
-                              "flash_1dev"],
+  flags.DEFINE_list("plans", ["ring_lwm", "ring_lwm_groups", "ring_lwm_dots", "flash_fsdp",
+                              "dense_fsdp", "flash_1dev"],
                     "Plans from issue_plans() by name, or 'custom' (the flags below).")
   flags.DEFINE_string("preset", "llama2-7b", "Model preset.")
   flags.DEFINE_enum("remat", "full", list(config_lib.REMAT_POLICIES), "Remat policy.")
@@ -481,7 +491,8 @@ def define_flags():
   flags.DEFINE_float("resolution", 0.125, "Stop bisecting when the bracket is within this "
                      "fraction of the fitting length.")
   flags.DEFINE_integer("max_search_len", 2 ** 23, "Longest length tried.")
-  flags.DEFINE_list("starts", ["ring_lwm=1048576", "ring_lwm_dots=262144",
+  flags.DEFINE_list("starts", ["ring_lwm=1048576", "ring_lwm_groups=1048576",
+                               "ring_lwm_dots=262144",
                                "flash_fsdp=131072",
                                "dense_fsdp=16384", "flash_1dev=4096",
                                "custom=65536"],
@@ -498,6 +509,7 @@ def define_flags():
   flags.DEFINE_bool("shard_params_over_sp", True, "custom: shard params over sp too.")
   flags.DEFINE_string("dtype", "bfloat16", "custom: compute dtype.")
   flags.DEFINE_integer("accum_steps", 1, "custom: gradient accumulation steps.")
+  flags.DEFINE_integer("remat_layer_group", 1, "custom: layers per outer checkpoint.")
   flags.DEFINE_list("seq_lens", [], "custom: measure these lengths only (no search).")
   flags.DEFINE_string("out_dir", "results", "Where memory_plan.{md,json} go.")
 
@@ -508,7 +520,7 @@ def _custom_spec() -> PlanSpec:
                           config_lib.SEQUENCE_PARALLEL_ATTENTION else "contiguous",
                           remat_policy=FLAGS.remat, dtype=FLAGS.dtype,
                           shard_params_over_sp=FLAGS.shard_params_over_sp,
-                          flash_impl="xla")
+                          remat_layer_group=FLAGS.remat_layer_group, flash_impl="xla")
   return PlanSpec("custom", cfg, dp=FLAGS.dp, fsdp=FLAGS.fsdp, tp=FLAGS.tp, sp=FLAGS.sp,
                   accum_steps=FLAGS.accum_steps,
                   loss_chunk_tokens=FLAGS.loss_chunk_tokens,

@@ -53,6 +53,10 @@ class LlamaConfig:
       "save_names" keeps or "offload" moves to host memory.
     scan_layers: lax.scan over stacked layers (compile time flat in depth) vs a Python
       loop over the same stacked parameters.
+    remat_layer_group: layers per outer checkpoint (1 = off). The backward keeps only
+      every group's input and recomputes a group's forward before its backward, so the
+      saved layer inputs drop from L to L/g + g (e.g. 32 -> 12 for g=4) for one extra
+      forward pass; must divide num_hidden_layers.
     ffn_chunks: split the feed-forward over this many token chunks (1 = off), bounding
       the [B, T, F] intermediate.
     loss_chunks: token chunks for the cross-entropy, which never materialises
@@ -85,6 +89,7 @@ class LlamaConfig:
   remat_policy: str = "none"
   remat_names: Tuple[str, ...] = ("attn_out", "mlp_out")
   scan_layers: bool = True
+  remat_layer_group: int = 1
   ffn_chunks: int = 1
   loss_chunks: int = 1
   dtype: str = "float32"
@@ -109,7 +114,8 @@ class LlamaConfig:
   def _validate(self):
     for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                  "num_attention_heads", "num_key_value_heads", "head_dim",
-                 "max_position_embeddings", "ffn_chunks", "loss_chunks"):
+                 "max_position_embeddings", "ffn_chunks", "loss_chunks",
+                 "remat_layer_group"):
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int; got {value!r}.")
@@ -117,6 +123,10 @@ class LlamaConfig:
       raise ValueError(
           f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
           f"num_key_value_heads ({self.num_key_value_heads}).")
+    if self.num_hidden_layers % self.remat_layer_group:
+      raise ValueError(
+          f"remat_layer_group={self.remat_layer_group} must divide num_hidden_layers="
+          f"{self.num_hidden_layers}.")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for rotary embeddings; got {self.head_dim}.")
     for name, valid in (("attention", ATTENTION), ("flash_impl", FLASH_IMPLS),

@@ -143,11 +143,26 @@ class Llama(nnx.Module):
       return nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids, rt)
 
     layer = apply_remat(layer, cfg.remat_policy, cfg.remat_names)
+
+    def run_layers(x, stack):
+      if cfg.scan_layers:
+        return jax.lax.scan(lambda x, s: (layer(x, s), None), x, stack)[0]
+      for i in range(jax.tree.leaves(stack)[0].shape[0]):
+        x = layer(x, jax.tree.map(lambda a: a[i], stack))  # pylint: disable=cell-var-from-loop
+      return x
+
+    g = cfg.remat_layer_group
+    if g == 1:
+      return self.norm(run_layers(x, stacked))
+    # Outer checkpoint over groups of g layers: only group inputs stay live across the
+    # stack; a group's own layer inputs exist only while its backward runs.
+    groups = jax.tree.map(lambda a: a.reshape(a.shape[0] // g, g, *a.shape[1:]), stacked)
+    run_group = jax.checkpoint(run_layers, policy=jax.checkpoint_policies.nothing_saveable)
     if cfg.scan_layers:
-      x, _ = jax.lax.scan(lambda x, s: (layer(x, s), None), x, stacked)
+      x, _ = jax.lax.scan(lambda x, s: (run_group(x, s), None), x, groups)
     else:
-      for i in range(cfg.num_hidden_layers):
-        x = layer(x, jax.tree.map(lambda a: a[i], stacked))
+      for i in range(cfg.num_hidden_layers // g):
+        x = run_group(x, jax.tree.map(lambda a: a[i], groups))  # pylint: disable=cell-var-from-loop
     return self.norm(x)
 
   def _inputs(self, tokens, positions, segment_ids):

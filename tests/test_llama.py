@@ -98,6 +98,14 @@ def test_remat_policies_same_values(policy):
   _compare(_variant(remat_policy=policy, remat_names=("attn_out", "mlp_hidden")), _batch())
 
 
+@pytest.mark.parametrize("scan_layers", [True, False])
+def test_remat_layer_groups_same_values(scan_layers):
+  ref = llama.init_model(_cfg(num_hidden_layers=4), seed=0)
+  model = llama.reconfigure(ref, _cfg(num_hidden_layers=4, remat_layer_group=2,
+                                      remat_policy="full", scan_layers=scan_layers))
+  _compare(model, _batch(), ref=ref)
+
+
 def test_unrolled_layers_and_chunking_same_values():
   _compare(_variant(scan_layers=False, ffn_chunks=4, loss_chunks=8), _batch(segments=True))
 
@@ -153,6 +161,7 @@ def test_param_count_matches_state():
     (dict(remat_policy="some"), "remat_policy must be one of"),
     (dict(remat_names=("qkv", "nope")), "remat_names"),
     (dict(ffn_chunks=0), "ffn_chunks must be a positive int"),
+    (dict(remat_layer_group=3), "remat_layer_group=3 must divide num_hidden_layers=2"),
     (dict(bogus=1), "Unknown LlamaConfig fields \\['bogus'\\]"),
     (dict(rope_scaling={"rope_type": "linear"}), "factor"),
 ])
