@@ -3,15 +3,23 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-stamp
+# The experiments need the package with its [train] extra; the tests need every extra
+# (transformers + CPU torch for the parity tests, nbclient for the notebooks), installed
+# on top when first needed.
+STAMP := $(VENV)/.train-stamp
+TEST_STAMP := $(VENV)/.test-stamp
 
 .PHONY: demo demo-attention progressive test bench bench-train clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,hf,train,notebook]'
+	$(PY) -m pip install -q -e '.[train]'
 	touch $(STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[test,hf,train,notebook]'
+	touch $(TEST_STAMP)
 
 # The main job: train the tiny model with ring attention on 8 simulated CPU devices on
 # passkey retrieval, then evaluate the needle grid (workdirs/tiny/eval/needle_grid.png).
@@ -28,7 +36,7 @@ progressive: $(STAMP)
 	$(PY) -m experiments.train --config configs/progressive.py --workdir workdirs/progressive --devices 8
 
 # The whole test suite (8 simulated CPU devices are configured in tests/conftest.py).
-test: $(STAMP)
+test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 -q tests
 
 # The attention benchmarks: single-device, then sequence-parallel (~30 min; writes results/).
