@@ -100,18 +100,26 @@ def main(argv):
       rows.append(row)
       print(row, flush=True)
   lines = ["# Training throughput, tiny model (configs/tiny.py), fwd+bwd+AdamW", "",
-           "| T | attention | devices | step (s) | tokens/s | vs dot_product, 1 device |",
-           "|---|---|---|---|---|---|"]
+           "| T | attention | devices | step (s) | tokens/s | vs dot_product, 1 device "
+           "| vs flash, 1 device |",
+           "|---|---|---|---|---|---|---|"]
   for row in rows:
     if "error" in row:
       lines.append(f"| {row['T']} | {row['attention']} | {row['devices']} | error: "
-                   f"{row['error']} | | |")
+                   f"{row['error']} | | | |")
       continue
-    base = [r for r in rows if r["T"] == row["T"] and r["attention"] == "dot_product"
-            and "error" not in r]
-    ratio = f"{row['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x" if base else "n/a"
+
+    def ratio(attention, row=row):
+      base = [r for r in rows if r["T"] == row["T"] and r["attention"] == attention]
+      if not base:
+        return "n/a"
+      if "error" in base[0]:
+        return f"{attention} failed"
+      return f"{row['tokens_per_s'] / base[0]['tokens_per_s']:.2f}x"
+
     lines.append(f"| {row['T']} | {row['attention']} ({row['layout']}) | {row['devices']} "
-                 f"| {row['step_s']:.3f} | {row['tokens_per_s']:,.0f} | {ratio} |")
+                 f"| {row['step_s']:.3f} | {row['tokens_per_s']:,.0f} | "
+                 f"{ratio('dot_product')} | {ratio('flash')} |")
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(lines) + "\n")
