@@ -37,7 +37,7 @@ progressive: $(STAMP)
 
 # The whole test suite (8 simulated CPU devices are configured in tests/conftest.py).
 test: $(TEST_STAMP)
-	$(PY) -m pytest -n 2 -q tests
+	$(PY) -m pytest -n 2 -q --durations=15 tests
 
 # The attention benchmarks: single-device, then sequence-parallel (~30 min; writes results/).
 bench: $(STAMP)

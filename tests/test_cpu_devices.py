@@ -17,5 +17,6 @@ def test_configures_eight_cpu_devices():
     (True, ValueError, r"n=True"),
 ])
 def test_bad_calls_raise(n, error, match):
+  assert jax.device_count() == 8  # the backend has started (any earlier test may start it)
   with pytest.raises(error, match=match):
     simulate_cpu_devices(n)
