@@ -14,9 +14,26 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, Optional, Tuple
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+
+
+def _async_options(async_save: bool) -> Optional[ocp.AsyncOptions]:
+  """Multi-process: orbax's barriers through the jax.distributed client.
+
+  By default orbax synchronises processes with `sync_global_devices`, an XLA collective
+  program, also from its async-save thread while the training thread runs the train
+  step's collectives; the two programs can then interleave differently on different
+  processes and hang (seen once: a 2-process CPU test run hung for 300 s). The
+  coordination service's barrier runs no device program.
+  """
+  if jax.process_count() == 1 or not async_save:
+    return None
+  if flags.FLAGS.is_parsed():  # the same for the barriers outside async saves
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+  return ocp.AsyncOptions(barrier_sync_fn=ocp.multihost.get_barrier_sync_fn())
 
 
 def _flatten(tree) -> Dict[str, Any]:
@@ -42,7 +59,8 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "meta": ocp.JsonCheckpointHandler()},
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=True))
+            max_to_keep=keep, enable_async_checkpointing=async_save, create=True,
+            async_options=_async_options(async_save)))
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
