@@ -66,7 +66,7 @@ def _resume_scenario(root):
   # Evaluating the checkpoint directory afterwards (the evaluate CLI) reproduces the
   # run's final grid.
   train_runs.run([sys.executable, "-m", "experiments.evaluate", "--workdir", crashed,
-        "--devices", "8"], 0)
+                  "--devices", "8"], 0)
   with open(os.path.join(crashed, "eval", "step_12", "needle_grid.json")) as f:
     assert json.load(f)["accuracy"] == grid["accuracy"]
 
