@@ -45,13 +45,18 @@ def test_unknown_config_key_fails():
     c.train.stepz = 3
 
 
+# Ring of 4 on 4 devices (no data parallelism): the XLA:CPU abort in tests/train_runs.py
+# hit the 8-device dp=2 x sp=4 version of these runs in 2 of 3 CI runs.
+RESUME_RUN = dict(devices=4, overrides={"mesh.dp": 1})
+
+
 def _resume_scenario(root):
   clean, crashed = os.path.join(root, "clean"), os.path.join(root, "crashed")
-  train_runs.train(clean)
-  train_runs.train(crashed, kill_at=7, want_rc=-9)
+  train_runs.train(clean, **RESUME_RUN)
+  train_runs.train(crashed, kill_at=7, want_rc=-9, **RESUME_RUN)
   before = _losses(crashed)
   assert max(before) == 7 and 12 not in before
-  train_runs.train(crashed)
+  train_runs.train(crashed, **RESUME_RUN)
   want, got = _losses(clean), _losses(crashed)
   # Steps 7 (killed after logging it; last checkpoint at 6) and 7..12 are re-run.
   assert len(got[7]) == 2 and all(len(got[s]) == 1 for s in range(8, 13))
@@ -66,7 +71,7 @@ def _resume_scenario(root):
   # Evaluating the checkpoint directory afterwards (the evaluate CLI) reproduces the
   # run's final grid.
   train_runs.run([sys.executable, "-m", "experiments.evaluate", "--workdir", crashed,
-                  "--devices", "8"], 0)
+                  "--devices", "4"], 0)
   with open(os.path.join(crashed, "eval", "step_12", "needle_grid.json")) as f:
     assert json.load(f)["accuracy"] == grid["accuracy"]
 

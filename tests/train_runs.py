@@ -1,5 +1,6 @@
 """Training runs in subprocesses for the tests (tests/train_worker.py), with a retry of
 XLA:CPU's rendezvous abort; see the note below."""
+import json
 import os
 import subprocess
 import sys
@@ -29,9 +30,11 @@ def run(cmd, want_rc, extra_env=None):
   return proc
 
 
-def train(workdir, kill_at=0, want_rc=0):
-  cmd = [sys.executable, os.path.join(ROOT, "tests", "train_worker.py"), workdir, "{}"]
-  return run(cmd, want_rc, {"KILL_AT_STEP": str(kill_at)})
+def train(workdir, kill_at=0, want_rc=0, devices=8, overrides=None):
+  """tests/small_train_config.py (with `overrides`) on `devices` simulated devices."""
+  cmd = [sys.executable, os.path.join(ROOT, "tests", "train_worker.py"), workdir,
+         json.dumps(overrides or {})]
+  return run(cmd, want_rc, {"KILL_AT_STEP": str(kill_at), "DEVICES": str(devices)})
 
 
 def with_retry_on_xla_cpu_abort(scenario, root):

@@ -1,6 +1,9 @@
 """Runs train_and_evaluate in a fresh process; with KILL_AT_STEP=k it SIGKILLs itself
 right after step k's metrics are written (a crash with no cleanup, async checkpoint
-writes possibly in flight)."""
+writes possibly in flight).
+
+usage: DEVICES=n KILL_AT_STEP=k python tests/train_worker.py WORKDIR '{"mesh.dp": 1}'
+"""
 import json
 import os
 import signal
@@ -8,7 +11,7 @@ import sys
 
 from ringattn_jax.cpu_devices import simulate_cpu_devices
 
-simulate_cpu_devices(8)
+simulate_cpu_devices(int(os.environ.get("DEVICES", "8")))
 
 from experiments import metrics as metrics_lib  # noqa: E402
 from experiments import trainer  # noqa: E402
