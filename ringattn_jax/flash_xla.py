@@ -9,8 +9,11 @@ key block and dQ accumulates in place in an O(T) buffer. Memory is O(T + S) thro
 GQA without repeating K/V: the G = N // K query heads that share a key/value head are
 stacked into the rows of one matmul, `[B, K, G*bq, H] x [B, K, bk, H]`.
 
-`forward` and `backward` work on canonical inputs and are reused by ring attention,
-which calls them once per hop with its own offsets.
+`forward` and `backward` work on canonical inputs: they lay q, k, v out for the kernel
+(`forward_operands` / `backward_operands`), run it (`forward_blocks` /
+`backward_blocks`) and restore the layout (`q_rows_inv`, `kv_blocks_inv`). Ring
+attention calls the three steps separately: it lays its shards out once per pass and
+runs the kernel on every hop, so travelling keys/values need no per-hop layout copies.
 """
 from __future__ import annotations
 
@@ -127,7 +130,7 @@ def _q_rows(a, g: _Geometry):
   return a.reshape((g.nq, g.B, g.K, g.G * g.bq) + rest)
 
 
-def _q_rows_inv(a, g: _Geometry):
+def q_rows_inv(a, g: _Geometry):
   """[nq, B, K, G*bq, ...] -> [B, T, N, ...]."""
   rest = a.shape[4:]
   a = a.reshape((g.nq, g.B, g.K, g.G, g.bq) + rest)
@@ -141,7 +144,7 @@ def _kv_blocks(a, g: _Geometry, transpose: bool = False):
   return jnp.transpose(a, (1, 0, 3, 4, 2) if transpose else (1, 0, 3, 2, 4))
 
 
-def _kv_blocks_inv(a, g: _Geometry):
+def kv_blocks_inv(a, g: _Geometry):
   """[nk, B, K, bk, H] -> [B, S, K, H]."""
   return jnp.transpose(a, (1, 0, 3, 2, 4)).reshape(g.B, g.Sp, g.K, g.H)[:, :g.S]
 
@@ -251,30 +254,60 @@ def _scores(spec: MaskSpec, blocks: _Blocks, qb, kb, i, j, acc, use_positions,
   return s, tanh, vis
 
 
+def forward_geometry(x: AttnInputs, block_sizes: BlockSizes) -> _Geometry:
+  """Static shapes of the forward pass (block_q, block_k clamped to T, S)."""
+  return _geometry(x, block_sizes.block_q, block_sizes.block_k)
+
+
+def backward_geometry(x: AttnInputs, block_sizes: BlockSizes) -> _Geometry:
+  """Static shapes of the backward pass (block_q_bwd, block_k_bwd clamped to T, S)."""
+  return _geometry(x, block_sizes.block_q_bwd, block_sizes.block_k_bwd)
+
+
+def forward_operands(q, k, v, g: _Geometry):
+  """q, k, v in the forward kernel's layout (16-bit floats as their uint16 bits).
+
+  Returns qh [nq, B, K, G*bq, H], kh [nk, B, K, H, bk] (keys as [H, bk] blocks make
+  q @ k^T a plain NN matmul: faster for bf16 on CPU) and vh [nk, B, K, bk, H].
+  """
+  return (_q_rows(_bits(q), g), _kv_blocks(_bits(k), g, transpose=True),
+          _kv_blocks(_bits(v), g))
+
+
 def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes,
             out_dtype=None) -> Tuple[jax.Array, jax.Array]:
   """Blockwise forward.
 
-  Works on local shards inside shard_map(check_vma=True) too (ring attention calls it
-  once per hop).
+  Works on local shards inside shard_map(check_vma=True) too.
 
   Args:
     x, spec: canonical inputs (see _inputs.canonicalize).
     block_sizes: uses block_q and block_k.
-    out_dtype: dtype of `out` (default q's); ring attention asks for float32 partials
-      so that merging hops does not round each one to bf16.
+    out_dtype: dtype of `out` (default q's).
 
   Returns:
     out [B, T, N, H] and lse [B, T, N] (float32; float64 for float64 inputs).
   """
-  g = _geometry(x, block_sizes.block_q, block_sizes.block_k)
-  acc = accum_dtype(x.q.dtype)
-  axes = _vma.union_axes(x)
+  g = forward_geometry(x, block_sizes)
+  out, lse = forward_blocks(x, spec, g, x.q.dtype, *forward_operands(x.q, x.k, x.v, g))
+  return q_rows_inv(out, g).astype(out_dtype or x.q.dtype), q_rows_inv(lse, g)
+
+
+def forward_blocks(x: AttnInputs, spec: MaskSpec, g: _Geometry, dtype, qh, kh, vh):
+  """The forward kernel on operands already in its layout (`forward_operands`).
+
+  Ring attention keeps travelling keys/values in this layout, so that a hop makes no
+  layout copies. `x` supplies positions, segment ids, lengths, bias and mask (its
+  q, k, v are not read and may be None); `dtype` is the compute dtype of q, k, v.
+
+  Returns:
+    out [nq, B, K, G*bq, H] and lse [nq, B, K, G*bq] in float32 (float64 for float64),
+    in query-row layout (`q_rows_inv` restores [B, T, N, ...]; padded rows included).
+  """
+  acc = accum_dtype(dtype)
+  axes = _vma.union_axes(x, qh, kh, vh)
   blocks = _Blocks(x, spec, g)
-  dt = x.q.dtype
-  qh = _q_rows(_bits(x.q), g)  # [nq, B, K, R, H], R = G*bq
-  # Keys as [H, bk] blocks make q @ k^T a plain (NN) matmul: faster for bf16 on CPU.
-  kh, vh = _kv_blocks(_bits(x.k), g, transpose=True), _kv_blocks(_bits(x.v), g)
+  dt = dtype
   kv_sched, _ = blocks.schedule()
   R = g.G * g.bq
 
@@ -306,8 +339,21 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes,
 
   # Blocks are stacked in the accumulator dtype and cast once at the end: XLA's CPU
   # backend keeps a bf16 stacking buffer in f32 and would convert all of it per block.
-  out, lse = lax.map(per_q_block, (jnp.arange(g.nq), qh, kv_sched))
-  return _q_rows_inv(out, g).astype(out_dtype or x.q.dtype), _q_rows_inv(lse, g)
+  return lax.map(per_q_block, (jnp.arange(g.nq), qh, kv_sched))
+
+
+def backward_operands(q, k, v, lse, delta, dout, g: _Geometry):
+  """Backward inputs in the backward kernel's layout (16-bit floats as uint16 bits).
+
+  Returns (qh, doh, lse_h, delta_h) as query rows [nq, B, K, G*bq, ...] and
+  (kh, vh) as key blocks [nk, B, K, bk, H]. lse_h holds +inf where lse is -inf (rows
+  that see nothing), so that their p = exp(s - lse) = 0.
+  """
+  acc = accum_dtype(q.dtype)
+  rows = (_q_rows(_bits(q), g), _q_rows(_bits(dout.astype(q.dtype)), g),
+          _q_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse).astype(acc), g),
+          _q_rows(delta.astype(acc), g))
+  return rows, (_kv_blocks(_bits(k), g), _kv_blocks(_bits(v), g))
 
 
 def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta, dout):
@@ -323,16 +369,28 @@ def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta,
     dq [B, T, N, H], dk, dv [B, S, K, H] in float32 (float64 for float64 inputs),
     dbias with the canonical bias shape (or None).
   """
-  g = _geometry(x, block_sizes.block_q_bwd, block_sizes.block_k_bwd)
-  acc = accum_dtype(x.q.dtype)
-  axes = _vma.union_axes(x, lse, delta, dout)
+  g = backward_geometry(x, block_sizes)
+  rows, kv = backward_operands(x.q, x.k, x.v, lse, delta, dout, g)
+  dq, dk, dv, dbias = backward_blocks(x, spec, g, x.q.dtype, *rows, *kv)
+  return q_rows_inv(dq, g), kv_blocks_inv(dk, g), kv_blocks_inv(dv, g), dbias
+
+
+def backward_blocks(x: AttnInputs, spec: MaskSpec, g: _Geometry, dtype, qh, doh, lse_h,
+                    delta_h, kh, vh, dq=None):
+  """The backward kernel on operands already in its layout (`backward_operands`).
+
+  `x` supplies positions, segment ids, lengths, bias and mask (its q, k, v are not
+  read). dq: optional [nq, B, K, G*bq, H] accumulator to add dQ into (ring attention
+  carries it across hops); default zeros.
+
+  Returns:
+    dq [nq, B, K, G*bq, H], dk, dv [nk, B, K, bk, H] (layouts as the operands; in
+    float32, float64 for float64) and dbias with the canonical bias shape (or None).
+  """
+  acc = accum_dtype(dtype)
+  axes = _vma.union_axes(x, qh, doh, lse_h, delta_h, kh, vh, dq)
   blocks = _Blocks(x, spec, g)
-  dt = x.q.dtype
-  qh, doh = _q_rows(_bits(x.q), g), _q_rows(_bits(dout.astype(dt)), g)
-  # Rows that see no key have lse = -inf: use +inf so that their p = exp(s - lse) = 0.
-  lse_h = _q_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse).astype(acc), g)
-  delta_h = _q_rows(delta.astype(acc), g)
-  kh, vh = _kv_blocks(_bits(x.k), g), _kv_blocks(_bits(x.v), g)
+  dt = dtype
   _, q_sched = blocks.schedule()
   R = g.G * g.bq
   bias = blocks.bias
@@ -364,13 +422,13 @@ def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta,
     dk, dv, dq, dbias = _segmented_loop(sched, body, (zeros_kv, zeros_kv, dq, dbias))
     return (dq, dbias), (dk, dv)
 
-  dq0 = _vma.vary(jnp.zeros(qh.shape, acc), axes)
+  dq0 = _vma.vary(jnp.zeros(qh.shape, acc) if dq is None else dq.astype(acc), axes)
   dbias0 = None if bias is None else _vma.vary(jnp.zeros(bias.shape, acc), axes)
   (dq, dbias), (dk, dv) = lax.scan(
       per_kv_block, (dq0, dbias0), (jnp.arange(g.nk), kh, vh, q_sched))
   if dbias is not None:
     dbias = dbias[:, :, :x.bias.shape[2], :x.bias.shape[3]]
-  return _q_rows_inv(dq, g), _kv_blocks_inv(dk, g), _kv_blocks_inv(dv, g), dbias
+  return dq, dk, dv, dbias
 
 
 def _accumulate_dbias(dbias, ds, g: _Geometry, i, j):
