@@ -45,7 +45,10 @@ def _loss_and_grads(fn, q, k, v, bias, ct_out, ct_lse, kwargs):
     return (jnp.sum(out.astype(ct_out.dtype) * ct_out) + jnp.sum(lse_term), (out, lse))
 
   argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
-  grads, (out, lse) = jax.grad(loss, argnums=argnums, has_aux=True)(q, k, v, bias)
+  # Jitted as a whole: run eagerly, each jnp op on the sharded outputs is a small cached
+  # jit, and jax 0.10.2 can then give its output the mesh of an earlier test over the
+  # same devices (IndivisibleError when that mesh has another shape).
+  grads, (out, lse) = jax.jit(jax.grad(loss, argnums=argnums, has_aux=True))(q, k, v, bias)
   return out, lse, grads
 
 
