@@ -53,10 +53,17 @@ from __future__ import annotations
 
 import os
 
-# Simulated devices must be configured before the backend starts.
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_force_host_platform_device_count=8")
+# Simulated devices must be configured before the backend starts. The multi-device
+# process also runs each device's operations in order (ringattn_jax/cpu_devices.py:
+# XLA:CPU may otherwise overlap the ring's collectives and abort); the 1-device
+# baseline process keeps XLA's multi-threaded kernels.
+_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _XLA_FLAGS:
+  _XLA_FLAGS += " --xla_force_host_platform_device_count=8"
+if ("xla_force_host_platform_device_count=1 " not in _XLA_FLAGS + " "
+    and "xla_cpu_multi_thread_eigen" not in _XLA_FLAGS):
+  _XLA_FLAGS += " --xla_cpu_multi_thread_eigen=false"
+os.environ["XLA_FLAGS"] = _XLA_FLAGS.strip()
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -320,8 +327,8 @@ def single_process_times(jobs: List[tuple]) -> Dict[tuple, float]:
   if not jobs:
     return {}
   env = dict(os.environ)
-  env["XLA_FLAGS"] = (re.sub(r"--xla_force_host_platform_device_count=\S+", "",
-                             env.get("XLA_FLAGS", "")) +
+  env["XLA_FLAGS"] = (re.sub(r"--xla_(force_host_platform_device_count|cpu_multi_thread_"
+                             r"eigen)=\S+", "", env.get("XLA_FLAGS", "")) +
                       " --xla_force_host_platform_device_count=1")
   cmd = [sys.executable, "-m", "experiments.benchmark_ring", *sys.argv[1:],
          "--single_worker_jobs=" + ",".join(f"{d}:{t}" for d, t in jobs)]
@@ -560,6 +567,7 @@ def main(argv):
   env = dict(backend=jax.default_backend(), device_kind=str(jax.devices()[0].device_kind),
              devices=len(jax.devices()), cpu_count=os.cpu_count(), jax=jax.__version__,
              machine=platform.machine(), preset=FLAGS.preset,
+             xla_flags=os.environ.get("XLA_FLAGS", ""),
              xla_block_sizes=dataclasses.asdict(ba.xla_block_sizes()),
              **dataclasses.asdict(cfg))
   sections = [x for x in SECTIONS if x in FLAGS.sections]

@@ -10,8 +10,10 @@ import sys
 
 import jax
 
+from ringattn_jax import simulate_cpu_devices
+
 port, pid, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-jax.config.update("jax_num_cpu_devices", 4)
+simulate_cpu_devices(4)  # also keeps XLA:CPU from overlapping collectives (gloo)
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
                            process_id=pid, initialization_timeout=120)

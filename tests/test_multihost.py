@@ -1,13 +1,16 @@
-"""Ring attention across 2 local processes (jax.distributed over 127.0.0.1, gloo
-collectives, 4 CPU devices each) against the float64 dense reference."""
+"""Two local processes (jax.distributed over 127.0.0.1, gloo collectives, 4 CPU devices
+each): ring attention against the float64 dense reference, and a training run through
+experiments/train.py against the same run in one 8-device process."""
 import json
 import os
 import socket
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+from experiments import metrics as metrics_lib
 from tests import train_runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,3 +52,29 @@ def test_ring_attention_two_processes(tmp_path):
     assert result["process_count"] == 2 and result["local_devices"] == 4
     errs = result["errors"]
     assert errs["out"] <= 1e-5 and max(errs["dq"], errs["dk"], errs["dv"]) <= 2e-5, errs
+
+
+def _two_process_training_scenario(root):
+  multi, single = os.path.join(root, "two_processes"), os.path.join(root, "one_process")
+  _run_two_processes(lambda port, i: [
+      sys.executable, "-m", "experiments.train", "--config",
+      os.path.join(ROOT, "tests", "small_train_config.py"), "--workdir", multi,
+      "--devices", "4", "--coordinator", f"127.0.0.1:{port}", "--num_processes", "2",
+      f"--process_id={i}"])
+  train_runs.train(single)
+  got = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(multi, "train")}
+  want = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(single, "train")}
+  assert sorted(got) == sorted(want) == list(range(1, 13))
+  np.testing.assert_allclose([got[s] for s in want], list(want.values()), rtol=1e-5)
+  grids = []
+  for d in (multi, single):
+    with open(os.path.join(d, "eval", "needle_grid.json"), encoding="utf-8") as f:
+      grids.append(json.load(f))
+  assert grids[0]["accuracy"] == grids[1]["accuracy"]
+
+
+@pytest.mark.slow
+def test_training_two_processes_matches_one(tmp_path):
+  """experiments/train.py on 2 processes x 4 devices (each loads half of every batch)
+  gives the losses and needle grid of the same config in one 8-device process."""
+  train_runs.with_retry_on_xla_cpu_abort(_two_process_training_scenario, str(tmp_path))

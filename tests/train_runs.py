@@ -7,13 +7,13 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# XLA:CPU (jax 0.10.2) can abort a multi-device program on simulated devices: a
-# collective's in-process rendezvous times out after 40 s ("Termination timeout for
-# `collective permute ...`: Expected 8 threads to join the rendezvous, but only 7 of
-# them arrived") and the process dies with SIGABRT. Seen only under load (other test
-# processes on the 2 cores), in programs whose ring loops run many small hops. The runs
-# below therefore train in subprocesses, and a scenario whose subprocess dies with
-# exactly that signature is run again from scratch (once); any other failure fails.
+# XLA:CPU (jax 0.10.2) can abort a multi-device program on simulated devices when
+# collectives overlap ("Termination timeout for `collective permute ...`: Expected 8
+# threads to join the rendezvous, but only 7 of them arrived", or "Check failed: id <
+# num_threads"). `simulate_cpu_devices` now runs every device's operations in order,
+# which keeps collectives from overlapping (see ringattn_jax/cpu_devices.py); the runs
+# below still train in subprocesses, and a scenario whose subprocess dies with exactly
+# that signature is run again from scratch (once), as a guard. Any other failure fails.
 XLA_CPU_ABORT = "Termination timeout for"
 
 
