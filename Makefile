@@ -31,7 +31,7 @@ demo: $(STAMP)
 demo-attention: $(STAMP)
 	$(PY) -m experiments.demo
 
-# Progressive context extension 256 -> 512 -> 1024 tokens (about 10 minutes).
+# Progressive context extension 256 -> 512 -> 1024 tokens (about 9 minutes).
 progressive: $(STAMP)
 	$(PY) -m experiments.train --config configs/progressive.py --workdir workdirs/progressive --devices 8
 
