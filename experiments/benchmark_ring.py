@@ -57,13 +57,13 @@ import os
 # process also runs each device's operations in order (ringattn_jax/cpu_devices.py:
 # XLA:CPU may otherwise overlap the ring's collectives and abort); the 1-device
 # baseline process keeps XLA's multi-threaded kernels.
-_XLA_FLAGS = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _XLA_FLAGS:
-  _XLA_FLAGS += " --xla_force_host_platform_device_count=8"
-if ("xla_force_host_platform_device_count=1 " not in _XLA_FLAGS + " "
-    and "xla_cpu_multi_thread_eigen" not in _XLA_FLAGS):
-  _XLA_FLAGS += " --xla_cpu_multi_thread_eigen=false"
-os.environ["XLA_FLAGS"] = _XLA_FLAGS.strip()
+from ringattn_jax.cpu_devices import add_serial_execution_flag  # noqa: E402
+
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                             " --xla_force_host_platform_device_count=8")
+if "xla_force_host_platform_device_count=1 " not in os.environ["XLA_FLAGS"] + " ":
+  add_serial_execution_flag()
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402

@@ -16,6 +16,16 @@ import jax
 SERIAL_EXECUTION_FLAG = "--xla_cpu_multi_thread_eigen=false"
 
 
+def add_serial_execution_flag() -> None:
+  """Adds SERIAL_EXECUTION_FLAG to XLA_FLAGS unless XLA_FLAGS already sets that option.
+
+  Takes effect only if called before the backend starts.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if SERIAL_EXECUTION_FLAG.split("=")[0] not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} {SERIAL_EXECUTION_FLAG}".strip()
+
+
 def simulate_cpu_devices(n: int = 8, serialize_collectives: bool = True) -> None:
   """Makes JAX run on `n` simulated CPU devices; call it before any JAX computation.
 
@@ -45,7 +55,6 @@ def simulate_cpu_devices(n: int = 8, serialize_collectives: bool = True) -> None
         f"simulate_cpu_devices({n}) must run before JAX starts its backend; it already "
         f"runs on {jax.device_count()} {jax.default_backend()} device(s). Restart the "
         "process (or notebook kernel) and call it right after `import jax`.") from e
-  flags = os.environ.get("XLA_FLAGS", "")
-  if serialize_collectives and n > 1 and "xla_cpu_multi_thread_eigen" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} {SERIAL_EXECUTION_FLAG}".strip()
+  if serialize_collectives and n > 1:
+    add_serial_execution_flag()
   jax.config.update("jax_platforms", "cpu")

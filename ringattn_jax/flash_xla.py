@@ -304,10 +304,9 @@ def forward_blocks(x: AttnInputs, spec: MaskSpec, g: _Geometry, dtype, qh, kh, v
     out [nq, B, K, G*bq, H] and lse [nq, B, K, G*bq] in float32 (float64 for float64),
     in query-row layout (`q_rows_inv` restores [B, T, N, ...]; padded rows included).
   """
-  acc = accum_dtype(dtype)
+  acc, dt = accum_dtype(dtype), dtype
   axes = _vma.union_axes(x, qh, kh, vh)
   blocks = _Blocks(x, spec, g)
-  dt = dtype
   kv_sched, _ = blocks.schedule()
   R = g.G * g.bq
 
@@ -387,10 +386,9 @@ def backward_blocks(x: AttnInputs, spec: MaskSpec, g: _Geometry, dtype, qh, doh,
     dq [nq, B, K, G*bq, H], dk, dv [nk, B, K, bk, H] (layouts as the operands; in
     float32, float64 for float64) and dbias with the canonical bias shape (or None).
   """
-  acc = accum_dtype(dtype)
+  acc, dt = accum_dtype(dtype), dtype
   axes = _vma.union_axes(x, qh, doh, lse_h, delta_h, kh, vh, dq)
   blocks = _Blocks(x, spec, g)
-  dt = dtype
   _, q_sched = blocks.schedule()
   R = g.G * g.bq
   bias = blocks.bias

@@ -12,8 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # threads to join the rendezvous, but only 7 of them arrived", or "Check failed: id <
 # num_threads"). `simulate_cpu_devices` now runs every device's operations in order,
 # which keeps collectives from overlapping (see ringattn_jax/cpu_devices.py); the runs
-# below still train in subprocesses, and a scenario whose subprocess dies with exactly
-# that signature is run again from scratch (once), as a guard. Any other failure fails.
+# below still train in subprocesses, and a scenario whose subprocess dies with the
+# first of these (XLA_CPU_ABORT) is run again from scratch (once), as a guard. Any other
+# failure fails.
 XLA_CPU_ABORT = "Termination timeout for"
 
 
