@@ -9,17 +9,19 @@ from ringattn_jax.layouts import LAYOUTS
 from ringattn_jax.layouts import layout_positions
 from ringattn_jax.layouts import permute_to_layout
 from ringattn_jax.layouts import unpermute_from_layout
-from ringattn_jax.layouts import work_per_device
 from ringattn_jax.reference import reference_attention
+from ringattn_jax.dispatch import METHODS
+from ringattn_jax.dispatch import attention
 from ringattn_jax.ring import ring_attention
 from ringattn_jax.ring import ring_hop_counts
 from ringattn_jax.sharded import STRATEGIES
 from ringattn_jax.sharded import sharded_attention
+from ringattn_jax.schedule import work_per_device
 
 __all__ = [
-    "LAYOUTS", "STRATEGIES", "flash_attention", "layout_positions", "permute_to_layout",
-    "reference_attention", "ring_attention", "ring_hop_counts", "sharded_attention",
-    "simulate_cpu_devices",
-    "unpermute_from_layout", "work_per_device",
+    "LAYOUTS", "METHODS", "STRATEGIES", "attention", "flash_attention", "layout_positions",
+    "permute_to_layout", "reference_attention", "ring_attention", "ring_hop_counts",
+    "sharded_attention", "simulate_cpu_devices", "unpermute_from_layout",
+    "work_per_device",
 ]
 __version__ = "0.1.0"

@@ -13,7 +13,7 @@ key/value head n // G. Each program sees the whole (padded) key sequence of its 
 (forward, dq) or the whole query sequence (dkv), split into blocks along a leading
 axis ([nk, bk, H]), and loops over them with `lax.fori_loop(lo, hi)`, indexing the
 leading axis (the one dynamic index both Triton and Mosaic take without alignment
-proofs). `lo, hi` come from `masking.block_ranges` (causal/window), cut further by the
+proofs). `lo, hi` come from `schedule.block_ranges` (causal/window), cut further by the
 valid lengths; they are computed outside the kernel and passed in as int32 arrays
 [B, n_blocks] (SMEM on TPU), so hidden blocks are never touched.
 
@@ -49,6 +49,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as plgpu
 
 from ringattn_jax import masking
+from ringattn_jax import schedule
 from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
 
 _NEG_INF = float("-inf")
@@ -520,7 +521,7 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def _ranges(spec, q_pos, k_pos, bq, bk, q_valid, kv_valid):
   """Per-batch loop bounds [B, n] for the forward/dq (key blocks per query block) and
   the dkv kernel (query blocks per key block), from causal/window and valid lengths."""
-  kv_lo, kv_hi, q_lo, q_hi = masking.block_ranges(spec, q_pos, k_pos, bq, bk)
+  kv_lo, kv_hi, q_lo, q_hi = schedule.block_ranges(spec, q_pos, k_pos, bq, bk)
   nq, nk = kv_lo.shape[0], q_lo.shape[0]
   nq_valid = -(-q_valid // bq)  # [B]: query blocks holding a valid (kept) row
   nk_valid = -(-kv_valid // bk)  # [B]: key blocks holding a valid key

@@ -27,6 +27,7 @@ from jax import lax
 
 from ringattn_jax import _vma
 from ringattn_jax import masking
+from ringattn_jax import schedule
 from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
 
 
@@ -214,12 +215,9 @@ class _Blocks:
     return None if self.bias is None else self._slice_bnts(self.bias, i, j)
 
   def schedule(self):
-    """(kv_sched, q_sched) of 4-tuples (lo, flo, fhi, hi); see masking.block_schedule."""
-    g = self.g
-    if not self.spec.uses_positions:
-      every = lambda n, m: (jnp.zeros((n,), jnp.int32),) * 2 + (jnp.full((n,), m, jnp.int32),) * 2
-      return every(g.nq, g.nk), every(g.nk, g.nq)
-    return masking.block_schedule(self.spec, self.q_pos, self.k_pos, g.bq, g.bk)
+    """(kv_sched, q_sched): `schedule.Schedule`s (see `schedule.block_schedule`)."""
+    return schedule.block_schedule(self.spec, self.q_pos, self.k_pos, self.g.bq,
+                                   self.g.bk)
 
 
 def _segmented_loop(sched, body, carry):

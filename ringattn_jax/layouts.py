@@ -10,7 +10,7 @@ balance it:
 - `striped`: round robin; device i holds tokens i, i+n, i+2n, ... (Striped Attention).
   Balanced too, but every hop has partially masked diagonal blocks, so with blocks of
   b tokens it visits ~(1 + 1/(T/n/b)) times the tiles of zigzag (1.05x at 16 blocks
-  per device; `work_per_device`).
+  per device; `schedule.work_per_device` counts them).
 
 A layout is a permutation of the sequence: `permute_to_layout` reorders tokens so that
 the usual contiguous sharding over the ring gives each device its layout tokens, and
@@ -23,14 +23,9 @@ Letter legend: T sequence length, n ring size (devices on the sequence axis).
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-from ringattn_jax import masking
-from ringattn_jax._inputs import MaskSpec, WindowArg, normalize_window
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -41,16 +36,20 @@ def check_layout(layout: str) -> None:
 
 
 def shard_multiple(layout: str, n: int) -> int:
-  """The sequence length must be a multiple of this to use `layout` on n devices."""
+  """The sequence length must be a multiple of this to use `layout` on n devices.
+
+  The one place that says so: n for contiguous and striped, 2n for zigzag (two chunks
+  per device), except on one device, where every layout is the identity.
+  """
   check_layout(layout)
-  return 2 * n if layout == "zigzag" else n
+  return 2 * n if layout == "zigzag" and n > 1 else n
 
 
 def check_length(name: str, T: int, layout: str, n: int, axis_desc: str = "") -> None:
   """Raises a ValueError unless T splits evenly under `layout` on n devices."""
   m = shard_multiple(layout, n)
   if T % m:
-    what = "2 * ring size" if layout == "zigzag" else "the ring size"
+    what = "2 * ring size" if m == 2 * n else "the ring size"
     raise ValueError(
         f"{name} length {T} must be divisible by {what} = {m} for layout={layout!r} on "
         f"{n} devices{axis_desc}.")
@@ -63,7 +62,7 @@ def layout_positions(T: int, layout: str, n: int) -> np.ndarray:
   d; `x_layout = x[:, layout_positions(...)]` is `permute_to_layout(x, ...)`.
   """
   check_length("sequence", T, layout, n)
-  if layout == "contiguous":
+  if layout == "contiguous" or n == 1:
     pos = np.arange(T)
   elif layout == "zigzag":
     chunks = np.arange(T).reshape(2 * n, T // (2 * n))
@@ -82,11 +81,10 @@ def local_positions(layout: str, n: int, T_local: int, device) -> jax.Array:
   """
   check_layout(layout)
   d = jnp.asarray(device, jnp.int32)
-  if layout == "contiguous":
+  if layout == "contiguous" or n == 1:
     return d * T_local + jnp.arange(T_local, dtype=jnp.int32)
   if layout == "zigzag":
-    if T_local % 2:
-      raise ValueError(f"zigzag needs an even local length; got {T_local}.")
+    check_length("sequence", n * T_local, layout, n)
     c = T_local // 2
     r = jnp.arange(c, dtype=jnp.int32)
     return jnp.concatenate([d * c + r, (2 * n - 1 - d) * c + r])
@@ -96,7 +94,7 @@ def local_positions(layout: str, n: int, T_local: int, device) -> jax.Array:
 def permute_to_layout(x, layout: str, n: int, axis: int = 1):
   """Reorders the tokens of `x` along `axis` (caller order -> layout order)."""
   check_layout(layout)
-  if layout == "contiguous":
+  if layout == "contiguous" or n == 1:
     return x
   idx = layout_positions(x.shape[axis], layout, n)
   return jnp.take(x, idx, axis=axis)
@@ -105,97 +103,7 @@ def permute_to_layout(x, layout: str, n: int, axis: int = 1):
 def unpermute_from_layout(x, layout: str, n: int, axis: int = 1):
   """Inverse of `permute_to_layout` (layout order -> caller order)."""
   check_layout(layout)
-  if layout == "contiguous":
+  if layout == "contiguous" or n == 1:
     return x
   inv = np.argsort(layout_positions(x.shape[axis], layout, n)).astype(np.int32)
   return jnp.take(x, inv, axis=axis)
-
-
-def work_per_device(T: int, n: int, layout: str, block: int, is_causal: bool = False,
-                    window: WindowArg = None, S: Optional[int] = None) -> np.ndarray:
-  """Key/value blocks each device computes over a whole ring pass (self-attention).
-
-  Counts `block x block` tiles that the blockwise kernel visits, hop by hop, with the
-  same rule as the kernel (`masking.block_ranges` on the true positions of the local
-  queries and of the visiting key/value shard). A balanced layout has max/mean ~ 1.
-
-  Args:
-    T: query length; S: key length (default T).
-    n: ring size; layout: one of LAYOUTS; block: block length (block_q = block_k,
-      clamped to the local length, which it must divide).
-    is_causal, window: the mask (window as `local_window_size`).
-
-  Returns:
-    [n] int64: tiles per device.
-  """
-  S = T if S is None else S
-  spec = MaskSpec(is_causal=bool(is_causal), window=normalize_window(window))
-  qpos = layout_positions(T, layout, n).reshape(n, T // n)
-  kpos = layout_positions(S, layout, n).reshape(n, S // n)
-  bq, bk = min(block, T // n), min(block, S // n)
-  if (T // n) % bq or (S // n) % bk:
-    raise ValueError(f"block {block} must divide the local lengths {T // n}, {S // n}.")
-  if not spec.uses_positions:
-    return np.full((n,), n * (T // n // bq) * (S // n // bk), np.int64)
-
-  @jax.jit
-  def tiles(qp, kp):
-    lo, hi, _, _ = masking.block_ranges(spec, qp, kp, bq, bk)
-    return jnp.sum(hi - lo)
-
-  # All (device, hop) pairs at once: device d at hop h holds shard (d - h) mod n.
-  d = np.arange(n)[:, None]
-  e = (d - np.arange(n)[None, :]) % n
-  per = jax.vmap(jax.vmap(tiles))(
-      jnp.asarray(np.broadcast_to(qpos[:, None], (n, n, T // n))), jnp.asarray(kpos[e]))
-  return np.asarray(per, np.int64).sum(1)
-
-
-def static_hop_bound(spec: MaskSpec, layout: str, n: int, T_local: int,
-                     S_local: int) -> Tuple[int, np.ndarray]:
-  """How many hops a ring must make, from the layout's positions alone.
-
-  Device d at hop h (0 <= h < n) holds the key/value shard of device (d - h) mod n.
-
-  Returns:
-    (hops, visible): `hops` = 1 + the last hop at which any device sees any key (so
-    the ring can stop rotating after it; at least 1), and `visible` [n, n] bool:
-    visible[d, h] iff device d's queries can see shard (d - h) mod n (judged from
-    min/max positions, exactly as the runtime hop skip).
-  """
-  qpos = layout_positions(n * T_local, layout, n).reshape(n, T_local)
-  kpos = layout_positions(n * S_local, layout, n).reshape(n, S_local)
-  q_min, q_max = qpos.min(1)[:, None], qpos.max(1)[:, None]
-  e = (np.arange(n)[:, None] - np.arange(n)[None, :]) % n
-  k_min, k_max = kpos.min(1)[e], kpos.max(1)[e]
-  vis = np.asarray(masking.range_visible(spec, q_min, q_max, k_min, k_max), bool)
-  vis = np.broadcast_to(vis, (n, n))
-  used = np.nonzero(vis.any(0))[0]
-  return (int(used.max()) + 1 if used.size else 1), vis
-
-
-def static_ring_plan(spec: MaskSpec, layout: str, n: int, T_local: int,
-                     S_local: int) -> Tuple[int, int]:
-  """Hops of a ring that may rotate both ways, from the layout's positions alone.
-
-  Hop h (0 <= h < n) is the one at which device d holds the key/value shard of device
-  (d - h) mod n (`static_hop_bound`). The ring visits hops 0, 1, ..., a by sending
-  shards to d + 1 and then hops n - 1, ..., n - b (the shards of d + 1, ..., d + b) by a
-  second pass that sends to d - 1, starting again from the local shard. A two-sided
-  window of (left, right) keys over shards of S_local keys needs a ~ ceil(left /
-  S_local) and b ~ ceil(right / S_local) instead of the whole ring.
-
-  Returns:
-    (a + 1, b): the fewest hops a + 1 + b that include every hop at which any device
-    sees any key (judged as the runtime hop skip does); on ties, the fewest reverse
-    hops (a causal ring stays one pass). At least (1, 0).
-  """
-  _, vis = static_hop_bound(spec, layout, n, T_local, S_local)
-  used = np.nonzero(vis.any(0))[0]
-  best = None
-  for a in range(n - 1, -1, -1):
-    later = used[used > a]
-    b = n - int(later.min()) if later.size else 0
-    if best is None or a + 1 + b < best[0] + best[1]:
-      best = (a + 1, b)
-  return best

@@ -75,7 +75,7 @@ from ringattn_jax import _inputs
 from ringattn_jax import _vma
 from ringattn_jax import flash_xla
 from ringattn_jax import layouts
-from ringattn_jax import masking
+from ringattn_jax import schedule
 from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
 
 
@@ -133,20 +133,6 @@ def _hop_inputs(x: AttnInputs, ring: _Ring, kv, offset):
     kv_pos = layouts.local_positions(ring.layout, ring.n, x.k.shape[1], src)
   return dataclasses.replace(x, q=None, k=None, v=None, kv_segment_ids=kv_seg,
                              kv_positions=kv_pos)
-
-
-def _visible(x: AttnInputs, spec: MaskSpec):
-  """Whether any local query may see any key of the hop (False: skip the hop)."""
-  pred = jnp.asarray(True)
-  if spec.uses_positions:
-    qp, kp = x.q_positions, x.kv_positions
-    pred &= masking.range_visible(spec, qp.min(), qp.max(), kp.min(), kp.max())
-  if x.q_segment_ids is not None:
-    # Disjoint segment-id ranges share no id: always safe, tight for packed sequences
-    # (sorted ids). Checked per batch row; the hop runs if any row needs it.
-    qs, ks = x.q_segment_ids, x.kv_segment_ids
-    pred &= jnp.any((ks.min(1) <= qs.max(1)) & (ks.max(1) >= qs.min(1)))
-  return pred
 
 
 def _merge(o, lse, o_h, lse_h):
@@ -300,7 +286,7 @@ def _ring_forward_pass(ring: _Ring, x: AttnInputs):
                 jnp.zeros((), jnp.int32))
       return state
 
-    return _cond(_visible(xh, spec), compute, skip, (xh, kv[0], kv[1], state), axes)
+    return _cond(schedule.hop_visible(xh, spec), compute, skip, (xh, kv[0], kv[1], state), axes)
 
   o, lse, count = _run_ring(ring, kv, hop_fn)
   return flash_xla.q_rows_inv(o, g).astype(dt), flash_xla.q_rows_inv(lse, g), count
@@ -368,7 +354,7 @@ def _ring_backward_pass(ring: _Ring, x: AttnInputs, lse, delta, dout):
       dq, dkv, count = state
       return dq, zeros_kv() if dkv is None else dkv, count
 
-    return _cond(_visible(xh, spec), compute, skip, (xh, kv[0], kv[1], state), axes)
+    return _cond(schedule.hop_visible(xh, spec), compute, skip, (xh, kv[0], kv[1], state), axes)
 
   dq, (dk, dv), count = _run_ring(ring, kv, hop_fn, send_back=1)
   return (flash_xla.q_rows_inv(dq, g).astype(dt),
@@ -454,7 +440,7 @@ def _prepare(q, k, v, *, axis_name, is_causal=False, segment_ids=None,
                      f"key/value heads; got {head_groups!r}.")
   hops_next, hops_prev = n, 0
   if derive_q and derive_kv and spec.uses_positions:
-    hops_next, hops_prev = layouts.static_ring_plan(spec, layout, n, Tl, Sl)
+    hops_next, hops_prev = schedule.static_ring_plan(spec, layout, n, Tl, Sl)
   ring = _Ring(axis_name=axis_name, n=n, hops_next=hops_next, hops_prev=hops_prev,
                spec=spec, block_sizes=block_sizes, layout=layout,
                derive_kv_positions=derive_kv, head_groups=head_groups)

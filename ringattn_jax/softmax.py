@@ -1,0 +1,81 @@
+"""Partial-softmax algebra: merging (out, lse) pairs and the backward's delta.
+
+Attention over a set of keys split into parts (ring hops, devices holding shards of a
+KV cache, split-K kernels) is computed per part as a partial result: the part's
+normalised output `o_p` and the log-sum-exp `lse_p` of its logits. The full result is
+
+    lse = log(sum_p exp(lse_p)),    o = sum_p exp(lse_p - lse) * o_p,
+
+computed here stably (relative to the running maximum). A row that sees no key in a
+part has (o_p, lse_p) = (0, -inf) and contributes nothing; a row that sees no key at
+all stays (0, -inf), never NaN.
+
+Backward: with the global lse, the gradient of each part's logits is
+`p * (dP - delta)` where `delta = rowsum(dO * O) - dlse` (the lse's own cotangent
+enters like a shift of delta, since d lse / d logits = p). Using the global lse and
+delta makes the per-part gradients exact parts of the full gradient, so they add up.
+
+The kernels (flash_xla, flash_pallas) keep their own in-register copies of the online
+softmax update inside their block loops, where a kernel body needs it inline; this
+module is the owner of the rule for everything outside a kernel.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def _safe_max(m):
+  """Maxima with -inf (nothing seen) replaced by 0, so exp(x - m) is never NaN."""
+  return jnp.where(jnp.isfinite(m), m, 0.0)
+
+
+def _finish(m, tot):
+  """(1 / tot, lse = m + log tot) with rows that saw nothing (tot == 0) as (0, -inf)."""
+  seen = tot > 0
+  safe = jnp.where(seen, tot, 1.0)
+  return jnp.where(seen, 1.0 / safe, 0.0), jnp.where(seen, m + jnp.log(safe), -jnp.inf)
+
+
+def merge_partials(o, lse, o_part, lse_part) -> Tuple[jax.Array, jax.Array]:
+  """Merges a partial result into an accumulated one.
+
+  Args:
+    o: [..., H] accumulated normalised output (the accumulation dtype).
+    lse: [...] its log-sum-exp (-inf where nothing was seen yet).
+    o_part, lse_part: the same for the new part (o_part is cast to o's dtype).
+
+  Returns:
+    (o, lse) of the union of both parts.
+  """
+  m = _safe_max(jnp.maximum(lse, lse_part))
+  w, w_part = jnp.exp(lse - m), jnp.exp(lse_part - m)
+  inv, lse = _finish(m, w + w_part)
+  o = (w * inv)[..., None] * o + (w_part * inv)[..., None] * o_part.astype(o.dtype)
+  return o, lse
+
+
+def merge_over_axis(o, lse, axis_name) -> Tuple[jax.Array, jax.Array]:
+  """Merges the partial results held by every device on mesh axis `axis_name`.
+
+  Inside shard_map: each device holds (o [..., H], lse [...]) over its keys; every
+  device gets the (o, lse) over all of them (one pmax and one psum).
+  """
+  m = _safe_max(lax.pmax(lse, axis_name))
+  w = jnp.exp(lse - m)
+  tot, num = lax.psum((w, w[..., None] * o), axis_name)
+  inv, lse = _finish(m, tot)
+  return num * inv[..., None], lse
+
+
+def backward_delta(dout, out, dlse, dtype) -> jax.Array:
+  """delta = rowsum(dO * O) - dlse in `dtype` (float32, or float64 for exact tests).
+
+  Args:
+    dout, out: [..., H] the output's cotangent and the output.
+    dlse: [...] the lse's cotangent (zeros when the lse is not used).
+  """
+  return jnp.sum(dout.astype(dtype) * out.astype(dtype), axis=-1) - dlse.astype(dtype)
