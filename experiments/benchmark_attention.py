@@ -20,38 +20,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
-import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, Optional
 
 from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ringattn_jax import flash_attention
-from ringattn_jax import flash_xla
+from experiments import bench_lib
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "full", ["full", "quick"],
-                  "full: T=1K..16K (the issue's targets); quick: small T for a smoke run.")
-flags.DEFINE_list("seq_lens", None, "Override the preset's sequence lengths.")
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Input dtypes.")
+                  "full: T=1K..16K (the lengths the project's standing targets are "
+                  "stated at); quick: small T for a smoke run.")
 flags.DEFINE_list("causal", ["false", "true"], "Causal settings to run.")
 flags.DEFINE_list("impls", ["dense", "xla", "pallas"], "Implementations to time.")
-flags.DEFINE_integer("batch", 1, "B.")
-flags.DEFINE_integer("heads", 8, "N (= K).")
-flags.DEFINE_integer("head_dim", 128, "H.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
 flags.DEFINE_integer("dense_max_len", 8192,
                      "Skip dense attention above this T (its [B,N,T,T] logits).")
 flags.DEFINE_integer("fwd_bwd_max_len", 16384, "Skip forward+backward timing above this T.")
-flags.DEFINE_list("memory_seq_lens", None,
-                  "T values for the compiled-memory table (default: preset's).")
-flags.DEFINE_integer("xla_block_q", None, "Override flash_xla.BlockSizes.block_q(_bwd).")
-flags.DEFINE_integer("xla_block_k", None, "Override flash_xla.BlockSizes.block_k(_bwd).")
-flags.DEFINE_string("out_dir", "results", "Where to write attention_benchmark.{md,json}.")
+bench_lib.define_attention_flags("attention_benchmark")
 
 PRESETS = {
     "full": dict(seq_lens=[1024, 2048, 4096, 8192, 16384],
@@ -60,46 +47,9 @@ PRESETS = {
 }
 
 
-def time_fn(fn: Callable, *args, repeats: int = 3) -> float:
-  """Median wall time (s) after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
-
-
-def matmul_throughput(dtype, n: int = 4096, repeats: int = 3) -> float:
-  """FLOP/s of an n x n x n matmul in `dtype` with float32 accumulation."""
-  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-  f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
-  return 2 * n**3 / time_fn(f, a, a, repeats=repeats)
-
-
-def attention_flops(B, N, T, S, H, causal: bool, backward: bool) -> float:
-  """4*B*N*T*S*H forward (about half when causal); the backward adds ~2.5x."""
-  f = 4.0 * B * N * T * S * H * (0.5 if causal else 1.0)
-  return f * 3.5 if backward else f
-
-
-def make_fn(impl: str, causal: bool, block_sizes) -> Callable:
-  if impl == "dense":
-    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal)
-  return lambda q, k, v: flash_attention(q, k, v, is_causal=causal, impl=impl,
-                                         block_sizes=block_sizes)
-
-
-def fwd_bwd(fn: Callable) -> Callable:
-  loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32))
-  return jax.grad(loss, argnums=(0, 1, 2))
-
-
-def compiled_temp_bytes(fn: Callable, shape, dtype) -> Optional[int]:
+def compiled_temp_bytes(fn, shape, dtype) -> Optional[int]:
   sds = jax.ShapeDtypeStruct(shape, dtype)
-  stats = jax.jit(fn).lower(sds, sds, sds).compile().memory_analysis()
-  return None if stats is None else int(stats.temp_size_in_bytes)
+  return bench_lib.memory_stats(jax.jit(fn).lower(sds, sds, sds).compile())["temp_bytes"]
 
 
 @dataclasses.dataclass
@@ -121,13 +71,13 @@ def available_impls(requested: List[str]) -> List[str]:
   return impls
 
 
-def xla_block_sizes() -> flash_xla.BlockSizes:
-  bs = flash_xla.BlockSizes()
-  if FLAGS.xla_block_q:
-    bs = dataclasses.replace(bs, block_q=FLAGS.xla_block_q, block_q_bwd=FLAGS.xla_block_q)
-  if FLAGS.xla_block_k:
-    bs = dataclasses.replace(bs, block_k=FLAGS.xla_block_k, block_k_bwd=FLAGS.xla_block_k)
-  return bs
+def xla_block_sizes():
+  return bench_lib.xla_block_sizes(FLAGS.xla_block_q, FLAGS.xla_block_k)
+
+
+def _block_sizes(impl: str):
+  """--xla_block_q/k for the XLA kernel; every other impl takes its defaults."""
+  return xla_block_sizes() if impl == "xla" else None
 
 
 def run_speed(seq_lens, dtypes, causals, impls) -> List[Row]:
@@ -142,12 +92,13 @@ def run_speed(seq_lens, dtypes, causals, impls) -> List[Row]:
         for impl in impls:
           if impl == "dense" and T > FLAGS.dense_max_len:
             continue
-          fn = make_fn(impl, causal, xla_block_sizes() if impl == "xla" else None)
-          t_f = time_fn(jax.jit(fn), q, k, v, repeats=FLAGS.repeats)
+          fn = bench_lib.attention_fn(impl, causal, _block_sizes(impl))
+          t_f = bench_lib.time_fn(jax.jit(fn), q, k, v, repeats=FLAGS.repeats)
           t_fb = None
           if T <= FLAGS.fwd_bwd_max_len and not (impl == "dense" and T > 8192):
-            t_fb = time_fn(jax.jit(fwd_bwd(fn)), q, k, v, repeats=FLAGS.repeats)
-          fl = lambda bwd, t: None if t is None else attention_flops(
+            t_fb = bench_lib.time_fn(jax.jit(bench_lib.fwd_bwd(fn)), q, k, v,
+                                     repeats=FLAGS.repeats)
+          fl = lambda bwd, t: None if t is None else bench_lib.attention_flops(
               B, N, T, T, H, causal, bwd) / t / 1e12
           row = Row(impl, dtype_name, causal, T, t_f * 1e3, fl(False, t_f),
                     None if t_fb is None else t_fb * 1e3, fl(True, t_fb))
@@ -163,25 +114,23 @@ def run_memory(seq_lens, impls, dtype="float32") -> List[Dict]:
     for T in seq_lens:
       if impl == "dense" and T > 16384:
         continue
-      fn = fwd_bwd(make_fn(impl, True, xla_block_sizes() if impl == "xla" else None))
+      fn = bench_lib.fwd_bwd(bench_lib.attention_fn(impl, True, _block_sizes(impl)))
       temp = compiled_temp_bytes(fn, (B, T, N, H), jnp.dtype(dtype))
       out.append(dict(impl=impl, T=T, dtype=dtype, causal=True, fwd_bwd_temp_bytes=temp))
       print(f"memory {impl:7s} T={T:6d}: fwd+bwd temp {temp / 2**20:10.1f} MiB", flush=True)
   return out
 
 
-def _fmt(x, spec):
-  return "-" if x is None else format(x, spec)
-
-
 def _fmt_row(r: Row) -> str:
+  f = bench_lib.fmt
   return (f"| {r.impl:6s} | {r.dtype:8s} | {str(r.causal):5s} | {r.T:6d} | "
-          f"{_fmt(r.fwd_ms, '9.1f')} | {_fmt(r.fwd_tflops, '6.3f')} | "
-          f"{_fmt(r.fwd_bwd_ms, '9.1f')} | {_fmt(r.fwd_bwd_tflops, '6.3f')} |")
+          f"{f(r.fwd_ms, '9.1f')} | {f(r.fwd_tflops, '6.3f')} | "
+          f"{f(r.fwd_bwd_ms, '9.1f')} | {f(r.fwd_bwd_tflops, '6.3f')} |")
 
 
 def summarize(rows: List[Row], matmul: Dict[str, float]) -> List[str]:
-  """Ratios the issue's targets are stated in, from this run's numbers."""
+  """This run's ratios: share of the matmul ceiling, speed-up over dense attention,
+  causal vs non-causal time and bfloat16 vs float32 time."""
   lines = []
   by = {(r.impl, r.dtype, r.causal, r.T): r for r in rows}
   for T in sorted({r.T for r in rows}):
@@ -219,11 +168,10 @@ def main(argv):
   causals = [c.lower() in ("1", "true", "yes") for c in FLAGS.causal]
   impls = available_impls(FLAGS.impls)
   B, N, H = FLAGS.batch, FLAGS.heads, FLAGS.head_dim
-  env = dict(backend=jax.default_backend(), devices=str(jax.devices()[0].device_kind),
-             cpu_count=os.cpu_count(), jax=jax.__version__, machine=platform.machine(),
-             B=B, N=N, H=H, xla_block_sizes=dataclasses.asdict(xla_block_sizes()))
+  env = bench_lib.environment(devices=str(jax.devices()[0].device_kind))
+  env.update(B=B, N=N, H=H, xla_block_sizes=dataclasses.asdict(xla_block_sizes()))
   print(f"# attention benchmark on {env}")
-  matmul = {dt: matmul_throughput(jnp.dtype(dt)) for dt in FLAGS.dtypes}
+  matmul = {dt: bench_lib.matmul_throughput(jnp.dtype(dt)) for dt in FLAGS.dtypes}
   for dt, v in matmul.items():
     print(f"matmul 4096^3 {dt} (f32 accumulation): {v / 1e12:.3f} TFLOP/s")
   print("| impl   | dtype    | causal|      T |    fwd ms | TFLOP/s | fwd+bwd ms | TFLOP/s |")
@@ -236,10 +184,6 @@ def main(argv):
 
 
 def write_results(out_dir, env, matmul, rows, mem, summary):
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "attention_benchmark.json"), "w") as f:
-    json.dump(dict(env=env, matmul_flops=matmul, rows=[dataclasses.asdict(r) for r in rows],
-                   memory=mem, summary=summary), f, indent=1)
   md = [f"# Attention benchmark\n", f"Environment: `{json.dumps(env)}`\n"]
   md += [f"- matmul 4096^3 {dt}: {v / 1e12:.3f} TFLOP/s" for dt, v in matmul.items()]
   md += ["", "| impl | dtype | causal | T | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
@@ -249,8 +193,9 @@ def write_results(out_dir, env, matmul, rows, mem, summary):
          "| impl | T | temp MiB |", "|---|---|---|"]
   md += [f"| {m['impl']} | {m['T']} | {m['fwd_bwd_temp_bytes'] / 2**20:.1f} |" for m in mem]
   md += ["", "Summary:", ""] + [f"- {s}" for s in summary]
-  with open(os.path.join(out_dir, "attention_benchmark.md"), "w") as f:
-    f.write("\n".join(md) + "\n")
+  payload = dict(env=env, matmul_flops=matmul, rows=[dataclasses.asdict(r) for r in rows],
+                 memory=mem, summary=summary)
+  bench_lib.write_results(os.path.join(out_dir, "attention_benchmark"), payload, md)
   print(f"wrote {out_dir}/attention_benchmark.{{md,json}}")
 
 

@@ -10,14 +10,13 @@ On simulated devices all 8 "devices" share this machine's cores: the comparison 
 what the ring's own overhead and its blockwise, causal-skipping attention cost or save
 against dense attention, not what real devices would gain.
 """
-import json
-import os
-import subprocess
-import sys
 import time
+from typing import Dict, List
 
 from absl import app
 from absl import flags
+
+from experiments import bench_lib
 
 flags.DEFINE_list("seq_lens", ["2048", "16384"], "Sequence lengths.")
 flags.DEFINE_integer("steps", 3, "Timed steps per program (after one warm-up).")
@@ -28,18 +27,25 @@ FLAGS = flags.FLAGS
 
 PROGRAMS = (("ring", 8, "zigzag"), ("dot_product", 1, "contiguous"),
             ("flash", 1, "contiguous"))
+RESULT_TAG = "RESULT "
 
 
-def _measure(attention: str, devices: int, layout: str, T: int, steps: int, batch: int):
-  import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from ringattn_jax.cpu_devices import simulate_cpu_devices  # pylint: disable=import-outside-toplevel
+def measure_step(attention: str, devices: int, layout: str, T: int, steps: int,
+                 batch: int) -> Dict:
+  """Times the tiny model's train step on `devices` simulated devices (this process
+  must not have started its backend yet)."""
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import numpy as np
+  from ringattn_jax.cpu_devices import simulate_cpu_devices
   simulate_cpu_devices(devices)
-  from configs import tiny  # pylint: disable=import-outside-toplevel
-  from experiments import config_lib, optim  # pylint: disable=import-outside-toplevel
-  from experiments import train_step as step_lib  # pylint: disable=import-outside-toplevel
-  from models import llama  # pylint: disable=import-outside-toplevel
-  from models.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+  from flax import nnx
+  from configs import tiny
+  from experiments import config_lib, optim
+  from experiments import train_step as step_lib
+  from models import llama
+  from models.sharding import make_mesh
+  # pylint: enable=import-outside-toplevel
   c = tiny.get_config()
   cfg = config_lib.model_config(c.model, attention=attention, layout=layout)
   mesh = make_mesh(sp=devices)
@@ -49,7 +55,7 @@ def _measure(attention: str, devices: int, layout: str, T: int, steps: int, batc
   shardings = step_lib.train_state_shardings(state, mesh, cfg)
   # Placed as the step returns it, so the timed steps reuse the warm-up's compilation.
   state = jax.device_put(state, shardings)
-  step = step_lib.jit_train_step(nnx_graphdef(model), optimizer, shardings, mesh=mesh)
+  step = step_lib.jit_train_step(nnx.graphdef(model), optimizer, shardings, mesh=mesh)
   rng = np.random.default_rng(0)
   tokens = rng.integers(0, cfg.vocab_size, (batch, T)).astype(np.int32)
   batch_arrays = {"tokens": tokens, "targets": np.roll(tokens, -1, 1),
@@ -60,45 +66,33 @@ def _measure(attention: str, devices: int, layout: str, T: int, steps: int, batc
   state, _ = step(state, batch_arrays)
   jax.block_until_ready(state)
   compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    state, m = step(state, batch_arrays)
-    jax.block_until_ready(m)
-    times.append(time.perf_counter() - t0)
-  sec = float(np.median(times))
+  holder = [state]  # the step donates its state: each call takes the previous result
+
+  def one_step():
+    holder[0], metrics = step(holder[0], batch_arrays)
+    return metrics
+
+  sec = bench_lib.median_seconds(one_step, steps)
   return {"attention": attention, "devices": devices, "layout": layout, "T": T,
           "batch": batch, "step_s": sec, "tokens_per_s": batch * T / sec,
           "first_step_s": compile_s}
 
 
-def nnx_graphdef(model):
-  from flax import nnx  # pylint: disable=import-outside-toplevel
-  return nnx.graphdef(model)
+def run_program(attention: str, devices: int, layout: str, T: int) -> Dict:
+  """One measurement in its own process (its own device count); an error row if the
+  process fails."""
+  done = bench_lib.run_worker(
+      "experiments.benchmark_train",
+      [f"--_worker={attention}:{devices}:{layout}:{T}", f"--steps={FLAGS.steps}",
+       f"--batch_size={FLAGS.batch_size}"], RESULT_TAG)
+  if done.returncode or done.result is None:
+    return {"attention": attention, "devices": devices, "T": T,
+            "error": [line for line in done.tail if line.strip()][-1:]}
+  return done.result
 
 
-def main(argv):
-  del argv
-  if FLAGS._worker:  # pylint: disable=protected-access
-    attention, devices, layout, T = FLAGS._worker.split(":")  # pylint: disable=protected-access
-    print("RESULT " + json.dumps(_measure(attention, int(devices), layout, int(T),
-                                          FLAGS.steps, FLAGS.batch_size)))
-    return
-  rows = []
-  for T in (int(t) for t in FLAGS.seq_lens):
-    for attention, devices, layout in PROGRAMS:
-      cmd = [sys.executable, "-m", "experiments.benchmark_train",
-             f"--_worker={attention}:{devices}:{layout}:{T}", f"--steps={FLAGS.steps}",
-             f"--batch_size={FLAGS.batch_size}"]
-      proc = subprocess.run(cmd, capture_output=True, text=True)
-      line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-      if proc.returncode or not line:
-        row = {"attention": attention, "devices": devices, "T": T,
-               "error": proc.stderr.strip().splitlines()[-1:]}
-      else:
-        row = json.loads(line[0][len("RESULT "):])
-      rows.append(row)
-      print(row, flush=True)
+def markdown(rows: List[Dict]) -> List[str]:
+  """The table: step time and tokens/s per program, and ratios to the 1-device ones."""
   lines = ["# Training throughput, tiny model (configs/tiny.py), fwd+bwd+AdamW", "",
            "| T | attention | devices | step (s) | tokens/s | vs dot_product, 1 device "
            "| vs flash, 1 device |",
@@ -120,11 +114,23 @@ def main(argv):
     lines.append(f"| {row['T']} | {row['attention']} ({row['layout']}) | {row['devices']} "
                  f"| {row['step_s']:.3f} | {row['tokens_per_s']:,.0f} | "
                  f"{ratio('dot_product')} | {ratio('flash')} |")
-  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out + ".md", "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  with open(FLAGS.out + ".json", "w", encoding="utf-8") as f:
-    json.dump(rows, f, indent=1)
+  return lines
+
+
+def main(argv):
+  del argv
+  if FLAGS._worker:  # pylint: disable=protected-access
+    attention, devices, layout, T = FLAGS._worker.split(":")  # pylint: disable=protected-access
+    bench_lib.emit_result(RESULT_TAG, measure_step(attention, int(devices), layout, int(T),
+                                                   FLAGS.steps, FLAGS.batch_size))
+    return
+  rows = []
+  for T in (int(t) for t in FLAGS.seq_lens):
+    for attention, devices, layout in PROGRAMS:
+      rows.append(run_program(attention, devices, layout, T))
+      print(rows[-1], flush=True)
+  lines = markdown(rows)
+  bench_lib.write_results(FLAGS.out, rows, lines)
   print("\n".join(lines))
 
 
