@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Optional, Tuple, Union
 
-from models import rope
+from ringattn_jax import rope
 
 # Attention implementations. "reference" is the dense oracle; "dot_product" is
 # jax.nn.dot_product_attention (the baseline researchers compare against); "flash" is
@@ -41,7 +41,7 @@ class LlamaConfig:
     vocab_size: V. hidden_size: D. intermediate_size: F (SwiGLU width).
     num_hidden_layers: L. num_attention_heads: N. num_key_value_heads: K (N % K == 0).
     head_dim: H (default D // N). rms_norm_eps. rope_theta. rope_scaling: Hugging
-    Face's dict (see models.rope). max_position_embeddings. tie_word_embeddings.
+    Face's dict (see ringattn_jax.rope). max_position_embeddings. tie_word_embeddings.
     attention_bias / mlp_bias: biases on the projections (LLaMA: none).
   Run-time:
     attention: one of ATTENTION. flash_impl: kernel for "flash" ("auto" picks Pallas

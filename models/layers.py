@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import ringattn_jax
-from models import rope
+from ringattn_jax import rope
 from models import sharding
 from models.config import LlamaConfig
 from models.remat import checkpoint_name

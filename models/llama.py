@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 import ringattn_jax
-from models import rope
+from ringattn_jax import rope
 from models import sharding
 from models.config import LlamaConfig
 from models.layers import Block, RMSNorm, Runtime, _param

@@ -7,15 +7,18 @@ high_freq_factor (llama3), attention_factor, beta_fast, beta_slow, mscale,
 mscale_all_dim and truncate (yarn), short_factor, long_factor, short_mscale and
 long_mscale (longrope), plus rope_theta and partial_rotary_factor, which transformers 5
 keeps inside the dict as well. The frequencies follow transformers 5.23's
-`ROPE_INIT_FUNCTIONS`, but are computed in float64 and rounded once to float32:
-transformers computes them in float32, so its values are within a few float32 ulps of
-ours, not bit-equal. At position p one ulp moves an angle by up to ~p * 6e-8 rad (0.03 at
-500K, as large as float32's own rounding of the angle there); to match transformers bit
-for bit at long positions, pass its inv_freq to `apply_rotary`.
+`ROPE_INIT_FUNCTIONS` (here `ROPE_INIT_FUNCTIONS`, one function per rope type), but are
+computed in float64 and rounded once to float32: transformers computes them in float32,
+so its values are within a few float32 ulps of ours, not bit-equal. At position p one
+ulp moves an angle by up to ~p * 6e-8 rad (0.03 at 500K, as large as float32's own
+rounding of the angle there); to match transformers bit for bit at long positions, pass
+its inv_freq to `apply_rotary`.
 
 Rotation is Hugging Face's `rotate_half` (non-interleaved) convention: channel i pairs
 with channel i + R/2. Angles are `float32(position) * inv_freq` in float32, exactly as
 transformers computes them, then cos/sin are scaled by `attention_scaling`.
+
+Used by the models (models/) and by `ringattn_jax.flax_modules.RotaryEmbedding`.
 
 Letter legend: B batch, T sequence, N heads, H head dim, R rotary dims (= H unless
 partial_rotary_factor < 1; the last H - R channels pass through unrotated).
@@ -23,13 +26,13 @@ partial_rotary_factor < 1; the last H - R channels pass through unrotated).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3", "longrope")
+from ringattn_jax import checks
 
 _COMMON_KEYS = ("rope_type", "rope_theta", "partial_rotary_factor")
 # rope_type -> (required keys, optional keys), as transformers' `_validate_*_rope_parameters`,
@@ -49,16 +52,7 @@ _KEYS = {
 
 
 def _check_number(key: str, value: Any, low: float, *, inclusive: bool) -> None:
-  ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-        and math.isfinite(value) and (value >= low if inclusive else value > low))
-  if not ok:
-    raise ValueError(f"rope_scaling[{key!r}] must be a finite number {'>=' if inclusive else '>'} "
-                     f"{low}; got {value!r}.")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-  if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f"{name} must be a positive int; got {value!r}.")
+  checks.number(f"rope_scaling[{key!r}]", value, low=low, low_inclusive=inclusive)
 
 
 def validate_rope_scaling(rope_scaling: Optional[Mapping[str, Any]]) -> Optional[dict]:
@@ -100,30 +94,37 @@ def validate_rope_scaling(rope_scaling: Optional[Mapping[str, Any]]) -> Optional
   if unknown:
     raise ValueError(f"rope_scaling has unknown key(s) {unknown} for rope_type={rope_type!r}; "
                      f"valid keys are {sorted(allowed)}.")
+  _check_values(params)
+  for key in ("short_factor", "long_factor"):
+    if key in params:
+      params[key] = [float(v) for v in params[key]]
+  return params
 
+
+def _check_values(params: Mapping[str, Any]) -> None:
+  """The value rules of `validate_rope_scaling` (keys already checked)."""
+  rope_type = params["rope_type"]
   # yarn/longrope: a None factor means max_position_embeddings / original (as transformers).
   if "factor" in params and not (rope_type in ("yarn", "longrope") and params["factor"] is None):
     _check_number("factor", params["factor"], 1.0, inclusive=True)
   if "original_max_position_embeddings" in params:
-    _check_positive_int("rope_scaling['original_max_position_embeddings']",
+    checks.positive_int("rope_scaling['original_max_position_embeddings']",
                         params["original_max_position_embeddings"])
   for key in ("rope_theta", "low_freq_factor", "attention_factor", "beta_slow", "mscale",
               "mscale_all_dim", "short_mscale", "long_mscale"):
     if key in params:
       _check_number(key, params[key], 0.0, inclusive=False)
   if "partial_rotary_factor" in params:
-    _check_number("partial_rotary_factor", params["partial_rotary_factor"], 0.0, inclusive=False)
-    if params["partial_rotary_factor"] > 1:
-      raise ValueError("rope_scaling['partial_rotary_factor'] must be in (0, 1]; got "
-                       f"{params['partial_rotary_factor']!r}.")
+    checks.number("rope_scaling['partial_rotary_factor']", params["partial_rotary_factor"],
+                  low=0.0, low_inclusive=False, high=1.0)
   if "high_freq_factor" in params:
     _check_number("high_freq_factor", params["high_freq_factor"], params["low_freq_factor"],
                   inclusive=False)
   if "beta_fast" in params or "beta_slow" in params:  # defaults 32 and 1
     _check_number("beta_fast", params.get("beta_fast", 32), params.get("beta_slow", 1),
                   inclusive=True)
-  if "truncate" in params and not isinstance(params["truncate"], bool):
-    raise ValueError(f"rope_scaling['truncate'] must be a bool; got {params['truncate']!r}.")
+  if "truncate" in params:
+    checks.boolean("rope_scaling['truncate']", params["truncate"])
   if ("short_mscale" in params) != ("long_mscale" in params):
     raise ValueError("rope_scaling must have both 'short_mscale' and 'long_mscale' or neither; "
                      f"got only {'short_mscale' if 'short_mscale' in params else 'long_mscale'!r}.")
@@ -134,8 +135,105 @@ def validate_rope_scaling(rope_scaling: Optional[Mapping[str, Any]]) -> Optional
         raise ValueError(f"rope_scaling[{key!r}] must be a non-empty list of numbers; got {values!r}.")
       for v in values:
         _check_number(key, v, 0.0, inclusive=False)
-      params[key] = [float(v) for v in values]
-  return params
+
+
+# -- inverse frequencies, one function per rope type ------------------------------------
+
+
+class RopeInputs(NamedTuple):
+  """What a rope type's frequency function reads (see `rope_frequencies`)."""
+
+  params: Mapping[str, Any]  # the validated rope_scaling, "rope_type" set
+  head_dim: int  # H
+  dim: int  # R = int(H * partial_rotary_factor), even
+  theta: float  # the base
+  max_position_embeddings: int
+  seq_len: Optional[int]  # the static length the model runs at (dynamic, longrope)
+
+  @property
+  def original(self) -> int:
+    """original_max_position_embeddings (default: max_position_embeddings)."""
+    return self.params.get("original_max_position_embeddings", self.max_position_embeddings)
+
+
+def default_inv_freq(dim: int, theta: float) -> np.ndarray:
+  """[dim/2] float64: theta ** (-2i / dim), the unscaled RoPE inverse frequencies."""
+  return 1.0 / float(theta) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+
+
+def _default(r: RopeInputs) -> Tuple[np.ndarray, float]:
+  return default_inv_freq(r.dim, r.theta), 1.0
+
+
+def _linear(r: RopeInputs) -> Tuple[np.ndarray, float]:
+  return default_inv_freq(r.dim, r.theta) / r.params["factor"], 1.0
+
+
+def _dynamic(r: RopeInputs) -> Tuple[np.ndarray, float]:
+  """NTK: past max_position_embeddings the base grows with seq_len."""
+  theta = r.theta
+  if r.seq_len is not None and r.seq_len > r.max_position_embeddings:
+    f = r.params["factor"]
+    theta *= (f * r.seq_len / r.max_position_embeddings - (f - 1)) ** (r.dim / (r.dim - 2))
+  return default_inv_freq(r.dim, theta), 1.0
+
+
+def _llama3(r: RopeInputs) -> Tuple[np.ndarray, float]:
+  """Long wavelengths divided by factor, short ones kept, a smooth blend between."""
+  f, low, high = r.params["factor"], r.params["low_freq_factor"], r.params["high_freq_factor"]
+  inv_freq = default_inv_freq(r.dim, r.theta)
+  wavelen = 2 * math.pi / inv_freq
+  smooth = (r.original / wavelen - low) / (high - low)
+  smoothed = (1 - smooth) * inv_freq / f + smooth * inv_freq
+  return np.where(wavelen < r.original / high, inv_freq,
+                  np.where(wavelen > r.original / low, inv_freq / f, smoothed)), 1.0
+
+
+def _yarn(r: RopeInputs) -> Tuple[np.ndarray, float]:
+  """Interpolation (divided by factor) ramped in between beta_fast and beta_slow turns."""
+  p, dim, theta = r.params, r.dim, r.theta
+  f = p.get("factor") or r.max_position_embeddings / r.original
+  mscale = lambda m: 1.0 if f <= 1 else 0.1 * m * math.log(f) + 1.0
+  scaling = p.get("attention_factor")
+  if scaling is None:  # transformers: mscale alone (without mscale_all_dim) is ignored
+    m, m_all = p.get("mscale"), p.get("mscale_all_dim")
+    scaling = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
+  # Dims (of R) whose wavelength fits beta_fast (beta_slow) turns in the original context.
+  corr = lambda turns: dim * math.log(r.original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+  lo, hi = corr(p.get("beta_fast", 32)), corr(p.get("beta_slow", 1))
+  if p.get("truncate", True):
+    lo, hi = math.floor(lo), math.ceil(hi)
+  lo, hi = max(lo, 0), min(hi, dim - 1)
+  hi = hi + 0.001 if lo == hi else hi
+  interp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
+  inv_freq = default_inv_freq(dim, theta)
+  return inv_freq / f * interp + inv_freq * (1 - interp), scaling
+
+
+def _longrope(r: RopeInputs) -> Tuple[np.ndarray, float]:
+  """Per-frequency factors: the long set past original_max_position_embeddings."""
+  p = r.params
+  f = p.get("factor") or r.max_position_embeddings / r.original
+  scaling = p.get("attention_factor")
+  if scaling is None:
+    scaling = 1.0 if f <= 1 else math.sqrt(1 + math.log(f) / math.log(r.original))
+  long = r.seq_len is not None and r.seq_len > r.original
+  for key in ("short_factor", "long_factor"):
+    if len(p[key]) != r.dim // 2:
+      raise ValueError(f"rope_scaling[{key!r}] must have R/2 = {r.dim // 2} entries for "
+                       f"head_dim={r.head_dim}; got {len(p[key])}.")
+  factors = np.asarray(p["long_factor" if long else "short_factor"], np.float64)
+  if "short_mscale" in p:
+    scaling = p["long_mscale" if long else "short_mscale"]
+  return default_inv_freq(r.dim, r.theta) / factors, scaling
+
+
+# rope_type -> (RopeInputs -> (inv_freq [R/2] float64, attention_scaling)).
+ROPE_INIT_FUNCTIONS: Dict[str, Callable[[RopeInputs], Tuple[np.ndarray, float]]] = {
+    "default": _default, "linear": _linear, "dynamic": _dynamic, "yarn": _yarn,
+    "llama3": _llama3, "longrope": _longrope,
+}
+ROPE_TYPES = tuple(ROPE_INIT_FUNCTIONS)
 
 
 def rope_frequencies(head_dim: int, rope_theta: float, rope_scaling: Optional[Mapping[str, Any]],
@@ -168,84 +266,39 @@ def rope_frequencies(head_dim: int, rope_theta: float, rope_scaling: Optional[Ma
   Raises:
     ValueError: bad arguments or rope_scaling, naming the argument or key.
   """
-  _check_positive_int("head_dim", head_dim)
-  _check_positive_int("max_position_embeddings", max_position_embeddings)
-  if seq_len is not None:
-    _check_positive_int("seq_len", seq_len)
-  if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float, np.number)) or not (
-      math.isfinite(rope_theta) and rope_theta > 0):
-    raise ValueError(f"rope_theta must be a finite number > 0; got {rope_theta!r}.")
+  checks.positive_int("head_dim", head_dim)
+  checks.positive_int("max_position_embeddings", max_position_embeddings)
+  checks.positive_int("seq_len", seq_len, optional=True)
+  checks.number("rope_theta", rope_theta, low=0, low_inclusive=False)
   p = validate_rope_scaling(rope_scaling) or {"rope_type": "default"}
   if p.get("rope_theta", rope_theta) != rope_theta:
     raise ValueError(f"rope_scaling['rope_theta']={p['rope_theta']!r} disagrees with "
                      f"rope_theta={rope_theta!r}; give one value.")
-  rope_type, theta = p["rope_type"], float(rope_theta)
+  rope_type = p["rope_type"]
   dim = int(head_dim * p.get("partial_rotary_factor", 1.0))
   if dim < 2 or dim % 2 or (rope_type == "dynamic" and dim == 2):
     raise ValueError(f"rotary dims int(head_dim * partial_rotary_factor) = {dim} must be even and "
                      f">= {4 if rope_type == 'dynamic' else 2}; got head_dim={head_dim}.")
-  original = p.get("original_max_position_embeddings", max_position_embeddings)
-  exponent = np.arange(0, dim, 2, dtype=np.float64) / dim
-  scaling = 1.0
-
-  if rope_type == "dynamic" and seq_len is not None and seq_len > max_position_embeddings:
-    f = p["factor"]
-    theta *= (f * seq_len / max_position_embeddings - (f - 1)) ** (dim / (dim - 2))
-  inv_freq = 1.0 / theta**exponent
-
-  if rope_type == "linear":
-    inv_freq = inv_freq / p["factor"]
-  elif rope_type == "llama3":
-    f, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
-    wavelen = 2 * math.pi / inv_freq
-    smooth = (original / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * inv_freq / f + smooth * inv_freq
-    inv_freq = np.where(wavelen < original / high, inv_freq,
-                        np.where(wavelen > original / low, inv_freq / f, smoothed))
-  elif rope_type == "yarn":
-    f = p.get("factor") or max_position_embeddings / original
-    mscale = lambda m: 1.0 if f <= 1 else 0.1 * m * math.log(f) + 1.0
-    scaling = p.get("attention_factor")
-    if scaling is None:  # transformers: mscale alone (without mscale_all_dim) is ignored
-      m, m_all = p.get("mscale"), p.get("mscale_all_dim")
-      scaling = mscale(m) / mscale(m_all) if m and m_all else mscale(1.0)
-    # Dims (of R) whose wavelength fits beta_fast (beta_slow) turns in the original context.
-    corr = lambda turns: dim * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
-    lo, hi = corr(p.get("beta_fast", 32)), corr(p.get("beta_slow", 1))
-    if p.get("truncate", True):
-      lo, hi = math.floor(lo), math.ceil(hi)
-    lo, hi = max(lo, 0), min(hi, dim - 1)
-    hi = hi + 0.001 if lo == hi else hi
-    interp = np.clip((np.arange(dim // 2, dtype=np.float64) - lo) / (hi - lo), 0.0, 1.0)
-    inv_freq = inv_freq / f * interp + inv_freq * (1 - interp)
-  elif rope_type == "longrope":
-    f = p.get("factor") or max_position_embeddings / original
-    scaling = p.get("attention_factor")
-    if scaling is None:
-      scaling = 1.0 if f <= 1 else math.sqrt(1 + math.log(f) / math.log(original))
-    long = seq_len is not None and seq_len > original
-    for key in ("short_factor", "long_factor"):
-      if len(p[key]) != dim // 2:
-        raise ValueError(f"rope_scaling[{key!r}] must have R/2 = {dim // 2} entries for "
-                         f"head_dim={head_dim}; got {len(p[key])}.")
-    inv_freq = inv_freq / np.asarray(p["long_factor" if long else "short_factor"], np.float64)
-    if "short_mscale" in p:
-      scaling = p["long_mscale" if long else "short_mscale"]
+  inputs = RopeInputs(params=p, head_dim=head_dim, dim=dim, theta=float(rope_theta),
+                      max_position_embeddings=max_position_embeddings, seq_len=seq_len)
+  inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](inputs)
   return inv_freq.astype(np.float32), float(scaling)
 
 
-def rotary_cos_sin(positions: jax.Array, inv_freq: jax.Array,
-                   attention_scaling: float = 1.0) -> Tuple[jax.Array, jax.Array]:
+def rotary_cos_sin(positions: jax.Array, inv_freq: jax.Array, attention_scaling: float = 1.0,
+                   dtype=jnp.float32) -> Tuple[jax.Array, jax.Array]:
   """cos and sin tables for the true token positions, computed once per layer.
 
   Args:
     positions: [B, T] integer token positions, in any order (ring layouts permute them).
     inv_freq: [R/2] float32, from `rope_frequencies`.
     attention_scaling: multiplies cos and sin (yarn/longrope), as transformers does.
+    dtype: of the angles and tables: float32 as transformers (float64 for an exact
+      float64 path).
 
   Returns:
-    (cos, sin), each [B, T, R] float32; the R/2 angles `float32(position) * inv_freq`
-    (one float32 rounding, as transformers) repeated twice, as in `torch.cat((f, f))`.
+    (cos, sin), each [B, T, R] in `dtype`; the R/2 angles `dtype(position) * inv_freq`
+    (one rounding, as transformers) repeated twice, as in `torch.cat((f, f))`.
   """
   positions, inv_freq = jnp.asarray(positions), jnp.asarray(inv_freq)
   if positions.ndim != 2 or not jnp.issubdtype(positions.dtype, jnp.integer):
@@ -253,7 +306,7 @@ def rotary_cos_sin(positions: jax.Array, inv_freq: jax.Array,
                      f"dtype {positions.dtype}.")
   if inv_freq.ndim != 1:
     raise ValueError(f"inv_freq must have shape [R/2]; got {inv_freq.shape}.")
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq.astype(jnp.float32)
+  angles = positions.astype(dtype)[..., None] * inv_freq.astype(dtype)
   cos, sin = jnp.cos(angles) * attention_scaling, jnp.sin(angles) * attention_scaling
   return jnp.concatenate([cos, cos], -1), jnp.concatenate([sin, sin], -1)
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import rope
+from ringattn_jax import rope
 
 HEAD_DIMS = (16, 64, 128)
 MAX_POS = 2048
@@ -327,7 +327,8 @@ def test_validate_is_idempotent(name):
     ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0, -1.0]}, "long_factor"),
     ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0], "short_mscale": 1.0},
      "both 'short_mscale' and 'long_mscale'"),
-    ({"partial_rotary_factor": 1.5}, r"partial_rotary_factor'\] must be in \(0, 1\]"),
+    ({"partial_rotary_factor": 1.5},
+     r"partial_rotary_factor'\] must be a finite number > 0.0 and <= 1.0; got 1.5"),
     ([("rope_type", "linear")], "must be a dict or None"),
 ])
 def test_bad_rope_scaling_raises(bad, match):
@@ -343,7 +344,7 @@ def test_bad_rope_scaling_raises(bad, match):
     (dict(rope_theta=-1.0), "rope_theta must be a finite number > 0"),
     (dict(rope_scaling={"rope_theta": 500000.0}), "disagrees with rope_theta=10000.0"),
     (dict(max_position_embeddings=0), "max_position_embeddings must be a positive int"),
-    (dict(seq_len=0), "seq_len must be a positive int"),
+    (dict(seq_len=0), "seq_len must be None or a positive int; got 0"),
     (dict(rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 31,
                         "long_factor": [1.0] * 32}), r"\['short_factor'\] must have R/2 = 32"),
 ])
