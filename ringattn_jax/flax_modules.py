@@ -3,21 +3,26 @@
     from ringattn_jax.flax_modules import MultiHeadAttention        # flax.nnx
     from ringattn_jax.flax_modules import LinenMultiHeadAttention   # flax.linen
 
-    attn = MultiHeadAttention(512, num_heads=8, num_kv_heads=2, backend="ring",
+    attn = MultiHeadAttention(512, num_heads=8, num_kv_heads=2, method="ring",
                               mesh=mesh, layout="zigzag", is_causal=True,
                               rope=RotaryEmbedding(10000.0), rngs=nnx.Rngs(0))
     y = attn(x, segment_ids=seg)                                  # [B, T, 512]
 
 Both modules compute the same thing with the same parameter names and shapes: GQA
 self-attention with query/key/value/output projections, an optional rotary embedding,
-and an attention backend chosen by name:
+and an attention method chosen by name (`method`, one of `METHODS`), computed by
+`ringattn_jax.attention`:
 
-  "reference"  ringattn_jax.reference_attention (dense; for checking)
-  "flash"      ringattn_jax.flash_attention (one device; `flash_impl` picks the kernel)
+  "reference"    ringattn_jax.reference_attention (dense; for checking)
+  "flash"        ringattn_jax.flash_attention (one device; `flash_impl` picks the kernel)
+  "dot_product"  jax.nn.dot_product_attention (no logit_softcap)
   "ring", "allgather", "ulysses"
-               ringattn_jax.sharded_attention over `mesh` (the sequence sharded over
-               `seq_axis`, in token `layout`); inputs and outputs stay in the caller's
-               token order, so the rest of the model needs no change.
+                 ringattn_jax.sharded_attention over `mesh` (the sequence sharded over
+                 `seq_axis`, in token `layout`); inputs and outputs stay in the caller's
+                 token order, so the rest of the model needs no change.
+
+The word `backend` is reserved for the platform ("cpu", "gpu", "tpu"); `backend=` with
+a method name is still accepted as a deprecated alias of `method=`.
 
 This module imports Flax; `import ringattn_jax` does not import this module (nor Flax),
 so the library's functions stay usable without Flax installed.
@@ -30,6 +35,7 @@ E out_features):
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import jax
@@ -37,11 +43,12 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from ringattn_jax.flash import flash_attention
-from ringattn_jax.reference import reference_attention
-from ringattn_jax.sharded import AUTO, STRATEGIES, sharded_attention
+from ringattn_jax import checks
+from ringattn_jax import rope as rope_lib
+from ringattn_jax.dispatch import METHODS, attention, is_sequence_parallel
+from ringattn_jax.sharded import AUTO
 
-BACKENDS = ("reference", "flash") + STRATEGIES
+BACKENDS = METHODS  # the former name of the method choices, kept for old imports
 
 RopeFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -50,7 +57,9 @@ RopeFn = Callable[[jax.Array, jax.Array], jax.Array]
 class RotaryEmbedding:
   """Rotary position embedding (RoPE), rotate-half convention (as LLaMA/transformers).
 
-  Called as `rope(x, positions)`: x [B, T, heads, H] (H even), positions [B, T] ints;
+  The unscaled frequencies theta ** (-2i / H) of `ringattn_jax.rope` (for Hugging
+  Face's rope_scaling family, wrap `ringattn_jax.rope.rope_frequencies` and
+  `apply_rotary` in a callable of this signature). Called as `rope(x, positions)`: x [B, T, heads, H] (H even), positions [B, T] ints;
   returns x rotated, in x's dtype (computed in float32, float64 for float64 x). Any
   callable with this signature can be passed as a module's `rope`.
   """
@@ -62,25 +71,21 @@ class RotaryEmbedding:
     if H % 2:
       raise ValueError(f"RotaryEmbedding needs an even head_dim; got {H}.")
     dtype = jnp.promote_types(x.dtype, jnp.float32)
-    inv_freq = 1.0 / self.theta ** (jnp.arange(0, H, 2, dtype=dtype) / H)  # [H/2]
-    angles = positions.astype(dtype)[..., None] * inv_freq  # [B, T, H/2]
-    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
-    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
-    xf = x.astype(dtype)
-    rotated = jnp.concatenate([-xf[..., H // 2:], xf[..., :H // 2]], -1)
-    return (xf * cos + rotated * sin).astype(x.dtype)
+    inv_freq = jnp.asarray(rope_lib.default_inv_freq(H, self.theta), dtype)  # [H/2]
+    cos, sin = rope_lib.rotary_cos_sin(positions, inv_freq, dtype=dtype)
+    return rope_lib.apply_rotary_cos_sin(x, cos, sin)
 
 
 @dataclasses.dataclass(frozen=True)
 class _Settings:
-  """What both modules share: shapes, backend and mask options (validated)."""
+  """What both modules share: shapes, attention method and mask options (validated)."""
 
   in_features: int
   num_heads: int
   num_kv_heads: int
   head_dim: int
   out_features: int
-  backend: str
+  method: str
   mesh: Any
   layout: str
   seq_axis: str
@@ -97,10 +102,9 @@ class _Settings:
 
   @classmethod
   def make(cls, *, in_features, num_heads, num_kv_heads=None, head_dim=None,
-           out_features=None, **kw):
-    for name, value in (("in_features", in_features), ("num_heads", num_heads)):
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+           out_features=None, method="flash", backend=None, batch_axes=AUTO, **kw):
+    in_features = checks.positive_int("in_features", in_features)
+    num_heads = checks.positive_int("num_heads", num_heads)
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     if head_dim is None:
       if in_features % num_heads:
@@ -108,19 +112,19 @@ class _Settings:
                          f"({num_heads}) when head_dim is not given.")
       head_dim = in_features // num_heads
     out_features = in_features if out_features is None else out_features
-    for name, value in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim),
-                        ("out_features", out_features)):
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+    num_kv_heads = checks.positive_int("num_kv_heads", num_kv_heads)
+    head_dim = checks.positive_int("head_dim", head_dim)
+    out_features = checks.positive_int("out_features", out_features)
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads "
                        f"({num_kv_heads}).")
+    if isinstance(batch_axes, list):  # hashable: the settings are static
+      batch_axes = tuple(batch_axes)
     s = cls(in_features=in_features, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            head_dim=head_dim, out_features=out_features, **kw)
-    if s.backend not in BACKENDS:
-      raise ValueError(f"backend must be one of {BACKENDS}; got {s.backend!r}.")
-    if s.backend in STRATEGIES and s.mesh is None:
-      raise ValueError(f"backend={s.backend!r} shards the sequence over a mesh: pass "
+            head_dim=head_dim, out_features=out_features,
+            method=_method(method, backend), batch_axes=batch_axes, **kw)
+    if is_sequence_parallel(s.method) and s.mesh is None:
+      raise ValueError(f"method={s.method!r} shards the sequence over a mesh: pass "
                        f"mesh=... (with a {s.seq_axis!r} axis).")
     if s.rope is not None and not callable(s.rope):
       raise ValueError(f"rope must be None or a callable (x, positions) -> x; got "
@@ -136,16 +140,23 @@ class _Settings:
     return kernels, (biases if self.use_bias else {})
 
   def attend(self, q, k, v, segment_ids):
-    kw = dict(is_causal=self.is_causal, segment_ids=segment_ids,
-              local_window_size=self.local_window_size, logit_softcap=self.logit_softcap,
-              scale=self.scale)
-    if self.backend == "reference":
-      return reference_attention(q, k, v, **kw)
-    if self.backend == "flash":
-      return flash_attention(q, k, v, impl=self.flash_impl, **kw)
-    return sharded_attention(q, k, v, mesh=self.mesh, strategy=self.backend,
-                             seq_axis=self.seq_axis, batch_axes=self.batch_axes,
-                             head_axis=self.head_axis, layout=self.layout, **kw)
+    """`ringattn_jax.attention` by `method`, given only the options that method reads.
+
+    flash_impl is the kernel of "flash"; mesh and layout belong to the
+    sequence-parallel methods. The others ignore them, as they always have here.
+    Mask options left at None are not passed (None is every method's default, and
+    "dot_product" takes no logit_softcap at all).
+    """
+    sp = is_sequence_parallel(self.method)
+    mask_kwargs = dict(segment_ids=segment_ids, local_window_size=self.local_window_size,
+                       logit_softcap=self.logit_softcap, scale=self.scale)
+    return attention(
+        q, k, v, method=self.method,
+        impl=self.flash_impl if self.method == "flash" else "auto",
+        mesh=self.mesh if sp else None, layout=self.layout if sp else "contiguous",
+        seq_axis=self.seq_axis, batch_axes=self.batch_axes, head_axis=self.head_axis,
+        is_causal=self.is_causal,
+        **{kw: value for kw, value in mask_kwargs.items() if value is not None})
 
   def apply(self, params, x, segment_ids=None, positions=None):
     """x [B, T, D] -> [B, T, E], from a dict of the parameters named in `shapes`."""
@@ -174,6 +185,23 @@ class _Settings:
     return out
 
 
+def _method(method: str, backend: Optional[str]) -> str:
+  """The attention method, from `method` or the deprecated alias `backend`."""
+  if backend is None:
+    return checks.choice("method", method, METHODS)
+  if backend not in METHODS:
+    raise ValueError(f"backend={backend!r}: the attention method is chosen with method= "
+                     f"(one of {METHODS}); backend is reserved for the platform "
+                     "('cpu', 'gpu', 'tpu'), which these modules do not take yet.")
+  if method not in ("flash", backend):
+    raise ValueError(f"got method={method!r} and backend={backend!r}; pass only "
+                     "method= (backend= is its deprecated alias).")
+  warnings.warn(f"backend={backend!r} is deprecated as the name of the attention method; "
+                f"pass method={backend!r} (backend will name the platform).",
+                DeprecationWarning, stacklevel=4)
+  return backend
+
+
 def _default_kernel_init(name):
   if name == "o_kernel":  # [N, H, E]: fan-in N * H
     return jax.nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
@@ -187,13 +215,15 @@ _DOC_ARGS = """
     num_kv_heads: K key/value heads (default N; GQA/MQA with fewer, N % K == 0).
     head_dim: H (default D // N).
     out_features: E (default D).
-    backend: "reference", "flash", "ring", "allgather" or "ulysses" (module docstring).
+    method: the attention method, one of METHODS: "reference", "flash",
+      "dot_product", "ring", "allgather" or "ulysses" (module docstring).
+    backend: deprecated alias of `method` (a method name; warns).
     mesh: a jax.sharding.Mesh; required by "ring", "allgather" and "ulysses".
     layout: token layout over the ring ("contiguous", "zigzag", "striped"); inputs and
       outputs stay in the caller's order either way.
     seq_axis, batch_axes, head_axis: mesh axes for the sequence, batch and heads (see
       `ringattn_jax.sharded_attention`).
-    flash_impl: the "flash" backend's kernel ("auto", "xla", "pallas", "reference").
+    flash_impl: the "flash" method's kernel ("auto", "xla", "pallas", "reference").
     is_causal, local_window_size, logit_softcap, scale: the mask and logits options of
       `ringattn_jax.flash_attention`.
     use_bias: biases on the four projections.
@@ -210,13 +240,13 @@ _DOC_ARGS = """
 
 
 class MultiHeadAttention(nnx.Module):
-  """GQA self-attention (flax.nnx) on a ringattn_jax backend chosen by name."""
+  """GQA self-attention (flax.nnx) with a ringattn_jax attention method chosen by name."""
 
   __doc__ += _DOC_ARGS
 
   def __init__(self, in_features: int, num_heads: int, *,
                num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
-               out_features: Optional[int] = None, backend: str = "flash", mesh=None,
+               out_features: Optional[int] = None, method: str = "flash", mesh=None,
                layout: str = "contiguous", seq_axis: str = "sp",
                batch_axes: Union[str, Sequence[str], None] = AUTO,
                head_axis: Optional[str] = AUTO, flash_impl: str = "auto",
@@ -224,16 +254,15 @@ class MultiHeadAttention(nnx.Module):
                logit_softcap: Optional[float] = None, scale: Optional[float] = None,
                use_bias: bool = False, rope: Optional[RopeFn] = None, dtype=None,
                param_dtype=jnp.float32, kernel_init=None,
-               bias_init=jax.nn.initializers.zeros, rngs: nnx.Rngs):
-    if isinstance(batch_axes, list):
-      batch_axes = tuple(batch_axes)
+               bias_init=jax.nn.initializers.zeros, rngs: nnx.Rngs,
+               backend: Optional[str] = None):
     self.settings = _Settings.make(
         in_features=in_features, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        head_dim=head_dim, out_features=out_features, backend=backend, mesh=mesh,
-        layout=layout, seq_axis=seq_axis, batch_axes=batch_axes, head_axis=head_axis,
-        flash_impl=flash_impl, is_causal=is_causal, local_window_size=local_window_size,
-        logit_softcap=logit_softcap, scale=scale, use_bias=use_bias, rope=rope,
-        dtype=dtype)
+        head_dim=head_dim, out_features=out_features, method=method, backend=backend,
+        mesh=mesh, layout=layout, seq_axis=seq_axis, batch_axes=batch_axes,
+        head_axis=head_axis, flash_impl=flash_impl, is_causal=is_causal,
+        local_window_size=local_window_size, logit_softcap=logit_softcap, scale=scale,
+        use_bias=use_bias, rope=rope, dtype=dtype)
     kernels, biases = self.settings.shapes()
     for name, shape in kernels.items():
       init = kernel_init or _default_kernel_init(name)
@@ -248,7 +277,7 @@ class MultiHeadAttention(nnx.Module):
 
 
 class LinenMultiHeadAttention(nn.Module):
-  """GQA self-attention (flax.linen) on a ringattn_jax backend chosen by name.
+  """GQA self-attention (flax.linen) with a ringattn_jax attention method chosen by name.
 
   The same computation, parameter names and shapes as `MultiHeadAttention`.
   """
@@ -260,7 +289,7 @@ class LinenMultiHeadAttention(nn.Module):
   num_kv_heads: Optional[int] = None
   head_dim: Optional[int] = None
   out_features: Optional[int] = None
-  backend: str = "flash"
+  method: str = "flash"
   mesh: Any = None
   layout: str = "contiguous"
   seq_axis: str = "sp"
@@ -277,16 +306,15 @@ class LinenMultiHeadAttention(nn.Module):
   param_dtype: Any = jnp.float32
   kernel_init: Optional[Callable] = None
   bias_init: Callable = jax.nn.initializers.zeros
+  backend: Optional[str] = None
 
   def _settings(self) -> _Settings:
-    batch_axes = self.batch_axes
-    if isinstance(batch_axes, list):
-      batch_axes = tuple(batch_axes)
     return _Settings.make(
         in_features=self.in_features, num_heads=self.num_heads,
         num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
-        out_features=self.out_features, backend=self.backend, mesh=self.mesh,
-        layout=self.layout, seq_axis=self.seq_axis, batch_axes=batch_axes,
+        out_features=self.out_features, method=self.method, backend=self.backend,
+        mesh=self.mesh, layout=self.layout, seq_axis=self.seq_axis,
+        batch_axes=self.batch_axes,
         head_axis=self.head_axis, flash_impl=self.flash_impl, is_causal=self.is_causal,
         local_window_size=self.local_window_size, logit_softcap=self.logit_softcap,
         scale=self.scale, use_bias=self.use_bias, rope=self.rope, dtype=self.dtype)

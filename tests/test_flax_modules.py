@@ -9,6 +9,7 @@ tests/helpers.py: float32 outputs <= 1e-5, gradients <= 2e-5 of the largest entr
 """
 import subprocess
 import sys
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from jax.sharding import Mesh
 import ringattn_jax
 from ringattn_jax.flax_modules import (BACKENDS, LinenMultiHeadAttention,
                                        MultiHeadAttention, RotaryEmbedding)
+from ringattn_jax.rope import apply_rotary, rope_frequencies
 from helpers import rel_err
 
 V, D, N, K, H, B, T = 48, 32, 8, 2, 8, 2, 32  # ulysses on sp=8: N / 8 = 1, K = 2 | 8
@@ -146,20 +148,20 @@ def _nnx_run(model):
   return logits, nnx.to_pure_dict(grads)
 
 
-def _backend_kwargs(backend, layout="zigzag"):
-  if backend in ringattn_jax.STRATEGIES:
-    return dict(backend=backend, mesh=_mesh(), layout=layout)
-  return dict(backend=backend, flash_impl="xla") if backend == "flash" else dict(
-      backend=backend)
+def _method_kwargs(method, layout="zigzag"):
+  if method in ringattn_jax.STRATEGIES:
+    return dict(method=method, mesh=_mesh(), layout=layout)
+  return dict(method=method, flash_impl="xla") if method == "flash" else dict(
+      method=method)
 
 
-@pytest.mark.parametrize("backend, options", [
-    *((b, "causal_rope_packed") for b in BACKENDS),
+@pytest.mark.parametrize("method, options", [
+    *((m, "causal_rope_packed") for m in ringattn_jax.METHODS),
     ("flash", "bias_window_softcap"), ("ring", "bias_window_softcap"),
 ])
-def test_nnx_module_matches_hand_written_reference(backend, options):
+def test_nnx_module_matches_hand_written_reference(method, options):
   module_opts, hand_opts = OPTIONS[options]
-  model = NnxLM({**_backend_kwargs(backend), **module_opts})
+  model = NnxLM({**_method_kwargs(method), **module_opts})
   logits, grads = _nnx_run(model)
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   want_logits, want_grads = _oracle(params, "embed", "attn", "head", hand_opts)
@@ -169,8 +171,8 @@ def test_nnx_module_matches_hand_written_reference(backend, options):
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag", "striped"])
 def test_nnx_ring_on_sp8_equals_flash(layout):
   opts = dict(is_causal=True, rope=RotaryEmbedding(THETA))
-  flash = NnxLM(dict(backend="flash", flash_impl="xla", **opts), seed=3)
-  ring = NnxLM(dict(backend="ring", mesh=_mesh(), layout=layout, **opts), seed=3)
+  flash = NnxLM(dict(method="flash", flash_impl="xla", **opts), seed=3)
+  ring = NnxLM(dict(method="ring", mesh=_mesh(), layout=layout, **opts), seed=3)
   want_logits, want_grads = _nnx_run(flash)
   logits, grads = _nnx_run(ring)
   _check(logits, grads, want_logits, want_grads)
@@ -209,10 +211,10 @@ def _linen_init(model, seed=0):
   return model.init(jax.random.key(seed), tokens, segments, positions)["params"]
 
 
-@pytest.mark.parametrize("backend", ["reference", "flash", "ring", "ulysses"])
-def test_linen_module_matches_hand_written_reference(backend):
+@pytest.mark.parametrize("method", ["reference", "flash", "ring", "ulysses"])
+def test_linen_module_matches_hand_written_reference(method):
   module_opts, hand_opts = OPTIONS["causal_rope_packed"]
-  model = LinenLM({**_backend_kwargs(backend, layout="striped"), **module_opts})
+  model = LinenLM({**_method_kwargs(method, layout="striped"), **module_opts})
   params = _linen_init(model)
   logits, grads = _linen_run(model, params)
   want_logits, want_grads = _oracle(params, "embed", "attn", "head", hand_opts)
@@ -221,15 +223,15 @@ def test_linen_module_matches_hand_written_reference(backend):
 
 def test_linen_ring_on_sp8_equals_flash_and_nnx_module_agrees():
   opts = dict(is_causal=True, rope=RotaryEmbedding(THETA), use_bias=True)
-  flash = LinenLM(dict(backend="flash", flash_impl="xla", **opts))
-  ring = LinenLM(dict(backend="ring", mesh=_mesh(), layout="zigzag", **opts))
+  flash = LinenLM(dict(method="flash", flash_impl="xla", **opts))
+  ring = LinenLM(dict(method="ring", mesh=_mesh(), layout="zigzag", **opts))
   params = _linen_init(flash)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, _linen_init(ring))
   want_logits, want_grads = _linen_run(flash, params)
   logits, grads = _linen_run(ring, params)
   _check(logits, grads, want_logits, want_grads)
   # The nnx module with the linen module's parameters computes the same function.
-  nnx_model = NnxLM(dict(backend="flash", flash_impl="xla", **opts))
+  nnx_model = NnxLM(dict(method="flash", flash_impl="xla", **opts))
   state = nnx.state(nnx_model, nnx.Param)
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, dict(params)))
   nnx.update(nnx_model, state)
@@ -248,9 +250,9 @@ def test_gqa_parameter_shapes_and_defaults():
                         q_bias=(N, D // N), k_bias=(K, D // N), v_bias=(K, D // N),
                         o_bias=(24,))
   assert m(jnp.ones((1, 4, D))).shape == (1, 4, 24)
-  # Default: no mask, flash backend; the output equals the reference backend's.
+  # Default: no mask, flash method; the output equals the reference method's.
   ref = MultiHeadAttention(D, N, num_kv_heads=K, out_features=24, use_bias=True,
-                           backend="reference", rngs=nnx.Rngs(0))
+                           method="reference", rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(1), (2, 8, D))
   assert rel_err(m(x), ref(x)) <= OUT_TOL
 
@@ -270,8 +272,10 @@ def test_custom_rope_hook_and_bfloat16_compute():
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(backend="ringg"), "backend must be one of"),
-    (dict(backend="ring"), "pass mesh="),
+    (dict(method="ringg"), "method must be one of .*; got 'ringg'"),
+    (dict(method="ring"), "pass mesh="),
+    (dict(backend="gpu"), "backend='gpu': the attention method is chosen with method="),
+    (dict(method="ring", backend="ulysses"), "pass only method="),
     (dict(num_kv_heads=3), "divisible by num_kv_heads"),
     (dict(num_heads=5), "divisible by num_heads"),
     (dict(rope=3), "rope must be None or a callable"),
@@ -285,6 +289,33 @@ def test_errors(kw, match):
     LinenMultiHeadAttention(**args).init(jax.random.key(0), jnp.ones((1, 8, D)))
   with pytest.raises(ValueError, match="inputs must be"):
     MultiHeadAttention(D, N, rngs=nnx.Rngs(0))(jnp.ones((1, 8, D + 1)))
+
+
+def test_backend_is_a_deprecated_alias_of_method():
+  assert BACKENDS == ringattn_jax.METHODS
+  x = jax.random.normal(jax.random.key(1), (2, 8, D))
+  want = MultiHeadAttention(D, N, method="reference", rngs=nnx.Rngs(0))(x)
+  with pytest.warns(DeprecationWarning, match="pass method='reference'"):
+    old = MultiHeadAttention(D, N, backend="reference", rngs=nnx.Rngs(0))
+  assert old.settings.method == "reference"
+  np.testing.assert_array_equal(old(x), want)
+  linen = LinenMultiHeadAttention(D, N, backend="reference")
+  with pytest.warns(DeprecationWarning, match="pass method='reference'"):
+    params = linen.init(jax.random.key(0), x)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    got = linen.apply(params, x)
+  np.testing.assert_allclose(
+      got, LinenMultiHeadAttention(D, N, method="reference").apply(params, x), rtol=0,
+      atol=0)
+
+
+def test_rotary_embedding_is_the_library_rope():
+  x = jax.random.normal(jax.random.key(2), (2, 8, K, H))
+  positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32) * 37, (2, 8))
+  inv_freq, _ = rope_frequencies(H, THETA, None, max_position_embeddings=T)
+  np.testing.assert_array_equal(RotaryEmbedding(THETA)(x, positions),
+                                apply_rotary(x, positions, inv_freq))
 
 
 def test_import_ringattn_jax_does_not_import_flax():
