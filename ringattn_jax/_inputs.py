@@ -16,40 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-Window = Optional[Tuple[int, int]]
+from ringattn_jax import checks
+from ringattn_jax.masking import MaskSpec, Window
+
 WindowArg = Union[None, int, Tuple[int, int]]
 
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32, jnp.float64)
-
-
-@dataclasses.dataclass(frozen=True)
-class MaskSpec:
-  """Static (hashable) part of an attention problem: what every kernel specialises on.
-
-  Attributes:
-    is_causal: key position must be <= query position.
-    window: `(left, right)`: key position must lie in
-      `[q_pos - left, q_pos + right]`; None for no window.
-    logit_softcap: if set, logits become `softcap * tanh(logits / softcap)` (applied
-      after `scale`, before `bias`).
-    scale: multiplier of `q @ k`.
-    has_bias / has_mask / has_segments / has_q_lengths / has_kv_lengths: which optional
-      tensors are present (kernels skip the work for absent ones).
-  """
-
-  is_causal: bool = False
-  window: Window = None
-  logit_softcap: Optional[float] = None
-  scale: float = 1.0
-  has_bias: bool = False
-  has_mask: bool = False
-  has_segments: bool = False
-  has_q_lengths: bool = False
-  has_kv_lengths: bool = False
-
-  @property
-  def uses_positions(self) -> bool:
-    return self.is_causal or self.window is not None
 
 
 @jax.tree_util.register_dataclass
@@ -84,12 +56,10 @@ def normalize_window(local_window_size: WindowArg) -> Window:
   """`int` or `(left, right)` (as jax.nn.dot_product_attention) -> `(left, right)`."""
   if local_window_size is None:
     return None
-  if isinstance(local_window_size, (int, np.integer)) and not isinstance(
-      local_window_size, bool):
+  if checks.is_int(local_window_size):
     left = right = int(local_window_size)
   elif (isinstance(local_window_size, (tuple, list)) and len(local_window_size) == 2
-        and all(isinstance(w, (int, np.integer)) and not isinstance(w, bool)
-                for w in local_window_size)):
+        and all(checks.is_int(w) for w in local_window_size)):
     left, right = (int(w) for w in local_window_size)
   else:
     raise ValueError(
@@ -136,26 +106,51 @@ def _positions(name: str, positions: Any, offset: Any, n: int) -> jax.Array:
   return pos + offset.astype(jnp.int32)
 
 
-def canonicalize(
-    q, k, v, bias=None, mask=None, *,
-    scale: Optional[float] = None,
-    is_causal: bool = False,
-    segment_ids=None,
-    kv_segment_ids=None,
-    local_window_size: WindowArg = None,
-    logit_softcap: Optional[float] = None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    q_positions=None,
-    kv_positions=None,
-    q_offset=0,
-    kv_offset=0,
-) -> Tuple[AttnInputs, MaskSpec]:
-  """Checks every attention argument and returns `(AttnInputs, MaskSpec)`.
+# The mask keywords every attention function takes (as `**mask_kwargs`), with their
+# defaults. `canonicalize` is the one place that reads them; a function that supports
+# only some of them says which with `check_mask_keywords`.
+MASK_KEYWORDS = {
+    "scale": None,
+    "is_causal": False,
+    "segment_ids": None,
+    "kv_segment_ids": None,
+    "local_window_size": None,
+    "logit_softcap": None,
+    "query_seq_lengths": None,
+    "key_value_seq_lengths": None,
+    "q_positions": None,
+    "kv_positions": None,
+    "q_offset": 0,
+    "kv_offset": 0,
+}
 
-  Raises:
-    ValueError: naming the argument, the value and what would be valid.
+# The mask keywords of the sequence-parallel functions (ring_attention,
+# sharded_attention): dense bias/mask tensors, valid lengths and offsets are not
+# sharded along the sequence.
+SEQUENCE_PARALLEL_KEYWORDS = ("scale", "is_causal", "segment_ids", "kv_segment_ids",
+                              "local_window_size", "logit_softcap", "q_positions",
+                              "kv_positions")
+
+
+def check_mask_keywords(fn: str, mask_kwargs, allowed=tuple(MASK_KEYWORDS)) -> None:
+  """Raises for a keyword that is not a mask keyword, or one that `fn` does not take.
+
+  A keyword left at its default (None, or False/0) counts as not given.
   """
+  unknown = sorted(set(mask_kwargs) - set(MASK_KEYWORDS))
+  if unknown:
+    raise TypeError(f"{fn}() got unexpected keyword argument(s) {unknown}; the mask "
+                    f"keywords are {sorted(MASK_KEYWORDS)}.")
+  unsupported = sorted(kw for kw, val in mask_kwargs.items()
+                       if kw not in allowed and val is not None
+                       and not (isinstance(val, (bool, int)) and val == MASK_KEYWORDS[kw]))
+  if unsupported:
+    raise ValueError(f"{fn} does not take {unsupported}; it takes the mask keywords "
+                     f"{sorted(allowed)}.")
+
+
+def _check_qkv(q, k, v):
+  """q [B, T, N, H], k/v [B, S, K, H] of one float dtype, N % K == 0."""
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   for name, x in (("query", q), ("key", k), ("value", v)):
     if x.ndim != 4:
@@ -180,23 +175,29 @@ def canonicalize(
                      "(GQA/MQA); pass K key/value heads, do not repeat them.")
   if T == 0 or S == 0:
     raise ValueError(f"sequence lengths must be positive; got T={T}, S={S}.")
+  return q, k, v
 
+
+def _static_spec(kw, H: int, **has) -> MaskSpec:
+  """The MaskSpec from the static keywords (scale, is_causal, window, softcap)."""
+  scale, is_causal, logit_softcap = kw["scale"], kw["is_causal"], kw["logit_softcap"]
   if scale is None:
     scale = 1.0 / math.sqrt(H)
-  elif not isinstance(scale, (int, float, np.floating, np.integer)):
+  elif not checks.is_number(scale):
     raise ValueError(f"scale must be a Python number (static); got {type(scale)}.")
-  scale = float(scale)
   if logit_softcap is not None:
-    if not isinstance(logit_softcap, (int, float, np.floating, np.integer)) or not (
-        logit_softcap > 0):
+    if not checks.is_number(logit_softcap) or not logit_softcap > 0:
       raise ValueError(f"logit_softcap must be a positive number or None; got "
                        f"{logit_softcap!r}.")
     logit_softcap = float(logit_softcap)
   if not isinstance(is_causal, (bool, np.bool_)):
     raise ValueError(f"is_causal must be a Python bool; got {is_causal!r}.")
-  window = normalize_window(local_window_size)
+  return MaskSpec(is_causal=bool(is_causal), window=normalize_window(
+      kw["local_window_size"]), logit_softcap=logit_softcap, scale=float(scale), **has)
 
-  full = (B, N, T, S)
+
+def _check_dense(bias, mask, full):
+  """bias (float) and mask (bool), each broadcastable to `full` = [B, N, T, S]."""
   if bias is not None:
     bias = _check_broadcastable("bias", bias, full)
     if not jnp.issubdtype(bias.dtype, jnp.floating):
@@ -205,37 +206,61 @@ def canonicalize(
     mask = _check_broadcastable("mask", mask, full)
     if mask.dtype != jnp.bool_:
       raise ValueError(f"mask must be boolean (True = attend); got {mask.dtype}.")
+  return bias, mask
 
+
+def _check_segments(segment_ids, kv_segment_ids, B: int, T: int, S: int):
+  """(q_seg [B, T], kv_seg [B, S]) int32, or (None, None)."""
   if kv_segment_ids is not None and segment_ids is None:
     raise ValueError("kv_segment_ids given without segment_ids.")
-  if segment_ids is not None:
-    q_seg = _check_ids("segment_ids", segment_ids, (B, T))
-    if kv_segment_ids is None:
-      if S != T:
-        raise ValueError(f"segment_ids alone requires T == S (got T={T}, S={S}); pass "
-                         "kv_segment_ids [B, S] too.")
-      kv_seg = q_seg
-    else:
-      kv_seg = _check_ids("kv_segment_ids", kv_segment_ids, (B, S))
-  else:
-    q_seg = kv_seg = None
+  if segment_ids is None:
+    return None, None
+  q_seg = _check_ids("segment_ids", segment_ids, (B, T))
+  if kv_segment_ids is not None:
+    return q_seg, _check_ids("kv_segment_ids", kv_segment_ids, (B, S))
+  if S != T:
+    raise ValueError(f"segment_ids alone requires T == S (got T={T}, S={S}); pass "
+                     "kv_segment_ids [B, S] too.")
+  return q_seg, q_seg
 
-  q_len = kv_len = None
-  if query_seq_lengths is not None:
-    q_len = _check_ids("query_seq_lengths", query_seq_lengths, (B,))
-  if key_value_seq_lengths is not None:
-    kv_len = _check_ids("key_value_seq_lengths", key_value_seq_lengths, (B,))
 
+def canonicalize(q, k, v, bias=None, mask=None, **mask_kwargs
+                 ) -> Tuple[AttnInputs, MaskSpec]:
+  """Checks every attention argument and returns `(AttnInputs, MaskSpec)`.
+
+  Args:
+    q, k, v, bias, mask: as in `flash_attention`.
+    **mask_kwargs: the keywords of `MASK_KEYWORDS` (see `flash_attention`).
+
+  Raises:
+    ValueError: naming the argument, the value and what would be valid.
+    TypeError: a keyword that is not a mask keyword.
+  """
+  check_mask_keywords("canonicalize", mask_kwargs)
+  kw = {**MASK_KEYWORDS, **mask_kwargs}
+  q, k, v = _check_qkv(q, k, v)
+  B, T, N, H = q.shape
+  S = k.shape[1]
+  bias, mask = _check_dense(bias, mask, (B, N, T, S))
+  q_seg, kv_seg = _check_segments(kw["segment_ids"], kw["kv_segment_ids"], B, T, S)
+  lengths = [None if kw[name] is None else _check_ids(name, kw[name], (B,))
+             for name in ("query_seq_lengths", "key_value_seq_lengths")]
+  spec = _static_spec(
+      kw, H, has_bias=bias is not None, has_mask=mask is not None,
+      has_segments=q_seg is not None, has_q_lengths=lengths[0] is not None,
+      has_kv_lengths=lengths[1] is not None)
   inputs = AttnInputs(
       q=q, k=k, v=v, bias=bias, mask=mask, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
-      q_positions=_positions("q_positions", q_positions, q_offset, T),
-      kv_positions=_positions("kv_positions", kv_positions, kv_offset, S),
-      q_lengths=q_len, kv_lengths=kv_len)
-  spec = MaskSpec(
-      is_causal=bool(is_causal), window=window, logit_softcap=logit_softcap, scale=scale,
-      has_bias=bias is not None, has_mask=mask is not None, has_segments=q_seg is not None,
-      has_q_lengths=q_len is not None, has_kv_lengths=kv_len is not None)
+      q_positions=_positions("q_positions", kw["q_positions"], kw["q_offset"], T),
+      kv_positions=_positions("kv_positions", kw["kv_positions"], kw["kv_offset"], S),
+      q_lengths=lengths[0], kv_lengths=lengths[1])
   return inputs, spec
+
+
+def spec_keywords(spec: MaskSpec) -> dict:
+  """The static mask keywords that `canonicalize` turns into `spec` (its inverse)."""
+  return dict(is_causal=spec.is_causal, local_window_size=spec.window,
+              logit_softcap=spec.logit_softcap, scale=spec.scale)
 
 
 def accum_dtype(dtype) -> jnp.dtype:

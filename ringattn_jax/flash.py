@@ -25,25 +25,9 @@ def _resolve_impl(impl: str, spec: _inputs.MaskSpec, backend: str) -> str:
   return "xla"
 
 
-def flash_attention(
-    q, k, v, bias=None, mask=None, *,
-    scale: Optional[float] = None,
-    is_causal: bool = False,
-    segment_ids=None,
-    kv_segment_ids=None,
-    local_window_size=None,
-    logit_softcap: Optional[float] = None,
-    query_seq_lengths=None,
-    key_value_seq_lengths=None,
-    q_positions=None,
-    kv_positions=None,
-    q_offset=0,
-    kv_offset=0,
-    impl: str = "auto",
-    block_sizes=None,
-    interpret: Optional[bool] = None,
-    return_lse: bool = False,
-):
+def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
+                    block_sizes=None, interpret: Optional[bool] = None,
+                    return_lse: bool = False, **mask_kwargs):
   """Memory-efficient exact attention (online softmax over key blocks).
 
   A drop-in for `jax.nn.dot_product_attention` on the arguments they share, plus packed
@@ -57,16 +41,6 @@ def flash_attention(
       low-precision matmuls with float32 accumulation.
     bias: additive bias broadcastable to [B, N, T, S] (differentiable), or None.
     mask: boolean, broadcastable to [B, N, T, S], True = attend; or None.
-    scale: logits multiplier; default 1/sqrt(H).
-    is_causal: key position <= query position.
-    segment_ids: [B, T] ints: tokens attend only within their segment (packed
-      sequences). With S != T, also pass kv_segment_ids [B, S].
-    local_window_size: int w or (left, right): a query at position p sees keys at
-      positions [p - left, p + right] (as jax.nn.dot_product_attention).
-    logit_softcap: c > 0 turns logits x into c * tanh(x / c) (after scale, before bias).
-    query_seq_lengths / key_value_seq_lengths: [B] ints: valid prefix lengths.
-    q_positions / kv_positions: [T] / [S] int positions used by causal and window masks
-      (default arange); q_offset / kv_offset (int scalars, may be traced) are added.
     impl: "xla" (blockwise, pure XLA), "pallas" (Pallas kernels: Triton on GPU, Mosaic
       on TPU, the interpreter on CPU), "reference" (dense), or "auto".
     block_sizes: the chosen kernel's BlockSizes (flash_xla.BlockSizes or
@@ -74,28 +48,31 @@ def flash_attention(
     interpret: Pallas only: force the interpreter on (True) or off (False); default:
       interpret exactly when the backend is CPU.
     return_lse: also return the log-sum-exp of the logits, [B, T, N] float32.
+    **mask_kwargs: the mask keywords shared by every attention function
+      (`_inputs.MASK_KEYWORDS`):
+      scale: logits multiplier; default 1/sqrt(H).
+      is_causal: key position <= query position.
+      segment_ids: [B, T] ints: tokens attend only within their segment (packed
+        sequences). With S != T, also pass kv_segment_ids [B, S].
+      local_window_size: int w or (left, right): a query at position p sees keys at
+        positions [p - left, p + right] (as jax.nn.dot_product_attention).
+      logit_softcap: c > 0 turns logits x into c * tanh(x / c) (after scale, before bias).
+      query_seq_lengths / key_value_seq_lengths: [B] ints: valid prefix lengths.
+      q_positions / kv_positions: [T] / [S] int positions used by causal and window masks
+        (default arange); q_offset / kv_offset (int scalars, may be traced) are added.
 
   Returns:
     [B, T, N, H] in q's dtype, and the lse if `return_lse`. A query that sees no key
     gets output 0 and lse -inf (never NaN); its gradient is 0.
   """
-  x, spec = _inputs.canonicalize(
-      q, k, v, bias, mask, scale=scale, is_causal=is_causal, segment_ids=segment_ids,
-      kv_segment_ids=kv_segment_ids, local_window_size=local_window_size,
-      logit_softcap=logit_softcap, query_seq_lengths=query_seq_lengths,
-      key_value_seq_lengths=key_value_seq_lengths, q_positions=q_positions,
-      kv_positions=kv_positions, q_offset=q_offset, kv_offset=kv_offset)
+  x, spec = _inputs.canonicalize(q, k, v, bias, mask, **mask_kwargs)
   backend = jax.default_backend()
   chosen = _resolve_impl(impl, spec, backend)
   if chosen == "reference":
     if block_sizes is not None:
       raise ValueError("block_sizes has no meaning for impl='reference'.")
-    return reference_attention(
-        q, k, v, bias, mask, return_lse=return_lse, scale=spec.scale, is_causal=is_causal,
-        segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-        local_window_size=local_window_size, logit_softcap=logit_softcap,
-        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-        q_positions=x.q_positions, kv_positions=x.kv_positions)
+    return reference_attention(q, k, v, bias, mask, return_lse=return_lse,
+                               **mask_kwargs)
   if chosen == "xla":
     if interpret is not None:
       raise ValueError("interpret applies to impl='pallas' only.")

@@ -11,9 +11,14 @@ stacked into the rows of one matmul, `[B, K, G*bq, H] x [B, K, bk, H]`.
 
 `forward` and `backward` work on canonical inputs: they lay q, k, v out for the kernel
 (`forward_operands` / `backward_operands`), run it (`forward_blocks` /
-`backward_blocks`) and restore the layout (`q_rows_inv`, `kv_blocks_inv`). Ring
-attention calls the three steps separately: it lays its shards out once per pass and
-runs the kernel on every hop, so travelling keys/values need no per-hop layout copies.
+`backward_blocks`) and restore the layout (`BlockLayout.rows_to_seq`,
+`BlockLayout.blocks_to_seq`). These steps are the kernel interface that ring attention
+drives (`kernel_api.HopKernel`): it lays its shards out once per pass and runs the
+kernel on every hop, so travelling keys/values need no per-hop layout copies.
+
+The online-softmax update inside the block loop is written inline (a kernel body needs
+it there); the rule itself, for merging partial results outside a kernel, is owned by
+`softmax`.
 """
 from __future__ import annotations
 
@@ -26,8 +31,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from ringattn_jax import _vma
+from ringattn_jax import checks
 from ringattn_jax import masking
 from ringattn_jax import schedule
+from ringattn_jax import softmax
 from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
 
 
@@ -40,27 +47,37 @@ class BlockSizes:
     block_q_bwd, block_k_bwd: the same for the backward pass.
   """
 
-  # Tuned on a 2-core AMX CPU at T=4096..8192, H=128 (experiments/benchmark_attention.py):
-  # big enough for efficient matmuls, small enough that a block's logits stay in cache.
+  # Big enough for efficient matmuls, small enough that a block's logits stay in cache
+  # (the measurements behind them: results/ and the README's benchmark section).
   block_q: int = 256
   block_k: int = 512
   block_q_bwd: int = 512
   block_k_bwd: int = 256
 
   def __post_init__(self):
-    for f in dataclasses.fields(self):
-      val = getattr(self, f.name)
-      if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-        raise ValueError(f"BlockSizes.{f.name} must be a positive int; got {val!r}.")
+    checks.positive_int_fields(self, [f.name for f in dataclasses.fields(self)])
 
 
-def _round_up(n: int, m: int) -> int:
-  return -(-n // m) * m
+def check_block_sizes(block_sizes: Optional[BlockSizes]) -> BlockSizes:
+  """`block_sizes`, or the defaults for None; a clear error for anything else."""
+  if block_sizes is None:
+    return BlockSizes()
+  if not isinstance(block_sizes, BlockSizes):
+    raise ValueError("block_sizes for the XLA kernel must be a ringattn_jax.flash_xla."
+                     f"BlockSizes; got {type(block_sizes).__name__}.")
+  return block_sizes
 
 
 @dataclasses.dataclass(frozen=True)
-class _Geometry:
-  """Static shapes of one blockwise problem."""
+class BlockLayout:
+  """How the kernel lays out one blockwise problem (`kernel_api.BlockLayout`).
+
+  Queries and everything per query row (outputs, lse, dO, dQ) live as query rows
+  [nq, B, K, G*bq, ...] (rows ordered (g, t), so that scores reshape for free to
+  [B, K, G, bq, bk]); keys and values (and dK, dV) as key blocks [nk, B, K, bk, H].
+  Sequences are padded to whole blocks (padded keys are masked by length, padded
+  query rows sliced off by `rows_to_seq`).
+  """
 
   B: int
   T: int
@@ -77,11 +94,11 @@ class _Geometry:
 
   @property
   def Tp(self):
-    return _round_up(self.T, self.bq)
+    return checks.round_up(self.T, self.bq)
 
   @property
   def Sp(self):
-    return _round_up(self.S, self.bk)
+    return checks.round_up(self.S, self.bk)
 
   @property
   def nq(self):
@@ -91,11 +108,37 @@ class _Geometry:
   def nk(self):
     return self.Sp // self.bk
 
+  def q_rows(self, a):
+    """[B, T, N, ...] -> query rows [nq, B, K, G*bq, ...]."""
+    rest = a.shape[3:]
+    a = _pad_axis(a, 1, self.Tp).reshape((self.B, self.nq, self.bq, self.K, self.G) + rest)
+    a = jnp.moveaxis(a, (1, 3, 4, 2), (0, 2, 3, 4))
+    return a.reshape((self.nq, self.B, self.K, self.G * self.bq) + rest)
 
-def _geometry(x: AttnInputs, bq: int, bk: int) -> _Geometry:
+  def rows_to_seq(self, a):
+    """Query rows [nq, B, K, G*bq, ...] -> [B, T, N, ...] (padded rows dropped)."""
+    rest = a.shape[4:]
+    a = a.reshape((self.nq, self.B, self.K, self.G, self.bq) + rest)
+    a = jnp.moveaxis(a, (0, 2, 3, 4), (1, 3, 4, 2))
+    return a.reshape((self.B, self.Tp, self.N) + rest)[:, :self.T]
+
+  def kv_blocks(self, a, transpose: bool = False):
+    """[B, S, K, H] -> key blocks [nk, B, K, bk, H] ([nk, B, K, H, bk] if `transpose`)."""
+    a = _pad_axis(a, 1, self.Sp).reshape(self.B, self.nk, self.bk, self.K, self.H)
+    return jnp.transpose(a, (1, 0, 3, 4, 2) if transpose else (1, 0, 3, 2, 4))
+
+  def blocks_to_seq(self, a):
+    """Key blocks [nk, B, K, bk, H] -> [B, S, K, H] (padded keys dropped)."""
+    a = jnp.transpose(a, (1, 0, 3, 2, 4)).reshape(self.B, self.Sp, self.K, self.H)
+    return a[:, :self.S]
+
+
+def _layout(x: AttnInputs, bq: int, bk: int) -> BlockLayout:
   B, T, N, H = x.q.shape
   S, K = x.k.shape[1], x.k.shape[2]
-  return _Geometry(B, T, S, N, K, H, min(bq, T), min(bk, S))
+  return BlockLayout(B, T, S, N, K, H, min(bq, T), min(bk, S))
+
+
 
 
 def _pad_axis(a, axis, new_len, mode="constant"):
@@ -120,40 +163,10 @@ def _unbits(a, dtype):
   return lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
 
 
-# Layout changes. Queries and everything per query row live as [nq, B, K, G*bq, ...]
-# (rows ordered (g, t) so that scores reshape for free to [B, K, G, bq, bk]); keys and
-# values as [nk, B, K, bk, H].
-def _q_rows(a, g: _Geometry):
-  """[B, T, N, ...] -> [nq, B, K, G*bq, ...]."""
-  rest = a.shape[3:]
-  a = _pad_axis(a, 1, g.Tp).reshape((g.B, g.nq, g.bq, g.K, g.G) + rest)
-  a = jnp.moveaxis(a, (1, 3, 4, 2), (0, 2, 3, 4))
-  return a.reshape((g.nq, g.B, g.K, g.G * g.bq) + rest)
-
-
-def q_rows_inv(a, g: _Geometry):
-  """[nq, B, K, G*bq, ...] -> [B, T, N, ...]."""
-  rest = a.shape[4:]
-  a = a.reshape((g.nq, g.B, g.K, g.G, g.bq) + rest)
-  a = jnp.moveaxis(a, (0, 2, 3, 4), (1, 3, 4, 2))
-  return a.reshape((g.B, g.Tp, g.N) + rest)[:, :g.T]
-
-
-def _kv_blocks(a, g: _Geometry, transpose: bool = False):
-  """[B, S, K, H] -> [nk, B, K, bk, H] (or [nk, B, K, H, bk] if `transpose`)."""
-  a = _pad_axis(a, 1, g.Sp).reshape(g.B, g.nk, g.bk, g.K, g.H)
-  return jnp.transpose(a, (1, 0, 3, 4, 2) if transpose else (1, 0, 3, 2, 4))
-
-
-def kv_blocks_inv(a, g: _Geometry):
-  """[nk, B, K, bk, H] -> [B, S, K, H]."""
-  return jnp.transpose(a, (1, 0, 3, 2, 4)).reshape(g.B, g.Sp, g.K, g.H)[:, :g.S]
-
-
 class _Blocks:
   """Per-block slices of the masking/bias inputs, in score layout [B, K, G, bq, bk]."""
 
-  def __init__(self, x: AttnInputs, spec: MaskSpec, g: _Geometry):
+  def __init__(self, x: AttnInputs, spec: MaskSpec, g: BlockLayout):
     self.spec, self.g = spec, g
     # Padded query rows are sliced off at the end; padded keys are masked by length.
     self.q_pos = _pad_axis(x.q_positions, 0, g.Tp, mode="edge")
@@ -252,24 +265,24 @@ def _scores(spec: MaskSpec, blocks: _Blocks, qb, kb, i, j, acc, use_positions,
   return s, tanh, vis
 
 
-def forward_geometry(x: AttnInputs, block_sizes: BlockSizes) -> _Geometry:
+def forward_layout(x: AttnInputs, block_sizes: BlockSizes) -> BlockLayout:
   """Static shapes of the forward pass (block_q, block_k clamped to T, S)."""
-  return _geometry(x, block_sizes.block_q, block_sizes.block_k)
+  return _layout(x, block_sizes.block_q, block_sizes.block_k)
 
 
-def backward_geometry(x: AttnInputs, block_sizes: BlockSizes) -> _Geometry:
+def backward_layout(x: AttnInputs, block_sizes: BlockSizes) -> BlockLayout:
   """Static shapes of the backward pass (block_q_bwd, block_k_bwd clamped to T, S)."""
-  return _geometry(x, block_sizes.block_q_bwd, block_sizes.block_k_bwd)
+  return _layout(x, block_sizes.block_q_bwd, block_sizes.block_k_bwd)
 
 
-def forward_operands(q, k, v, g: _Geometry):
+def forward_operands(q, k, v, g: BlockLayout):
   """q, k, v in the forward kernel's layout (16-bit floats as their uint16 bits).
 
   Returns qh [nq, B, K, G*bq, H], kh [nk, B, K, H, bk] (keys as [H, bk] blocks make
   q @ k^T a plain NN matmul: faster for bf16 on CPU) and vh [nk, B, K, bk, H].
   """
-  return (_q_rows(_bits(q), g), _kv_blocks(_bits(k), g, transpose=True),
-          _kv_blocks(_bits(v), g))
+  return (g.q_rows(_bits(q)), g.kv_blocks(_bits(k), transpose=True),
+          g.kv_blocks(_bits(v)))
 
 
 def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes,
@@ -286,12 +299,12 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes,
   Returns:
     out [B, T, N, H] and lse [B, T, N] (float32; float64 for float64 inputs).
   """
-  g = forward_geometry(x, block_sizes)
+  g = forward_layout(x, block_sizes)
   out, lse = forward_blocks(x, spec, g, x.q.dtype, *forward_operands(x.q, x.k, x.v, g))
-  return q_rows_inv(out, g).astype(out_dtype or x.q.dtype), q_rows_inv(lse, g)
+  return g.rows_to_seq(out).astype(out_dtype or x.q.dtype), g.rows_to_seq(lse)
 
 
-def forward_blocks(x: AttnInputs, spec: MaskSpec, g: _Geometry, dtype, qh, kh, vh):
+def forward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, kh, vh):
   """The forward kernel on operands already in its layout (`forward_operands`).
 
   Ring attention keeps travelling keys/values in this layout, so that a hop makes no
@@ -300,7 +313,7 @@ def forward_blocks(x: AttnInputs, spec: MaskSpec, g: _Geometry, dtype, qh, kh, v
 
   Returns:
     out [nq, B, K, G*bq, H] and lse [nq, B, K, G*bq] in float32 (float64 for float64),
-    in query-row layout (`q_rows_inv` restores [B, T, N, ...]; padded rows included).
+    in query-row layout (`BlockLayout.rows_to_seq` restores [B, T, N, ...]).
   """
   acc, dt = accum_dtype(dtype), dtype
   axes = _vma.union_axes(x, qh, kh, vh)
@@ -339,7 +352,7 @@ def forward_blocks(x: AttnInputs, spec: MaskSpec, g: _Geometry, dtype, qh, kh, v
   return lax.map(per_q_block, (jnp.arange(g.nq), qh, kv_sched))
 
 
-def backward_operands(q, k, v, lse, delta, dout, g: _Geometry):
+def backward_operands(q, k, v, lse, delta, dout, g: BlockLayout):
   """Backward inputs in the backward kernel's layout (16-bit floats as uint16 bits).
 
   Returns (qh, doh, lse_h, delta_h) as query rows [nq, B, K, G*bq, ...] and
@@ -347,10 +360,10 @@ def backward_operands(q, k, v, lse, delta, dout, g: _Geometry):
   that see nothing), so that their p = exp(s - lse) = 0.
   """
   acc = accum_dtype(q.dtype)
-  rows = (_q_rows(_bits(q), g), _q_rows(_bits(dout.astype(q.dtype)), g),
-          _q_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse).astype(acc), g),
-          _q_rows(delta.astype(acc), g))
-  return rows, (_kv_blocks(_bits(k), g), _kv_blocks(_bits(v), g))
+  rows = (g.q_rows(_bits(q)), g.q_rows(_bits(dout.astype(q.dtype))),
+          g.q_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse).astype(acc)),
+          g.q_rows(delta.astype(acc)))
+  return rows, (g.kv_blocks(_bits(k)), g.kv_blocks(_bits(v)))
 
 
 def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta, dout):
@@ -366,13 +379,13 @@ def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta,
     dq [B, T, N, H], dk, dv [B, S, K, H] in float32 (float64 for float64 inputs),
     dbias with the canonical bias shape (or None).
   """
-  g = backward_geometry(x, block_sizes)
+  g = backward_layout(x, block_sizes)
   rows, kv = backward_operands(x.q, x.k, x.v, lse, delta, dout, g)
   dq, dk, dv, dbias = backward_blocks(x, spec, g, x.q.dtype, *rows, *kv)
-  return q_rows_inv(dq, g), kv_blocks_inv(dk, g), kv_blocks_inv(dv, g), dbias
+  return g.rows_to_seq(dq), g.blocks_to_seq(dk), g.blocks_to_seq(dv), dbias
 
 
-def backward_blocks(x: AttnInputs, spec: MaskSpec, g: _Geometry, dtype, qh, doh, lse_h,
+def backward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, doh, lse_h,
                     delta_h, kh, vh, dq=None):
   """The backward kernel on operands already in its layout (`backward_operands`).
 
@@ -427,7 +440,7 @@ def backward_blocks(x: AttnInputs, spec: MaskSpec, g: _Geometry, dtype, qh, doh,
   return dq, dk, dv, dbias
 
 
-def _accumulate_dbias(dbias, ds, g: _Geometry, i, j):
+def _accumulate_dbias(dbias, ds, g: BlockLayout, i, j):
   """Adds block (i, j) of d logits, [B, K, R, bk], into dbias [Bb, Nb, Tp|1, Sp|1]."""
   d = ds.reshape(g.B, g.N, g.bq, g.bk)
   Bb, Nb, Tb, Sb = dbias.shape
@@ -456,8 +469,7 @@ def _flash_fwd(spec, block_sizes, q, k, v, bias, aux):
 def _flash_bwd(spec, block_sizes, res, cts):
   q, k, v, bias, aux, out, lse = res
   dout, dlse = cts
-  acc = accum_dtype(q.dtype)
-  delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
+  delta = softmax.backward_delta(dout, out, dlse, accum_dtype(q.dtype))
   x = dataclasses.replace(aux, q=q, k=k, v=v, bias=bias)
   dq, dk, dv, dbias = backward(x, spec, block_sizes, lse, delta, dout)
   aux_ct = jax.tree.map(lambda _: None, aux)
@@ -470,10 +482,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def attention(x: AttnInputs, spec: MaskSpec, block_sizes: Optional[BlockSizes] = None):
   """Differentiable blockwise attention on canonical inputs: (out, lse [B, T, N])."""
-  if block_sizes is None:
-    block_sizes = BlockSizes()
-  if not isinstance(block_sizes, BlockSizes):
-    raise ValueError("block_sizes for impl='xla' must be a ringattn_jax.flash_xla."
-                     f"BlockSizes; got {type(block_sizes).__name__}.")
+  block_sizes = check_block_sizes(block_sizes)
   aux = dataclasses.replace(x, q=None, k=None, v=None, bias=None)
   return _flash(spec, block_sizes, x.q, x.k, x.v, x.bias, aux)

@@ -15,12 +15,44 @@ A key at position `kp` is visible to a query at position `qp` iff all that apply
 """
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
+from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 
-from ringattn_jax._inputs import MaskSpec
+
+Window = Optional[Tuple[int, int]]
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+  """Static (hashable) part of an attention problem: what every kernel specialises on.
+
+  Attributes:
+    is_causal: key position must be <= query position.
+    window: `(left, right)`: key position must lie in
+      `[q_pos - left, q_pos + right]`; None for no window.
+    logit_softcap: if set, logits become `softcap * tanh(logits / softcap)` (applied
+      after `scale`, before `bias`).
+    scale: multiplier of `q @ k`.
+    has_bias / has_mask / has_segments / has_q_lengths / has_kv_lengths: which optional
+      tensors are present (kernels skip the work for absent ones).
+  """
+
+  is_causal: bool = False
+  window: Window = None
+  logit_softcap: Optional[float] = None
+  scale: float = 1.0
+  has_bias: bool = False
+  has_mask: bool = False
+  has_segments: bool = False
+  has_q_lengths: bool = False
+  has_kv_lengths: bool = False
+
+  @property
+  def uses_positions(self) -> bool:
+    return self.is_causal or self.window is not None
 
 
 def position_mask(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array) -> Optional[jax.Array]:

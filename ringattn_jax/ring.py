@@ -4,14 +4,16 @@ Called inside `jax.shard_map` on local shards: device d of the n devices on
 `axis_name` holds queries q [B, T/n, N, H] and keys/values k, v [B, S/n, K, H] (only the
 K key/value heads travel: GQA/MQA costs no extra communication). At hop h the device
 holds the key/value shard of device (d - h) mod n; it sends that shard on to d + 1 with
-`jax.lax.ppermute` and runs the blockwise kernel (`flash_xla.forward_blocks`) on it with
-the true positions of both sides, merging (out, lse) with a stable log-add-exp.
+`jax.lax.ppermute` and runs the blockwise kernel on it with the true positions of both
+sides, merging (out, lse) with `softmax.merge_partials`. The kernel is driven through
+`kernel_api.HopKernel` (implemented by `flash_xla`); the rotation itself (sending,
+both directions, bringing dK/dV home) lives in `rotation`.
 
 Backward (custom VJP): a second ring. K, V travel as in the forward, and the float32
 dK, dV accumulators travel *with* them, so each hop adds its contribution to the shard
 it belongs to; one final permute brings every dK/dV home. dQ accumulates locally. Each
-hop calls `flash_xla.backward_blocks` with the *global* lse and
-delta = rowsum(dO * O) - dlse, so the per-hop gradients are exact parts of the full
+hop runs the kernel's backward with the *global* lse and delta
+(`softmax.backward_delta`), so the per-hop gradients are exact parts of the full
 gradient and simply add up.
 
 Memory per device is O(T/n). What it holds besides the inputs, the outputs and the
@@ -23,32 +25,30 @@ forward's (out, lse):
   accumulators and the kernel's own layout copies and partial results. Each pass
   writes its final slice of out/lse (dq/dk/dv) into the result in place. Passes cost
   per-pass overheads (more, smaller transfers and kernel calls): the default
-  (`auto_head_groups`) uses them on CPU, where they measured no slower, and not on
-  GPU/TPU (not measured; see `auto_head_groups`).
+  (`auto_head_groups`) uses them on CPU and not on GPU/TPU.
 - Hop 0 (the device's own shard) is peeled off the loop: it reads the inputs in place,
   its results *are* the accumulators (no zero-initialised buffers), and the loop's
   K/V buffers start from the first permute's result (no copy of the inputs).
 - Two buffers per travelling array (current and in flight): the minimum for
   overlapping a transfer with compute.
 - Layouts: K, V (and dK, dV) travel in the kernel's key-block layout, and the queries,
-  partial outputs and dQ stay in its query-row layout, for the whole pass. Converting
-  per hop made XLA:CPU copy q, dO, K and V on every backward hop (to hand the kernel's
-  loops a default layout): 18.7 -> 15.7 MiB temp per device at T=16K, f32, sp=8.
+  partial outputs and dQ stay in its query-row layout, for the whole pass: converting
+  per hop would copy q, dO, K and V on every hop.
 
 Hop skipping: a hop whose whole key/value shard is hidden from every local query
 (causal: all key positions after all query positions; window: outside every query's
 window; packed sequences: no shared segment id) is not computed, via `jax.lax.cond` on
 a per-device predicate from min/max positions. With the default (layout-derived)
 positions the ring also *stops rotating* after the last hop at which any device can see
-anything (a static bound, `layouts.static_ring_plan`), in both directions: shards
+anything (a static bound, `schedule.static_ring_plan`), in both directions: shards
 before the device's own arrive by sending to d + 1, shards after it by a second, short
 pass sending to d - 1. A window of w keys on shards of S/n keys needs about
 ceil(w / (S/n)) + 1 hops, not n: causal + window (w, 0) one pass, a two-sided window
 (l, r) about ceil(l / (S/n)) + 1 + ceil(r / (S/n)) hops over the two passes.
 
 Overlap of communication and compute: the next hop's `ppermute` is issued before the
-current hop's compute and nothing in that compute depends on it, so XLA may run the
-transfer in the background. Whether it does depends on the backend's scheduler:
+current hop's compute (`rotation`), so XLA may run the transfer in the background.
+Whether it does depends on the backend's scheduler:
 - GPU: `XLA_FLAGS="--xla_gpu_enable_latency_hiding_scheduler=true"` (collective permutes
   are async by default in recent XLA; older ones also need
   `--xla_gpu_enable_async_collective_permute=true`). Check a profile for
@@ -73,9 +73,13 @@ from jax import lax
 
 from ringattn_jax import _inputs
 from ringattn_jax import _vma
+from ringattn_jax import checks
 from ringattn_jax import flash_xla
+from ringattn_jax import kernel_api
 from ringattn_jax import layouts
+from ringattn_jax import rotation
 from ringattn_jax import schedule
+from ringattn_jax import softmax
 from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
 
 
@@ -94,7 +98,8 @@ class _Ring:
   hops_next: int  # hops of the pass sending to d + 1 (including the local hop 0)
   hops_prev: int  # hops of the pass sending to d - 1 (shards d + 1, ..., d + hops_prev)
   spec: MaskSpec
-  block_sizes: flash_xla.BlockSizes
+  kernel: kernel_api.HopKernel  # the per-hop kernel (a module: hashable)
+  block_sizes: Any  # the kernel's BlockSizes
   layout: str
   derive_kv_positions: bool  # kv positions from the layout (else they travel)
   head_groups: int  # passes of the ring, each over K / head_groups key/value heads
@@ -115,15 +120,6 @@ def _cond(pred, true_fn, false_fn, operands, axes):
 # --- one hop ---------------------------------------------------------------------------
 
 
-def _shift(tree, ring: _Ring, shift: int = 1):
-  """Sends every array of `tree` from device i to device (i + shift) mod n."""
-  shift %= ring.n
-  if shift == 0:
-    return tree
-  perm = [(i, (i + shift) % ring.n) for i in range(ring.n)]
-  return jax.tree.map(lambda a: lax.ppermute(a, ring.axis_name, perm), tree)
-
-
 def _hop_inputs(x: AttnInputs, ring: _Ring, kv, offset):
   """Mask inputs of a hop: local queries' and those of the key/value shard of device
   d - offset (mod n). Its q, k, v are None: the kernel gets them laid out."""
@@ -133,85 +129,6 @@ def _hop_inputs(x: AttnInputs, ring: _Ring, kv, offset):
     kv_pos = layouts.local_positions(ring.layout, ring.n, x.k.shape[1], src)
   return dataclasses.replace(x, q=None, k=None, v=None, kv_segment_ids=kv_seg,
                              kv_positions=kv_pos)
-
-
-def _merge(o, lse, o_h, lse_h):
-  """Stable merge of two partial softmaxes; rows that see nothing stay (0, -inf)."""
-  m = jnp.maximum(lse, lse_h)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  w, w_h = jnp.exp(lse - m), jnp.exp(lse_h - m)
-  tot = w + w_h
-  seen = tot > 0
-  inv = jnp.where(seen, 1.0 / jnp.where(seen, tot, 1.0), 0.0)
-  o = (w * inv)[..., None] * o + (w_h * inv)[..., None] * o_h.astype(o.dtype)
-  return o, jnp.where(seen, m + jnp.log(jnp.where(seen, tot, 1.0)), -jnp.inf)
-
-
-# --- the ring --------------------------------------------------------------------------
-
-
-def _run_pass(ring: _Ring, kv, hop_fn, *, hops: int, first: int, step: int, state,
-              send_back=None):
-  """One pass of the ring: `hops` hops, sending kv to d + step after each.
-
-  At hop i this device holds the key/value shard of device d - (first + step * i);
-  `kv` is that of hop 0. hop_fn(offset, kv, state) -> state, where state may be None
-  (or hold None at `send_back`): hop_fn then starts fresh accumulators from its own
-  results. If `send_back` is given, state[send_back] (arrays that belong to the visiting
-  shard, e.g. dK/dV) travels with kv and is sent home at the end.
-
-  Hop 0 is peeled off the loop: it reads `kv` in place (no copy into loop buffers; the
-  loop's buffers start from the first permute's result) and starts the accumulators.
-  The next kv is sent before a hop is computed.
-  """
-  def send(state):
-    if send_back is None:
-      return state
-    moved = _shift(state[send_back], ring, step)
-    return state[:send_back] + (moved,) + state[send_back + 1:]
-
-  def body(i, carry):
-    kv, state = carry
-    kv_next = _shift(kv, ring, step)  # issued before the compute that does not need it
-    return kv_next, send(hop_fn(first + step * i, kv, state))
-
-  if hops == 1:
-    state = hop_fn(first, kv, state)
-  else:
-    kv_next = _shift(kv, ring, step)
-    carry = (kv_next, send(hop_fn(first, kv, state)))
-    if hops > 2:
-      carry = lax.fori_loop(1, hops - 1, body, carry)
-    kv, state = carry
-    state = hop_fn(first + step * (hops - 1), kv, state)
-  if send_back is not None:
-    # The shard of device e was first visited on device e + first and then moved
-    # step * (hops - 1) further.
-    back = _shift(state[send_back], ring, -(first + step * (hops - 1)))
-    state = state[:send_back] + (back,) + state[send_back + 1:]
-  return state
-
-
-def _run_ring(ring: _Ring, kv, hop_fn, send_back=None):
-  """Both passes: shards d, d - 1, ..., then d + 1, d + 2, ... (see `_run_pass`).
-
-  State carries over from the first pass to the second, except state[send_back],
-  which each pass starts afresh and brings home; the two are added.
-  """
-  state = _run_pass(ring, kv, hop_fn, hops=ring.hops_next, first=0, step=1, state=None,
-                    send_back=send_back)
-  if ring.hops_prev == 0:
-    return state
-  home = None
-  if send_back is not None:
-    home = state[send_back]
-    state = state[:send_back] + (None,) + state[send_back + 1:]
-  state = _run_pass(ring, _shift(kv, ring, -1), hop_fn, hops=ring.hops_prev, first=-1,
-                    step=-1, state=state, send_back=send_back)
-  if send_back is not None:
-    total = jax.tree.map(jnp.add, home, state[send_back])
-    state = state[:send_back] + (total,) + state[send_back + 1:]
-  return state
 
 
 # --- head groups -----------------------------------------------------------------------
@@ -262,8 +179,9 @@ def _ring_forward_pass(ring: _Ring, x: AttnInputs):
   row layout; both are converted once per pass, not per hop.
   """
   spec, dt, acc = ring.spec, x.q.dtype, accum_dtype(x.q.dtype)
-  g = flash_xla.forward_geometry(x, ring.block_sizes)
-  qh, kh, vh = flash_xla.forward_operands(x.q, x.k, x.v, g)
+  kernel = ring.kernel
+  g = kernel.forward_layout(x, ring.block_sizes)
+  qh, kh, vh = kernel.forward_operands(x.q, x.k, x.v, g)
   kv = (kh, vh, x.kv_segment_ids, None if ring.derive_kv_positions else x.kv_positions)
   axes = _vma.union_axes(x, lax.axis_index(ring.axis_name))
 
@@ -272,11 +190,11 @@ def _ring_forward_pass(ring: _Ring, x: AttnInputs):
 
     def compute(args):
       xh, kh, vh, state = args
-      o_h, lse_h = flash_xla.forward_blocks(xh, spec, g, dt, qh, kh, vh)
+      o_h, lse_h = kernel.forward_blocks(xh, spec, g, dt, qh, kh, vh)
       if state is None:  # the first hop's partials are the accumulators
         return o_h, lse_h, jnp.ones((), jnp.int32)
       o, lse, count = state
-      o, lse = _merge(o, lse, o_h, lse_h)
+      o, lse = softmax.merge_partials(o, lse, o_h, lse_h)
       return o, lse, count + 1
 
     def skip(args):
@@ -288,15 +206,15 @@ def _ring_forward_pass(ring: _Ring, x: AttnInputs):
 
     return _cond(schedule.hop_visible(xh, spec), compute, skip, (xh, kv[0], kv[1], state), axes)
 
-  o, lse, count = _run_ring(ring, kv, hop_fn)
-  return flash_xla.q_rows_inv(o, g).astype(dt), flash_xla.q_rows_inv(lse, g), count
+  o, lse, count = rotation.run_ring(ring, kv, hop_fn)
+  return g.rows_to_seq(o).astype(dt), g.rows_to_seq(lse), count
 
 
 def _ring_backward(ring: _Ring, x: AttnInputs, out, lse, dout, dlse):
   """Backward ring. Returns dq, dk, dv (in the dtypes of q, k, v) and the hops
   computed (int32)."""
   acc = accum_dtype(x.q.dtype)
-  delta = jnp.sum(dout.astype(acc) * out.astype(acc), axis=-1) - dlse.astype(acc)
+  delta = softmax.backward_delta(dout, out, dlse, acc)
   c = ring.head_groups
   if c == 1:
     return _ring_backward_pass(ring, x, lse, delta, dout)
@@ -328,8 +246,9 @@ def _ring_backward_pass(ring: _Ring, x: AttnInputs, lse, delta, dout):
   dQ accumulates in query rows; converted once per pass.
   """
   spec, dt, acc = ring.spec, x.q.dtype, accum_dtype(x.q.dtype)
-  g = flash_xla.backward_geometry(x, ring.block_sizes)
-  rows, (kh, vh) = flash_xla.backward_operands(x.q, x.k, x.v, lse, delta, dout, g)
+  kernel = ring.kernel
+  g = kernel.backward_layout(x, ring.block_sizes)
+  rows, (kh, vh) = kernel.backward_operands(x.q, x.k, x.v, lse, delta, dout, g)
   kv = (kh, vh, x.kv_segment_ids, None if ring.derive_kv_positions else x.kv_positions)
   axes = _vma.union_axes(x, lse, dout, lax.axis_index(ring.axis_name))
   zeros_kv = lambda: (jnp.zeros(kh.shape, acc), jnp.zeros(vh.shape, acc))
@@ -340,7 +259,7 @@ def _ring_backward_pass(ring: _Ring, x: AttnInputs, lse, delta, dout):
     def compute(args):
       xh, kh, vh, state = args
       dq = None if state is None else state[0]
-      dq, dk_h, dv_h, _ = flash_xla.backward_blocks(xh, spec, g, dt, *rows, kh, vh, dq=dq)
+      dq, dk_h, dv_h, _ = kernel.backward_blocks(xh, spec, g, dt, *rows, kh, vh, dq=dq)
       if state is None:  # the first hop's gradients are the accumulators
         return dq, (dk_h, dv_h), jnp.ones((), jnp.int32)
       _, dkv, count = state
@@ -356,10 +275,9 @@ def _ring_backward_pass(ring: _Ring, x: AttnInputs, lse, delta, dout):
 
     return _cond(schedule.hop_visible(xh, spec), compute, skip, (xh, kv[0], kv[1], state), axes)
 
-  dq, (dk, dv), count = _run_ring(ring, kv, hop_fn, send_back=1)
-  return (flash_xla.q_rows_inv(dq, g).astype(dt),
-          flash_xla.kv_blocks_inv(dk, g).astype(x.k.dtype),
-          flash_xla.kv_blocks_inv(dv, g).astype(x.v.dtype), count)
+  dq, (dk, dv), count = rotation.run_ring(ring, kv, hop_fn, send_back=1)
+  return (g.rows_to_seq(dq).astype(dt), g.blocks_to_seq(dk).astype(x.k.dtype),
+          g.blocks_to_seq(dv).astype(x.v.dtype), count)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -390,10 +308,9 @@ def auto_head_groups(B: int, S_local: int, K: int, H: int,
   """The `head_groups` that `ring_attention` uses by default.
 
   CPU: the most passes (a divisor of K) whose K shards keep >= MIN_PASS_ELEMENTS
-  elements each (on the 2-core CPU of experiments/benchmark_ring.py they were no
-  slower, often faster: smaller working sets). GPU/TPU: 1, the previous behaviour. Not
-  measured there: every pass repeats the kernel's whole block loop with 1/head_groups
-  of the work per iteration, so where per-iteration overhead (kernel launches) is
+  elements each (smaller working sets; the ring benchmark's results compare them).
+  GPU/TPU: 1: every pass repeats the kernel's whole block loop with 1/head_groups of
+  the work per iteration, so where per-iteration overhead (kernel launches) is
   significant, passes cost time; ask for them (`head_groups=`) when memory binds.
   """
   backend = jax.default_backend() if backend is None else backend
@@ -404,65 +321,46 @@ def auto_head_groups(B: int, S_local: int, K: int, H: int,
              if K % c == 0 and (c == 1 or per_head * (K // c) >= MIN_PASS_ELEMENTS))
 
 
-def _prepare(q, k, v, *, axis_name, is_causal=False, segment_ids=None,
-             kv_segment_ids=None, local_window_size=None, logit_softcap=None, scale=None,
-             q_positions=None, kv_positions=None, layout="contiguous",
-             block_sizes=None, head_groups=None) -> Tuple[_Ring, AttnInputs]:
+def _prepare(q, k, v, *, axis_name, layout="contiguous", block_sizes=None,
+             head_groups=None, **mask_kwargs) -> Tuple[_Ring, AttnInputs]:
   """Validates the local arguments and plans the ring (static hops, positions)."""
+  _inputs.check_mask_keywords("ring_attention", mask_kwargs,
+                              _inputs.SEQUENCE_PARALLEL_KEYWORDS)
   layouts.check_layout(layout)
-  if block_sizes is None:
-    block_sizes = flash_xla.BlockSizes()
-  if not isinstance(block_sizes, flash_xla.BlockSizes):
-    raise ValueError("block_sizes must be a ringattn_jax.flash_xla.BlockSizes; got "
-                     f"{type(block_sizes).__name__}.")
+  kernel = flash_xla
+  block_sizes = kernel.check_block_sizes(block_sizes)
   n = lax.axis_size(axis_name)
   d = lax.axis_index(axis_name)
   Tl, Sl = jnp.shape(q)[1], jnp.shape(k)[1]
-  if layout == "zigzag" and (Tl % 2 or Sl % 2):
-    raise ValueError("layout='zigzag' needs even local lengths (global lengths divisible "
-                     f"by 2 * ring size = {2 * n}); got local T={Tl}, S={Sl}.")
-  derive_q = q_positions is None
-  derive_kv = kv_positions is None
+  for name, L in (("query", Tl), ("key/value", Sl)):
+    layouts.check_length(name, n * L, layout, n, f" (local length {L})")
+  derive_q = mask_kwargs.get("q_positions") is None
+  derive_kv = mask_kwargs.get("kv_positions") is None
   if derive_q:
-    q_positions = layouts.local_positions(layout, n, Tl, d)
+    mask_kwargs["q_positions"] = layouts.local_positions(layout, n, Tl, d)
   if derive_kv:
-    kv_positions = layouts.local_positions(layout, n, Sl, d)
-  x, spec = _inputs.canonicalize(
-      q, k, v, scale=scale, is_causal=is_causal, segment_ids=segment_ids,
-      kv_segment_ids=kv_segment_ids, local_window_size=local_window_size,
-      logit_softcap=logit_softcap, q_positions=q_positions, kv_positions=kv_positions)
+    mask_kwargs["kv_positions"] = layouts.local_positions(layout, n, Sl, d)
+  x, spec = _inputs.canonicalize(q, k, v, **mask_kwargs)
   B, _, K, H = x.k.shape
   if head_groups is None:
     head_groups = auto_head_groups(B, Sl, K, H)
-  elif (not isinstance(head_groups, int) or isinstance(head_groups, bool)
-        or head_groups <= 0 or K % head_groups):
+  elif not checks.is_int(head_groups) or head_groups <= 0 or K % head_groups:
     raise ValueError(f"head_groups must be a positive int dividing the {K} (local) "
                      f"key/value heads; got {head_groups!r}.")
-  hops_next, hops_prev = n, 0
+  plan = schedule.RingPlan(n, 0)
   if derive_q and derive_kv and spec.uses_positions:
-    hops_next, hops_prev = schedule.static_ring_plan(spec, layout, n, Tl, Sl)
-  ring = _Ring(axis_name=axis_name, n=n, hops_next=hops_next, hops_prev=hops_prev,
-               spec=spec, block_sizes=block_sizes, layout=layout,
-               derive_kv_positions=derive_kv, head_groups=head_groups)
+    plan = schedule.static_ring_plan(spec, layout, n, Tl, Sl)
+  ring = _Ring(axis_name=axis_name, n=n, hops_next=plan.hops_next,
+               hops_prev=plan.hops_prev, spec=spec, kernel=kernel,
+               block_sizes=block_sizes, layout=layout, derive_kv_positions=derive_kv,
+               head_groups=int(head_groups))
   return ring, x
 
 
-def ring_attention(
-    q, k, v, *,
-    axis_name,
-    is_causal: bool = False,
-    segment_ids=None,
-    kv_segment_ids=None,
-    local_window_size=None,
-    logit_softcap: Optional[float] = None,
-    scale: Optional[float] = None,
-    q_positions=None,
-    kv_positions=None,
-    layout: str = "contiguous",
-    block_sizes: Optional[flash_xla.BlockSizes] = None,
-    head_groups: Optional[int] = None,
-    return_lse: bool = False,
-):
+def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
+                   block_sizes: Optional[flash_xla.BlockSizes] = None,
+                   head_groups: Optional[int] = None, return_lse: bool = False,
+                   **mask_kwargs):
   """Exact attention over a sequence sharded on mesh axis `axis_name` (inside shard_map).
 
   All array arguments are this device's *local* shards. Differentiable (custom VJP
@@ -472,14 +370,6 @@ def ring_attention(
     q: [B, Tl, N, H] local queries (Tl = T / n).
     k, v: [B, Sl, K, H] local keys/values, N % K == 0; only K heads travel.
     axis_name: the mesh axis (or tuple of axes) forming the ring, of size n.
-    is_causal, local_window_size, logit_softcap, scale: as in `flash_attention`,
-      judged on true (global) token positions.
-    segment_ids: [B, Tl] local query segment ids (packed sequences);
-      kv_segment_ids: [B, Sl] local key segment ids (default: segment_ids). They travel
-      with the keys.
-    q_positions, kv_positions: [Tl] / [Sl] int true positions of the local tokens.
-      Default: derived from `layout` and `jax.lax.axis_index(axis_name)`. Passing them
-      disables the static early stop of the ring (the per-hop skip still applies).
     layout: how tokens are laid out over the ring ("contiguous", "zigzag",
       "striped"; see `ringattn_jax.layouts`). The inputs must already be in that order
       (`layouts.permute_to_layout`); the output is in the same order.
@@ -491,16 +381,23 @@ def ring_attention(
       (`auto_head_groups`): on CPU as many as keep passes >= `MIN_PASS_ELEMENTS` per
       K shard (1 for small shards); on GPU/TPU 1.
     return_lse: also return the log-sum-exp [B, Tl, N] float32.
+    **mask_kwargs: the mask keywords of `_inputs.SEQUENCE_PARALLEL_KEYWORDS`:
+      is_causal, local_window_size, logit_softcap, scale: as in `flash_attention`,
+        judged on true (global) token positions.
+      segment_ids: [B, Tl] local query segment ids (packed sequences);
+        kv_segment_ids: [B, Sl] local key segment ids (default: segment_ids). They
+        travel with the keys.
+      q_positions, kv_positions: [Tl] / [Sl] int true positions of the local tokens.
+        Default: derived from `layout` and `jax.lax.axis_index(axis_name)`. Passing
+        them disables the static early stop of the ring (the per-hop skip still
+        applies).
 
   Returns:
     out [B, Tl, N, H] in q's dtype (and lse). A query that sees no key gets output 0
     and lse -inf, never NaN.
   """
-  ring, x = _prepare(q, k, v, axis_name=axis_name, is_causal=is_causal,
-                     segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
-                     local_window_size=local_window_size, logit_softcap=logit_softcap,
-                     scale=scale, q_positions=q_positions, kv_positions=kv_positions,
-                     layout=layout, block_sizes=block_sizes, head_groups=head_groups)
+  ring, x = _prepare(q, k, v, axis_name=axis_name, layout=layout,
+                     block_sizes=block_sizes, head_groups=head_groups, **mask_kwargs)
   aux = dataclasses.replace(x, q=None, k=None, v=None)
   out, lse = _ring_attention(ring, x.q, x.k, x.v, aux)
   return (out, lse) if return_lse else out

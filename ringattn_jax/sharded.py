@@ -56,11 +56,7 @@ class _Plan:
   permuted: bool
   block_sizes: flash_xla.BlockSizes
   head_groups: Optional[int]
-  is_causal: bool
-  window: Any
-  logit_softcap: Optional[float]
-  scale: float
-  has_segments: bool
+  spec: _inputs.MaskSpec
   has_q_positions: bool
   has_kv_positions: bool
 
@@ -75,8 +71,8 @@ class _Plan:
     return self.batch_axes[0] if len(self.batch_axes) == 1 else self.batch_axes
 
   def mask_kwargs(self):
-    return dict(is_causal=self.is_causal, local_window_size=self.window,
-                logit_softcap=self.logit_softcap, scale=self.scale)
+    """The static mask keywords (the arrays travel as arguments)."""
+    return _inputs.spec_keywords(self.spec)
 
 
 def _axis_sizes(mesh, names) -> int:
@@ -133,27 +129,13 @@ def _check_shapes(plan: _Plan, x: _inputs.AttnInputs):
           f"divisible by {n} or divide it; use strategy='ring' or 'allgather'.")
 
 
-def sharded_attention(
-    q, k, v, *,
-    mesh,
-    strategy: str = "ring",
-    seq_axis: str = "sp",
-    batch_axes: Union[str, Sequence[str], None] = AUTO,
-    head_axis: Optional[str] = AUTO,
-    layout: str = "contiguous",
-    permuted: bool = False,
-    is_causal: bool = False,
-    segment_ids=None,
-    kv_segment_ids=None,
-    local_window_size=None,
-    logit_softcap: Optional[float] = None,
-    scale: Optional[float] = None,
-    q_positions=None,
-    kv_positions=None,
-    block_sizes: Optional[flash_xla.BlockSizes] = None,
-    head_groups: Optional[int] = None,
-    return_lse: bool = False,
-):
+def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = "sp",
+                      batch_axes: Union[str, Sequence[str], None] = AUTO,
+                      head_axis: Optional[str] = AUTO, layout: str = "contiguous",
+                      permuted: bool = False,
+                      block_sizes: Optional[flash_xla.BlockSizes] = None,
+                      head_groups: Optional[int] = None, return_lse: bool = False,
+                      **mask_kwargs):
   """Exact attention with the sequence sharded over `mesh` axis `seq_axis`.
 
   Global arrays in, global arrays out (in the caller's token order). Differentiable.
@@ -178,14 +160,15 @@ def sharded_attention(
       tokens once at the input, see `permute_to_layout`); nothing is permuted here,
       the output stays in layout order, and positions default to the layout's true
       positions.
-    is_causal, segment_ids [B, T], kv_segment_ids [B, S], local_window_size,
-      logit_softcap, scale: as in `flash_attention`.
-    q_positions, kv_positions: [T] / [S] int positions for causal/window (default
-      arange), in the caller's order.
     block_sizes: `flash_xla.BlockSizes` of the per-device kernel.
     head_groups: strategy="ring" only: passes of the ring, each over that fraction of
       the (per-device) key/value heads (see `ring_attention`); default automatic.
     return_lse: also return the log-sum-exp [B, T, N] float32.
+    **mask_kwargs: the mask keywords of `_inputs.SEQUENCE_PARALLEL_KEYWORDS`:
+      is_causal, segment_ids [B, T], kv_segment_ids [B, S], local_window_size,
+        logit_softcap, scale: as in `flash_attention`.
+      q_positions, kv_positions: [T] / [S] int positions for causal/window (default
+        arange), in the caller's order.
 
   Returns:
     [B, T, N, H] in q's dtype (and the lse), sharded like the inputs' spec
@@ -198,27 +181,20 @@ def sharded_attention(
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
+  _inputs.check_mask_keywords("sharded_attention", mask_kwargs,
+                              _inputs.SEQUENCE_PARALLEL_KEYWORDS)
   layouts.check_layout(layout)
-  if block_sizes is None:
-    block_sizes = flash_xla.BlockSizes()
-  if not isinstance(block_sizes, flash_xla.BlockSizes):
-    raise ValueError("block_sizes must be a ringattn_jax.flash_xla.BlockSizes; got "
-                     f"{type(block_sizes).__name__}.")
+  block_sizes = flash_xla.check_block_sizes(block_sizes)
   if head_groups is not None and strategy != "ring":
     raise ValueError(f"head_groups applies to strategy='ring' only; got strategy="
                      f"{strategy!r}.")
   batch_axes, head_axis = _resolve_axes(mesh, seq_axis, batch_axes, head_axis)
-  x, spec = _inputs.canonicalize(
-      q, k, v, scale=scale, is_causal=is_causal, segment_ids=segment_ids,
-      kv_segment_ids=kv_segment_ids, local_window_size=local_window_size,
-      logit_softcap=logit_softcap, q_positions=q_positions, kv_positions=kv_positions)
+  x, spec = _inputs.canonicalize(q, k, v, **mask_kwargs)
   plan = _Plan(mesh=mesh, strategy=strategy, seq_axis=seq_axis, batch_axes=batch_axes,
                head_axis=head_axis, layout=layout, permuted=bool(permuted),
-               block_sizes=block_sizes, head_groups=head_groups,
-               is_causal=spec.is_causal, window=spec.window,
-               logit_softcap=spec.logit_softcap, scale=spec.scale,
-               has_segments=spec.has_segments, has_q_positions=q_positions is not None,
-               has_kv_positions=kv_positions is not None)
+               block_sizes=block_sizes, head_groups=head_groups, spec=spec,
+               has_q_positions=mask_kwargs.get("q_positions") is not None,
+               has_kv_positions=mask_kwargs.get("kv_positions") is not None)
   _check_shapes(plan, x)
   out, lse = _sharded(x.q, x.k, x.v, x.q_segment_ids, x.kv_segment_ids,
                       x.q_positions if plan.has_q_positions else None,

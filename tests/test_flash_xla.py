@@ -10,7 +10,7 @@ import pytest
 
 from helpers import check_against_reference, make_qkv
 from ringattn_jax import flash_attention
-from ringattn_jax import masking
+from ringattn_jax import schedule
 from ringattn_jax._inputs import MaskSpec
 from ringattn_jax.flash_xla import BlockSizes
 
@@ -143,9 +143,9 @@ def test_property_random_problems(T, S, K, G, causal, window, softcap, segments,
 def test_masked_blocks_are_skipped():
   """The schedule visits only blocks the causal/window mask can see."""
   pos = jnp.arange(64)
-  (lo, flo, fhi, hi), _ = masking.block_schedule(MaskSpec(is_causal=True), pos, pos, 16, 16)
+  (lo, flo, fhi, hi), _ = schedule.block_schedule(MaskSpec(is_causal=True), pos, pos, 16, 16)
   visited = int((hi - lo).sum())
   unmasked = int((fhi - flo).sum())
   assert visited == 4 * 5 // 2 and unmasked == 4 * 3 // 2  # lower triangle; its interior
-  (lo, _, _, hi), _ = masking.block_schedule(MaskSpec(window=(16, 0)), pos, pos, 16, 16)
+  (lo, _, _, hi), _ = schedule.block_schedule(MaskSpec(window=(16, 0)), pos, pos, 16, 16)
   np.testing.assert_array_equal(hi - lo, [1, 2, 2, 2])

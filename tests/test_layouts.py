@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from ringattn_jax import layouts
+from ringattn_jax import schedule
 from ringattn_jax._inputs import MaskSpec
 
 
@@ -52,23 +53,23 @@ def test_layout_errors():
 
 def test_static_hop_bound():
   causal = MaskSpec(is_causal=True)
-  hops, vis = layouts.static_hop_bound(causal, "contiguous", 8, 16, 16)
+  hops, vis = schedule.static_hop_bound(causal, "contiguous", 8, 16, 16)
   assert hops == 8
   # Device d sees shards d, d-1, ..., 0: hops 0..d.
   np.testing.assert_array_equal(vis, np.arange(8)[None, :] <= np.arange(8)[:, None])
   # Causal + window of 40 keys over shards of 16: ceil(40 / 16) + 1 = 4 hops.
   window = MaskSpec(is_causal=True, window=(40, 0))
-  assert layouts.static_hop_bound(window, "contiguous", 8, 16, 16)[0] == 4
+  assert schedule.static_hop_bound(window, "contiguous", 8, 16, 16)[0] == 4
   # A window that is a multiple of the shard: ceil(32 / 16) + 1 = 3.
-  assert layouts.static_hop_bound(MaskSpec(window=(32, 0)), "contiguous", 8, 16, 16)[0] == 3
+  assert schedule.static_hop_bound(MaskSpec(window=(32, 0)), "contiguous", 8, 16, 16)[0] == 3
   # Balanced layouts and two-sided windows need the whole ring in one direction.
-  assert layouts.static_hop_bound(causal, "zigzag", 8, 16, 16)[0] == 8
-  assert layouts.static_hop_bound(MaskSpec(window=(3, 3)), "contiguous", 8, 16, 16)[0] == 8
+  assert schedule.static_hop_bound(causal, "zigzag", 8, 16, 16)[0] == 8
+  assert schedule.static_hop_bound(MaskSpec(window=(3, 3)), "contiguous", 8, 16, 16)[0] == 8
 
 
 def test_static_ring_plan():
   """(hops sending to d + 1 including the local one, hops sending to d - 1)."""
-  plan = lambda spec, layout="contiguous", L=16: layouts.static_ring_plan(spec, layout, 8,
+  plan = lambda spec, layout="contiguous", L=16: schedule.static_ring_plan(spec, layout, 8,
                                                                           L, L)
   # One direction whenever that is as short: causal rings, causal windows.
   assert plan(MaskSpec(is_causal=True)) == (8, 0)
@@ -85,7 +86,7 @@ def test_static_ring_plan():
                MaskSpec(window=(5, 30)), MaskSpec(is_causal=True, window=(20, 0))):
     for layout in layouts.LAYOUTS:
       a, b = plan(spec, layout)
-      _, vis = layouts.static_hop_bound(spec, layout, 8, 16, 16)
+      _, vis = schedule.static_hop_bound(spec, layout, 8, 16, 16)
       used = set(np.nonzero(vis.any(0))[0])
       assert used <= set(range(a)) | set(range(8 - b, 8)), (spec, layout, a, b)
 
@@ -95,7 +96,7 @@ def test_work_balance_causal():
   T, n, block = 65536, 8, 512
   ratio = {}
   for layout in layouts.LAYOUTS:
-    work = layouts.work_per_device(T, n, layout, block, is_causal=True)
+    work = schedule.work_per_device(T, n, layout, block, is_causal=True)
     ratio[layout] = work.max() / work.mean()
   # Reported figures (see the docstring of ringattn_jax.layouts).
   assert ratio["zigzag"] <= 1.05, ratio
@@ -105,8 +106,8 @@ def test_work_balance_causal():
 
 
 def test_work_without_mask_is_uniform_and_counts_every_tile():
-  work = layouts.work_per_device(64, 4, "zigzag", 8)
+  work = schedule.work_per_device(64, 4, "zigzag", 8)
   np.testing.assert_array_equal(work, [4 * 2 * 2] * 4)  # 4 hops x 2 x 2 tiles
   # A causal sliding window keeps only tiles near the diagonal.
-  w = layouts.work_per_device(256, 4, "contiguous", 16, is_causal=True, window=(16, 0))
+  w = schedule.work_per_device(256, 4, "contiguous", 16, is_causal=True, window=(16, 0))
   assert w.max() <= 2 * (256 // 4 // 16)
