@@ -184,6 +184,11 @@ def _metadata(x: AttnInputs, spec: MaskSpec, cfg: KernelConfig, q_valid,
   return KernelMeta(**meta)
 
 
+def _valid_lengths(lengths, B: int, L: int):
+  """[B] int32 valid lengths clipped to [0, L]; all L when `lengths` is None."""
+  return jnp.full((B,), L, jnp.int32) if lengths is None else jnp.clip(lengths, 0, L)
+
+
 def _to_kernel_layout(a, Lp: int, Hp: int):
   """[B, L, heads, H] -> [B, heads, Lp, Hp], zero-padded."""
   _, L, _, H = a.shape
@@ -197,10 +202,8 @@ def _attention(x: AttnInputs, spec: MaskSpec, blocks: BlockSizes, interpret: boo
   B, T, _, H = x.q.shape
   S = x.k.shape[1]
   cfg = _plan(x, spec, blocks, interpret, backend)
-  q_valid = jnp.clip(x.q_lengths, 0, T) if spec.has_q_lengths else jnp.full(
-      (B,), T, jnp.int32)
-  kv_valid = jnp.clip(x.kv_lengths, 0, S) if spec.has_kv_lengths else jnp.full(
-      (B,), S, jnp.int32)
+  q_valid = _valid_lengths(x.q_lengths if spec.has_q_lengths else None, B, T)
+  kv_valid = _valid_lengths(x.kv_lengths if spec.has_kv_lengths else None, B, S)
   o, lse = flash(cfg, _to_kernel_layout(x.q, cfg.Tp, cfg.Hp),
                  _to_kernel_layout(x.k, cfg.Sp, cfg.Hp),
                  _to_kernel_layout(x.v, cfg.Sp, cfg.Hp),
@@ -229,8 +232,9 @@ def attention(x: AttnInputs, spec: MaskSpec, block_sizes: Optional[BlockSizes], 
       Mosaic) and its compiler params.
 
   Returns:
-    out [B, T, N, H] in q's dtype and lse [B, T, N] float32 (-inf and out 0 for a
-    query that sees no key).
+    out [B, T, N, H] in q's dtype and lse [B, T, N] in the accumulation dtype
+    (float32; float64 for float64 inputs), with out 0 and lse -inf for a query that
+    sees no key.
   """
   if not supports(spec):
     raise ValueError("impl='pallas' does not support bias/mask tensors; use impl='xla' "

@@ -219,10 +219,10 @@ def _meta_rows(pos, seg, block: int):
     return _ABSENT, _ABSENT
   n = (pos if pos is not None else seg).shape[-1] // block
   pos_in = _ABSENT if pos is None else (
-      pos.reshape(n, 1, block), pl.BlockSpec((n, 1, block), lambda b, h, i: (0, 0, 0)))
+      pos.reshape(n, 1, block), pl.BlockSpec((n, 1, block), lambda b, n, i: (0, 0, 0)))
   seg_in = _ABSENT if seg is None else (
       seg.reshape(seg.shape[0], n, 1, block),
-      pl.BlockSpec((None, n, 1, block), lambda b, h, i: (b, 0, 0, 0)))
+      pl.BlockSpec((None, n, 1, block), lambda b, n, i: (b, 0, 0, 0)))
   return pos_in, seg_in
 
 

@@ -27,6 +27,9 @@ BASE = (2, 40, 40, 4, 2, 16)  # GQA: 2 query heads per key/value head
 _POS = np.random.default_rng(7).permutation(40).astype(np.int32)
 CASES = {
     "plain": (BASE, lambda: {}),
+    # Lengths a multiple of the blocks and no mask: every optional kernel input (metadata,
+    # loop bounds) is absent and reaches the kernels as None.
+    "unpadded": ((1, 32, 48, 4, 2, 16), lambda: {}),
     "causal": (BASE, lambda: dict(is_causal=True)),
     "window_int": (BASE, lambda: dict(local_window_size=9)),
     "window_asym": (BASE, lambda: dict(local_window_size=(20, 3))),
@@ -116,7 +119,7 @@ def test_block_ranges_skip_hidden_and_invalid_blocks():
   pos = jnp.arange(64, dtype=jnp.int32)
   kv_lo, kv_hi, q_lo, q_hi = flash_pallas._loop_ranges(
       spec, pos, pos, 16, 16, q_valid=jnp.asarray([64, 20]),
-      kv_valid=jnp.asarray([40, 64]))
+      kv_valid=jnp.asarray([40, 64]))  # schedule.BlockRanges, one row per batch entry
   # Batch 0: causal + window sees the diagonal block and the one before it; key block
   # 3 holds no valid key (kv_valid 40), so no query block visits it.
   np.testing.assert_array_equal(kv_lo[0], [0, 0, 1, 2])
