@@ -103,12 +103,9 @@ def range_fully_visible(spec: MaskSpec, q_min, q_max, k_min, k_max):
   under causal/window (True if neither applies).
 
   Exact-or-under: never claims a pair that has a hidden element. `schedule` uses it
-  to run fully visible blocks without the per-element position mask.
+  to run fully visible blocks without the per-element position mask. Each position
+  rule is an interval condition, monotone in each endpoint, so every pair is visible
+  exactly when the worst pair is, which is `range_visible` asked with each range's
+  extremes swapped (for causal: the latest key against the earliest query).
   """
-  full = True
-  if spec.is_causal:
-    full = full & (k_max <= q_min)
-  if spec.window is not None:
-    left, right = spec.window
-    full = full & (k_min >= q_max - left) & (k_max <= q_min + right)
-  return full
+  return range_visible(spec, q_max, q_min, k_max, k_min)
