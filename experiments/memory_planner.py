@@ -15,23 +15,24 @@ powers of two (galloping from `start`) to bracket it, then bisection on multiple
 the length granule (sp * 1024 tokens: the ring/flash kernels' block multiple per
 device, and zigzag's 2 * sp) down to `resolution`. Chunk counts for the loss and the
 feed-forward are chosen per length from a per-device token budget per chunk.
+`standard_plans` are the configurations the project compares (ring attention as Large
+World Model trains vs blockwise and dense attention with FSDP, and one device);
+`run_plan` searches one plan.
 
 XLA:CPU is a proxy for GPU/TPU memory. The big known difference: XLA:CPU cannot keep a
 bf16 dynamic-update-slice in bf16 (its float-normalization pass rewrites it in f32), so
 the stack of per-layer residuals that the layer scan saves for the backward pass
 exists twice, in bf16 and as an f32 shadow (3x the bytes). `cpu_bf16_shadow_bytes`
-measures
-that f32 shadow in the optimized HLO (an f32 [L, B, T_local, D] array converted from
-a bf16 one) and `adjusted_total` subtracts it: an estimate of what a backend with
-native bf16 would need, not a measurement. The subtraction assumes the shadow is live
-at the peak, true when activations dominate (temp grows by 768 KiB per token per
-device for LLaMA-2-7B with full remat: 256 bf16 + 512 f32); it is floored at the
-donated state plus one gradient per parameter, which is the peak when the optimizer
-update dominates (short sequences, unsharded state). Other CPU-only f32 upcasts of
-bf16 temporaries (within one layer) stay in both numbers.
+measures that f32 shadow in the optimized HLO (an f32 [L, B, T_local, D] array
+converted from a bf16 one) and `adjusted_total` subtracts it: an estimate of what a
+backend with native bf16 would need, not a measurement. The subtraction assumes the
+shadow is live at the peak, true when activations dominate (long sequences); it is
+floored at the donated state plus one gradient per parameter, which is the peak when
+the optimizer update dominates (short sequences, unsharded state). Other CPU-only f32
+upcasts of bf16 temporaries (within one layer) stay in both numbers.
 
-Usage:
-  python -m experiments.memory_planner    # the issue's table: ~40 compiles, 8-20 min
+Usage (the command line is `experiments.memory_report`):
+  python -m experiments.memory_planner    # the standard plans (~40 compiles)
   python -m experiments.memory_planner --plans=ring_lwm --preset=llama2-7b
   python -m experiments.memory_planner --plans=custom --preset=tiny --sp=8 \
       --attention=ring --remat=full --seq_lens=8192,32768   # points only, no search
@@ -39,36 +40,21 @@ Writes <out_dir>/memory_plan.{md,json}.
 """
 from __future__ import annotations
 
-import os
-import sys
+import dataclasses
+import math
+import re
+import time
+from typing import Callable, Dict, List, Optional, Sequence
 
-if __name__ == "__main__":
-  # Simulated devices must be configured before the backend starts (only when run as a
-  # script: importing this module has no side effects).
-  _n = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--num_devices=")), "8")
-  if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                               f" --xla_force_host_platform_device_count={_n}")
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-import math  # noqa: E402
-import platform  # noqa: E402
-import re  # noqa: E402
-import time  # noqa: E402
-from typing import Callable, Dict, List, Optional, Sequence  # noqa: E402
-
-from absl import app  # noqa: E402
-from absl import flags  # noqa: E402
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from experiments import optim  # noqa: E402
-from experiments import train_step as ts  # noqa: E402
-from models import config as config_lib  # noqa: E402
-from models.config import LlamaConfig  # noqa: E402
-from models.sharding import make_mesh  # noqa: E402
+from experiments import optim
+from experiments import train_step as ts
+from models import config as config_lib
+from models.config import LlamaConfig
+from models.sharding import make_mesh
 
 GiB = 1024 ** 3
 KERNEL_MULTIPLE = 1024  # per-device tokens: a multiple of the XLA kernels' block sizes
@@ -121,7 +107,7 @@ def length_granule(spec: PlanSpec) -> int:
   return spec.sp * spec.local_multiple
 
 
-def _chunks(tokens: int, chunk_tokens: int) -> int:
+def chunk_count(tokens: int, chunk_tokens: int) -> int:
   """Smallest divisor of `tokens` that makes chunks of at most chunk_tokens."""
   if chunk_tokens <= 0 or tokens <= chunk_tokens:
     return 1
@@ -136,14 +122,14 @@ def config_for_length(spec: PlanSpec, seq_len: int) -> LlamaConfig:
   local = seq_len // spec.sp
   changes = {}
   if spec.loss_chunk_tokens > 0:
-    changes["loss_chunks"] = _chunks(local, spec.loss_chunk_tokens)
+    changes["loss_chunks"] = chunk_count(local, spec.loss_chunk_tokens)
   if spec.ffn_chunk_tokens > 0:
-    changes["ffn_chunks"] = _chunks(local, spec.ffn_chunk_tokens)
+    changes["ffn_chunks"] = chunk_count(local, spec.ffn_chunk_tokens)
   changes["max_position_embeddings"] = max(spec.config.max_position_embeddings, seq_len)
   return spec.config.replace(**changes)
 
 
-def _shard_bytes(tree) -> int:
+def shard_bytes(tree) -> int:
   """Per-device bytes of a pytree of ShapeDtypeStructs with shardings (largest shard)."""
   total = 0
   for a in jax.tree.leaves(tree):
@@ -170,7 +156,7 @@ def cpu_bf16_shadow_bytes(hlo_text: str, residual_stack: Sequence[int]) -> int:
   return 0
 
 
-def _mesh(spec: PlanSpec):
+def plan_mesh(spec: PlanSpec):
   devices = jax.devices()
   if spec.num_devices > len(devices):
     raise ValueError(f"plan {spec.name!r} needs {spec.num_devices} devices ({spec.mesh_str()})"
@@ -198,7 +184,7 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
                      f"(sp={spec.sp} * {spec.local_multiple}) for plan {spec.name!r}.")
   optimizer = optimizer or optim.make_optimizer({})
   cfg = config_for_length(spec, seq_len)
-  mesh = _mesh(spec)
+  mesh = plan_mesh(spec)
   graphdef, state = ts.abstract_train_state(cfg, optimizer, mesh)
   shardings = ts.train_state_shardings(state, mesh, cfg)
   bs = ts.batch_sharding(mesh)
@@ -216,7 +202,7 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
   m = compiled.memory_analysis()
   total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
            + m.temp_size_in_bytes)
-  params_bytes = _shard_bytes(state.params)
+  params_bytes = shard_bytes(state.params)
   # The shadow only matters at an activation-bound peak; never go below the donated
   # state plus one gradient per parameter, which must coexist at the update.
   floor = max(adjusted_floor, m.argument_size_in_bytes + m.output_size_in_bytes
@@ -233,8 +219,8 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
       seq_len=seq_len, global_batch=spec.global_batch,
       tokens_per_device=spec.global_batch * seq_len // spec.num_devices,
       loss_chunks=cfg.loss_chunks, ffn_chunks=cfg.ffn_chunks,
-      params=params_bytes, opt_state=_shard_bytes(state.opt_state),
-      batch=_shard_bytes(batch),
+      params=params_bytes, opt_state=shard_bytes(state.opt_state),
+      batch=shard_bytes(batch),
       argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
       alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes, total=total,
       cpu_shadow=shadow, adjusted_total=max(total - shadow, floor),
@@ -244,9 +230,9 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
 def state_bytes(spec: PlanSpec, *, optimizer=None) -> int:
   """Per-device bytes of params + optimizer state (no compile): a lower bound."""
   optimizer = optimizer or optim.make_optimizer({})
-  mesh = _mesh(spec)
+  mesh = plan_mesh(spec)
   _, state = ts.abstract_train_state(spec.config, optimizer, mesh)
-  return _shard_bytes(state.params) + _shard_bytes(state.opt_state)
+  return shard_bytes(state.params) + shard_bytes(state.opt_state)
 
 
 @dataclasses.dataclass
@@ -324,11 +310,15 @@ def search_max_length(spec: PlanSpec, budget_bytes: int, *, start: int,
                       points=cache, seconds=round(time.perf_counter() - t0, 1))
 
 
-# -- the issue's plans ----------------------------------------------------------------
+# -- the standard plans ---------------------------------------------------------------
 
 
-def issue_plans(preset: str = "llama2-7b", remat: str = "full",
-                num_devices: int = 8) -> List[PlanSpec]:
+STANDARD_PLANS = ("ring_lwm", "ring_lwm_groups", "ring_lwm_dots", "flash_fsdp",
+                  "dense_fsdp", "flash_1dev")  # the names of `standard_plans`, in order
+
+
+def standard_plans(preset: str = "llama2-7b", remat: str = "full",
+                   num_devices: int = 8) -> List[PlanSpec]:
   """Ring (LWM-style) vs blockwise (flash) vs dense, at the same per-device memory.
 
   ring_lwm: sp=n ring attention, zigzag layout, params over fsdp x sp (Large World
@@ -352,85 +342,6 @@ def issue_plans(preset: str = "llama2-7b", remat: str = "full",
       PlanSpec("dense_fsdp", base.replace(attention="dot_product"), fsdp=n),
       PlanSpec("flash_1dev", base.replace(attention="flash")),
   ]
-
-
-# -- reporting ------------------------------------------------------------------------
-
-
-def _g(x) -> str:
-  return f"{x / GiB:.2f}"
-
-
-def _slope(r) -> str:
-  """Growth of adjusted_total per token per device between the two longest points."""
-  pts = sorted(r["points"].values(), key=lambda p: p["tokens_per_device"])
-  if len(pts) < 2:
-    return "-"
-  a, b = pts[-2], pts[-1]
-  dt = b["tokens_per_device"] - a["tokens_per_device"]
-  return f"{(b['adjusted_total'] - a['adjusted_total']) / dt / 1024:.0f}" if dt else "-"
-
-
-def render_markdown(results: List[Dict], budget: int, header: str) -> str:
-  lines = [header, "",
-           f"Per-device budget: {budget / GiB:g} GiB. Bytes are per device, GiB "
-           "(2^30). `total` = argument + output - alias + temp of the compiled SPMD "
-           "program (XLA:CPU); `adjusted` = total minus XLA:CPU's f32 shadow of the bf16 "
-           "layer-residual stack (an estimate for a native-bf16 backend).", "",
-           "| plan | mesh | attention | remat | max T (XLA:CPU total) | max T (adjusted) "
-           "| tokens/device at adjusted max | total / adjusted at adjusted max | "
-           "params + opt state | adjusted KiB per token per device (two longest points) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-  for r in results:
-    s = r["spec"]
-    c, a = r["search"].get("total"), r["search"].get("adjusted_total")
-    fmt = lambda x: "-" if not x else "none fits" if not x["max_len"] else (
-        f"{x['max_len']:,}")
-    at_max = tpd = "-"
-    if a and a["max_len"]:
-      p = r["points"][str(a["max_len"])]
-      tpd = f"{p['tokens_per_device']:,}"
-      at_max = f"{_g(p['total'])} / {_g(p['adjusted_total'])}"
-    lines.append(
-        f"| {s['name']} | {s['mesh']} | {s['attention']} | {s.get('remat', '-')} | "
-        f"{fmt(c)} | {fmt(a)} | {tpd} | {at_max} | "
-        f"{_g(r['params'] + r['opt_state'])} | {_slope(r)} |")
-  lines += ["", "Plans: " + PLAN_NOTES, ""]
-  lines += ["", "Every compiled point (per device, GiB):", "",
-            "| plan | T | global batch | tokens/device | loss/ffn chunks | argument | "
-            "temp | total | f32 shadow | adjusted | fits total | fits adjusted | "
-            "compile s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  for r in results:
-    for n in sorted(r["points"], key=int):
-      p = r["points"][n]
-      lines.append(
-          f"| {r['spec']['name']} | {int(n):,} | {p['global_batch']} | "
-          f"{p['tokens_per_device']:,} | {p['loss_chunks']}/{p['ffn_chunks']} | "
-          f"{_g(p['argument'])} | {_g(p['temp'])} | {_g(p['total'])} | "
-          f"{_g(p['cpu_shadow'])} | {_g(p['adjusted_total'])} | "
-          f"{'yes' if p['total'] <= budget else 'no'} | "
-          f"{'yes' if p['adjusted_total'] <= budget else 'no'} | {p['compile_s']:.0f} |")
-  return "\n".join(lines) + "\n"
-
-
-PLAN_NOTES = (
-    "ring_lwm: ring attention over sp=8 (zigzag layout), parameters and AdamW state "
-    "sharded over fsdp x sp (Large World Model's layout), one sequence of T tokens "
-    "split over the 8 devices. ring_lwm_groups: the same with the layer stack "
-    "checkpointed in groups of 4 layers (remat_layer_group=4: 8 group inputs plus one "
-    "group's 4 layer inputs saved instead of 32 layer inputs; one extra forward). "
-    "ring_lwm_dots: the same as ring_lwm with remat "
-    "dots_with_no_batch_dims (saves every weight-matmul output per layer). "
-    "flash_fsdp: the blockwise baseline at the same per-device memory: "
-    "single-device flash attention, fsdp=8 (same 8-way parameter sharding), one "
-    "whole sequence of T tokens per device. dense_fsdp: the same with "
-    "jax.nn.dot_product_attention (materialises [N, T, T] logits per layer). "
-    "flash_1dev: flash attention on one device (params + AdamW alone are 75 GiB; "
-    "with the gradients nothing fits). Loss and feed-forward run in chunks of at "
-    "most 8192 / 16384 tokens per device; sequence lengths are multiples of "
-    "1024 tokens per device. Memory is searched by powers of two, then bisected to "
-    "within 1/8 of the answer: the true maximum lies between 'max T' and the "
-    "next length listed as not fitting.")
 
 
 def run_plan(spec: PlanSpec, budget: int, *, start: int, metrics: Sequence[str],
@@ -469,116 +380,6 @@ def run_plan(spec: PlanSpec, budget: int, *, start: int, metrics: Sequence[str],
       points={str(k): v for k, v in sorted(cache.items())})
 
 
-# -- main -----------------------------------------------------------------------------
-
-FLAGS = flags.FLAGS
-
-
-def define_flags():
-  """The script's flags (defined only when run, so importing the library never
-  collides with other absl scripts' flags in one process)."""
-  flags.DEFINE_integer("num_devices", 8, "Simulated CPU devices (read before jax starts).")
-  flags.DEFINE_list("plans", ["ring_lwm", "ring_lwm_groups", "ring_lwm_dots", "flash_fsdp",
-                              "dense_fsdp", "flash_1dev"],
-                    "Plans from issue_plans() by name, or 'custom' (the flags below).")
-  flags.DEFINE_string("preset", "llama2-7b", "Model preset.")
-  flags.DEFINE_enum("remat", "full", list(config_lib.REMAT_POLICIES), "Remat policy.")
-  flags.DEFINE_float("budget_gib", 80.0, "Per-device memory budget in GiB (an '80 GB' GPU "
-                     "reports 80 GiB; usable memory is a little less).")
-  flags.DEFINE_list("metrics", ["total", "adjusted_total"],
-                    "What must fit the budget: 'total' (XLA:CPU as compiled) and/or "
-                    "'adjusted_total' (minus the CPU-only f32 shadow).")
-  flags.DEFINE_float("resolution", 0.125, "Stop bisecting when the bracket is within this "
-                     "fraction of the fitting length.")
-  flags.DEFINE_integer("max_search_len", 2 ** 23, "Longest length tried.")
-  flags.DEFINE_list("starts", ["ring_lwm=1048576", "ring_lwm_groups=1048576",
-                               "ring_lwm_dots=262144",
-                               "flash_fsdp=131072",
-                               "dense_fsdp=16384", "flash_1dev=4096",
-                               "custom=65536"],
-                    "Where each plan's power-of-two search starts (name=T).")
-  flags.DEFINE_integer("loss_chunk_tokens", 8192, "Per-device tokens per loss chunk.")
-  flags.DEFINE_integer("ffn_chunk_tokens", 16384, "Per-device tokens per FFN chunk.")
-  # custom plan
-  flags.DEFINE_string("attention", "ring", "custom: attention.")
-  flags.DEFINE_string("layout", "zigzag", "custom: layout (sequence-parallel only).")
-  flags.DEFINE_integer("dp", 1, "custom: mesh dp.")
-  flags.DEFINE_integer("fsdp", 1, "custom: mesh fsdp.")
-  flags.DEFINE_integer("tp", 1, "custom: mesh tp.")
-  flags.DEFINE_integer("sp", 8, "custom: mesh sp.")
-  flags.DEFINE_bool("shard_params_over_sp", True, "custom: shard params over sp too.")
-  flags.DEFINE_string("dtype", "bfloat16", "custom: compute dtype.")
-  flags.DEFINE_integer("accum_steps", 1, "custom: gradient accumulation steps.")
-  flags.DEFINE_integer("remat_layer_group", 1, "custom: layers per outer checkpoint.")
-  flags.DEFINE_list("seq_lens", [], "custom: measure these lengths only (no search).")
-  flags.DEFINE_string("out_dir", "results", "Where memory_plan.{md,json} go.")
-
-
-def _custom_spec() -> PlanSpec:
-  cfg = config_lib.preset(FLAGS.preset, attention=FLAGS.attention,
-                          layout=FLAGS.layout if FLAGS.attention in
-                          config_lib.SEQUENCE_PARALLEL_ATTENTION else "contiguous",
-                          remat_policy=FLAGS.remat, dtype=FLAGS.dtype,
-                          shard_params_over_sp=FLAGS.shard_params_over_sp,
-                          remat_layer_group=FLAGS.remat_layer_group, flash_impl="xla")
-  return PlanSpec("custom", cfg, dp=FLAGS.dp, fsdp=FLAGS.fsdp, tp=FLAGS.tp, sp=FLAGS.sp,
-                  accum_steps=FLAGS.accum_steps,
-                  loss_chunk_tokens=FLAGS.loss_chunk_tokens,
-                  ffn_chunk_tokens=FLAGS.ffn_chunk_tokens)
-
-
-def main(argv):
-  del argv
-  budget = int(FLAGS.budget_gib * GiB)
-  starts = dict(s.split("=") for s in FLAGS.starts)
-  plans = {p.name: p for p in issue_plans(FLAGS.preset, FLAGS.remat, FLAGS.num_devices)}
-  plans = {k: dataclasses.replace(v, loss_chunk_tokens=FLAGS.loss_chunk_tokens,
-                                  ffn_chunk_tokens=FLAGS.ffn_chunk_tokens)
-           for k, v in plans.items()}
-  plans["custom"] = None
-  unknown = [p for p in FLAGS.plans if p not in plans]
-  if unknown:
-    raise app.UsageError(f"unknown plans {unknown}; choose from {sorted(plans)}.")
-  results, t0 = [], time.perf_counter()
-  for name in FLAGS.plans:
-    spec = _custom_spec() if name == "custom" else plans[name]
-    print(f"{name}: {spec.mesh_str()}, attention={spec.config.attention}, "
-          f"remat={spec.config.remat_policy}, dtype={spec.config.dtype}")
-    if name == "custom" and FLAGS.seq_lens:
-      points = {int(n): measure(spec, int(n)) for n in FLAGS.seq_lens}
-      for n, p in points.items():
-        print(f"  T={n:,}: " + ", ".join(f"{k}={_g(p[k])}" for k in
-                                         ("params", "opt_state", "temp", "total")))
-      p0 = next(iter(points.values()))
-      results.append(dict(spec=dict(name=name, mesh=spec.mesh_str(),
-                                    attention=spec.config.attention,
-                                    remat=spec.config.remat_policy,
-                                    num_devices=spec.num_devices,
-                                    global_batch=spec.global_batch),
-                          params=p0["params"], opt_state=p0["opt_state"], search={},
-                          points={str(k): v for k, v in points.items()}))
-      continue
-    results.append(run_plan(spec, budget, start=int(starts.get(name, 65536)),
-                            metrics=FLAGS.metrics, resolution=FLAGS.resolution,
-                            max_search_len=FLAGS.max_search_len))
-  header = (f"# Memory plan: {FLAGS.preset}, remat={FLAGS.remat}, bf16 compute, f32 "
-            f"params and AdamW state, {FLAGS.num_devices} simulated devices\n\n"
-            "Generated by `python -m experiments.memory_planner "
-            + " ".join(sys.argv[1:]) + f"` in {time.perf_counter() - t0:.0f} s on "
-            f"{platform.processor() or platform.machine()} (jax {jax.__version__}). "
-            "XLA:CPU memory numbers are a proxy for GPU/TPU: buffer assignment, fusion "
-            "and bf16 handling differ by backend.")
-  os.makedirs(FLAGS.out_dir, exist_ok=True)
-  md = render_markdown(results, budget, header)
-  with open(os.path.join(FLAGS.out_dir, "memory_plan.md"), "w") as f:
-    f.write(md)
-  with open(os.path.join(FLAGS.out_dir, "memory_plan.json"), "w") as f:
-    json.dump(dict(budget_bytes=budget, preset=FLAGS.preset, remat=FLAGS.remat,
-                   num_devices=FLAGS.num_devices, jax=jax.__version__,
-                   argv=sys.argv[1:], results=results), f, indent=1)
-  print(md)
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  from experiments import memory_report  # the command line: flags, main, the report
+  memory_report.run()

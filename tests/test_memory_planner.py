@@ -84,8 +84,8 @@ def test_search_logic_on_a_model(start):
 
 
 def test_chunks_and_granule():
-  assert mp._chunks(1024, 512) == 2 and mp._chunks(512, 512) == 1
-  assert mp._chunks(3 * 1024, 1000) == 4  # smallest divisor giving chunks <= 1000
+  assert mp.chunk_count(1024, 512) == 2 and mp.chunk_count(512, 512) == 1
+  assert mp.chunk_count(3 * 1024, 1000) == 4  # smallest divisor giving chunks <= 1000
   cfg = mp.config_for_length(SPEC, 16384)
   assert (cfg.loss_chunks, cfg.ffn_chunks) == (8, 8)
   with pytest.raises(ValueError, match="multiple of 512"):
