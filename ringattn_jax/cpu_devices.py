@@ -3,6 +3,8 @@ import os
 
 import jax
 
+from ringattn_jax import checks
+
 # XLA:CPU (jax 0.10.2) orders the starts of a program's collectives but lets them
 # overlap: a while loop whose body holds collectives (the ring's ppermutes) returns
 # "pending" while its matmuls run on the intra-op thread pool, and the next collective
@@ -44,8 +46,7 @@ def simulate_cpu_devices(n: int = 8, serialize_collectives: bool = True) -> None
     ValueError: `n` is not a positive integer.
     RuntimeError: the backend already started with a different device count or platform.
   """
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f"n={n!r} must be a positive integer (the number of CPU devices).")
+  n = checks.positive_int("n", n, what="(the number of CPU devices)")
   try:
     jax.config.update("jax_num_cpu_devices", n)
   except RuntimeError as e:
