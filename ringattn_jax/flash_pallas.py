@@ -29,8 +29,9 @@ import jax.numpy as jnp
 
 from ringattn_jax import checks
 from ringattn_jax import schedule
-from ringattn_jax._inputs import AttnInputs, MaskSpec
+from ringattn_jax._inputs import AttnInputs
 from ringattn_jax.flash_pallas_calls import KernelConfig, KernelMeta, LoopBounds, flash
+from ringattn_jax.masking import MaskSpec
 
 _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv",
                  "block_k_dkv")

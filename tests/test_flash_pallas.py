@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import check_against_reference, make_qkv
 
-from ringattn_jax import _inputs, flash_attention, flash_pallas
+from ringattn_jax import _inputs, flash_attention, flash_pallas, masking
 
 BS16 = flash_pallas.BlockSizes(16, 16, 16, 16, 16, 16)
 # Different blocks per kernel: the sequences pad to a multiple of all of them.
@@ -115,7 +115,7 @@ def test_jit_and_grad_compose():
 
 
 def test_block_ranges_skip_hidden_and_invalid_blocks():
-  spec = _inputs.MaskSpec(is_causal=True, window=(16, 0))
+  spec = masking.MaskSpec(is_causal=True, window=(16, 0))
   pos = jnp.arange(64, dtype=jnp.int32)
   kv_lo, kv_hi, q_lo, q_hi = flash_pallas._loop_ranges(
       spec, pos, pos, 16, 16, q_valid=jnp.asarray([64, 20]),
@@ -132,9 +132,9 @@ def test_block_ranges_skip_hidden_and_invalid_blocks():
 
 
 def test_supports_and_rejects_bias_and_mask():
-  assert flash_pallas.supports(_inputs.MaskSpec(is_causal=True, has_segments=True))
-  assert not flash_pallas.supports(_inputs.MaskSpec(has_bias=True))
-  assert not flash_pallas.supports(_inputs.MaskSpec(has_mask=True))
+  assert flash_pallas.supports(masking.MaskSpec(is_causal=True, has_segments=True))
+  assert not flash_pallas.supports(masking.MaskSpec(has_bias=True))
+  assert not flash_pallas.supports(masking.MaskSpec(has_mask=True))
   q, k, v, bias = make_qkv(5, 1, 16, 16, 2, 2, 16, bias_shape=(1, 1, 16, 16))
   with pytest.raises(ValueError, match="does not support bias/mask"):
     flash_attention(q, k, v, bias, impl="pallas")
