@@ -2,19 +2,22 @@
 
 `check_config(config, num_devices)` raises a ValueError naming the key for: unknown or
 mistyped model fields, a mesh whose product is not the device count, sequence lengths
-not divisible by the ring (2x ring for zigzag) or the loss/FFN chunks, batch sizes not
-divisible by the data-parallel axes, process count or accumulation steps, bad data or
-optimizer keys, and malformed stages. `stages(config)` expands the progressive stages.
+not divisible by the layout's shard multiple (`layouts.shard_multiple`) or the
+loss/FFN chunks, batch sizes not divisible by the data-parallel axes, process count or
+accumulation steps, bad data or optimizer keys, and malformed stages. `stages(config)`
+expands the progressive stages.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List
 
 from experiments import optim
 from experiments.data import config as data_config_lib
 from experiments.data import make_dataset
 from models import config as model_config_lib
+from ringattn_jax import checks
+from ringattn_jax import layouts
 
 STAGE_KEYS = ("seq_len", "sp", "steps", "warmup_steps", "learning_rate", "batch_size",
               "rope_theta", "rope_scaling", "max_position_embeddings")
@@ -67,9 +70,8 @@ def stages(config) -> List[Stage]:
     if unknown:
       raise ValueError(f"config.stages[{i}] has unknown keys {unknown}; valid keys: "
                        f"{STAGE_KEYS}.")
-    steps = s.get("steps", config.train.steps if len(raw) == 1 else None)
-    if not isinstance(steps, int) or steps < 1:
-      raise ValueError(f"config.stages[{i}].steps must be a positive int; got {steps!r}.")
+    default_steps = config.train.steps if len(raw) == 1 else None
+    steps = checks.positive_int(f"config.stages[{i}].steps", s.get("steps", default_steps))
     model_over = {k: s[k] for k in ("rope_theta", "rope_scaling",
                                     "max_position_embeddings") if k in s}
     model = model_config(config.model, **model_over)
@@ -118,8 +120,8 @@ def check_config(config, num_devices: int, process_count: int = 1) -> List[Stage
                        f"model.attention ({model_config_lib.SEQUENCE_PARALLEL_ATTENTION});"
                        f" got {cfg.attention!r}.")
     T = st.data["seq_len"]
-    ring = m["sp"] * (2 if cfg.layout == "zigzag" and m["sp"] > 1 else 1)
-    _divisible(f"{where}: data.seq_len", T, ring, f"sp={m['sp']}, layout={cfg.layout!r}")
+    _divisible(f"{where}: data.seq_len", T, layouts.shard_multiple(cfg.layout, m["sp"]),
+               f"sp={m['sp']}, layout={cfg.layout!r}")
     for knob in ("loss_chunks", "ffn_chunks"):
       _divisible(f"{where}: data.seq_len", T, m["sp"] * getattr(cfg, knob),
                  f"sp * model.{knob}")
@@ -143,7 +145,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> List[Stage
       raise ValueError(f"{where}: config.optim: {e}") from None
   for length in tuple(config.eval.lengths):
     st = result[-1]
-    ring = st.mesh["sp"] * (2 if st.model.layout == "zigzag" and st.mesh["sp"] > 1 else 1)
+    ring = layouts.shard_multiple(st.model.layout, st.mesh["sp"])
     _divisible("config.eval.lengths entry", length, ring * st.model.loss_chunks,
                f"the last stage's ring ({ring}) times loss_chunks")
   return result
