@@ -4,7 +4,8 @@ Not meant to be launched on its own (it is the tiny model on a passkey task); se
 configs/tiny.py for the CPU demo. Sections:
   model   LlamaConfig fields (models/config.py), starting from `model.preset`.
   mesh    device mesh sizes dp, fsdp, tp, sp (product = number of devices).
-  data    experiments/data/config.py keys (synthetic task or text/tokens files).
+  data    experiments/data/config.py keys (synthetic task or text/tokens files),
+          built from its DataConfig dataclass.
   optim   experiments/optim.py keys (AdamW, schedule, clipping, weight decay).
   train   steps, accumulation, logging, checkpointing, profiling.
   eval    needle-in-a-haystack grid, passkey-vs-length, perplexity.
@@ -13,7 +14,9 @@ configs/tiny.py for the CPU demo. Sections:
 """
 import ml_collections
 
-from models.config import preset, to_dict
+from experiments import config_dicts
+from experiments import data as data_lib
+from models.config import LlamaConfig, preset, to_dict
 
 MODEL_PRESET = "tiny"
 
@@ -21,19 +24,15 @@ MODEL_PRESET = "tiny"
 def model_config(name: str = MODEL_PRESET, **overrides) -> ml_collections.ConfigDict:
   """All LlamaConfig fields of a preset, so `--config.model.<field>=...` works."""
   fields = to_dict(preset(name, **overrides))
-  # rope_scaling may become a dict; keep a placeholder any type can replace.
-  return ml_collections.ConfigDict(dict(preset=name, **fields))
+  # None fields (rope_scaling, sliding_window) become typed placeholders.
+  return config_dicts.section(LlamaConfig, dict(preset=name, **fields))
 
 
-def data_config(kind="passkey", seq_len=256, batch_size=16, **overrides):
-  d = dict(kind=kind, seq_len=seq_len, batch_size=batch_size, seed=0, tokenizer="byte",
-           value_digits=5, needle_depth=None, num_needles=4, num_queries=1, num_hops=2,
-           num_chains=1, num_pairs=None, filler="natural", eval_examples=256,
-           path=None, eval_path=None, eval_fraction=0.0, packing="concat",
-           shuffle=True, text_field="text", doc_separator=None, add_bos=True,
-           add_eos=True, dtype="uint16")
-  d.update(overrides)
-  return ml_collections.ConfigDict(d)
+def data_config(kind="passkey", seq_len=256, batch_size=16,
+                **overrides) -> ml_collections.ConfigDict:
+  """Every `data` key at `experiments.data.DataConfig`'s default (optional keys as
+  typed placeholders), with the base's task, length and batch size and `overrides`."""
+  return data_lib.default_config(kind, seq_len, batch_size, **overrides)
 
 
 def get_config() -> ml_collections.ConfigDict:

@@ -97,7 +97,7 @@ def test_answers_are_exactly_where_the_mask_is(task, filler):
                                           ("random", 1.0)])
 def test_passkey_depth_placement(filler, depth):
   t = make_task("passkey", seq_len=1024, filler=filler, needle_depth=depth)
-  prefix = synthetic._PREFIX["passkey"]
+  prefix = synthetic.PREFIXES["passkey"]
   for index in range(3):
     ex = t.example(index)
     text = TOK.decode(ex.tokens[1:])  # bytes == tokens, shifted by bos
@@ -217,12 +217,13 @@ def test_config_accepts_configdict_and_nested_data_field():
     (synth_config(seq_len=100), (), "data.seq_len=100 is too short for task 'needle'"),
     (synth_config(batch_size=6), ("train", 0, 4), r"data.batch_size=6 \(global\) must be "
      "divisible by process_count=4"),
-    (synth_config(), ("train", 2, 2), r"process_index must be an int in \[0, process_count=2\)"),
+    (synth_config(), ("train", 2, 2),
+     r"process_index must be an int >= 0, <= 1 \(process_count=2\); got 2"),
     (synth_config(), ("test",), r"split must be one of \('train', 'eval'\), got 'test'"),
     (synth_config(needle_depth=1.5), (), r"data.needle_depth must be a fraction in \[0, 1\]"),
     (synth_config(num_queries=3), (), "data.num_queries=3 must be <= data.num_needles=2"),
     (synth_config(filler="lorem"), (), r"data.filler must be one of \('natural', 'random'\)"),
-    (synth_config(value_digits=0), (), r"data.value_digits must be an int \[1, 18\]"),
+    (synth_config(value_digits=0), (), "data.value_digits must be an int >= 1, <= 18; got 0"),
     (synth_config(seed=-1), (), "data.seed must be a non-negative int"),
     ({"kind": "text", "seq_len": 64, "batch_size": 2}, (), "data.path is required"),
     ({"kind": "text", "seq_len": 64, "batch_size": 2, "path": "x.txt",

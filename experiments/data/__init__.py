@@ -1,4 +1,4 @@
-"""Data for long-context training and evaluation (numpy only; no jax needed).
+"""Data for long-context training and evaluation: numpy arrays, no jax computation.
 
   dataset.py    make_dataset(config, split, process_index, process_count) -> a dataset
                 whose batch(step) is a pure function of step (the batch API).

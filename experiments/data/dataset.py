@@ -36,6 +36,7 @@ from experiments.data import packing as packing_lib
 from experiments.data import synthetic
 from experiments.data import text as text_lib
 from experiments.data.tokenizer import load_tokenizer
+from ringattn_jax import checks
 
 SPLITS = ("train", "eval")
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -53,13 +54,11 @@ def global_indices(step: int, batch_size: int, process_index: int,
   Returns:
     [B // process_count] int64 indices `step*B + process_index*b + arange(b)`.
   """
-  try:
-    index = None if isinstance(step, bool) else operator.index(step)  # int, numpy, jax
+  try:  # numpy and jax integer scalars -> int
+    step = step if isinstance(step, bool) else operator.index(step)
   except TypeError:
-    index = None
-  if index is None or index < 0:
-    raise ValueError(f"step must be a non-negative int, got {step!r}")
-  step = index
+    pass  # not an integer: checks.integer says so
+  step = checks.integer("step", step, minimum=0)
   b = batch_size // process_count
   return step * batch_size + process_index * b + np.arange(b, dtype=np.int64)
 
@@ -264,16 +263,13 @@ def make_dataset(config: Any, split: str = "train", process_index: int = 0,
   cfg = config_lib.parse_config(config)
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  if (isinstance(process_count, bool) or not isinstance(process_count, (int, np.integer))
-      or process_count < 1):
-    raise ValueError(f"process_count must be a positive int, got {process_count!r}")
-  if (isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer))
-      or not 0 <= process_index < process_count):
-    raise ValueError(f"process_index must be an int in [0, process_count="
-                     f"{process_count}), got {process_index!r}")
+  process_count = checks.positive_int("process_count", process_count)
+  process_index = checks.integer("process_index", process_index, minimum=0,
+                                 maximum=process_count - 1,
+                                 what=f"(process_count={process_count})")
   if cfg.batch_size % process_count:
     raise ValueError(f"data.batch_size={cfg.batch_size} (global) must be divisible by "
                      f"process_count={process_count}")
   tokenizer = load_tokenizer(cfg.tokenizer)
   cls = SyntheticDataset if cfg.kind in config_lib.SYNTHETIC_KINDS else PackedDataset
-  return cls(cfg, split, int(process_index), int(process_count), tokenizer)
+  return cls(cfg, split, process_index, process_count, tokenizer)

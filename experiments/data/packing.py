@@ -38,6 +38,7 @@ from typing import Dict, Sequence
 import numpy as np
 
 from experiments.data.text import TokenStore
+from ringattn_jax import checks
 
 PACKING_MODES = ("concat", "pad")
 
@@ -80,8 +81,7 @@ def plan_rows(doc_lengths: Sequence[int], seq_len: int, mode: str = "concat") ->
   """
   if mode not in PACKING_MODES:
     raise ValueError(f"data.packing must be one of {PACKING_MODES}, got {mode!r}")
-  if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 2:
-    raise ValueError(f"data.seq_len must be an int >= 2, got {seq_len!r}")
+  checks.integer("data.seq_len", seq_len, minimum=2)
   lens = np.asarray(doc_lengths, np.int64)
   if lens.ndim != 1 or lens.size == 0 or (lens < 1).any():
     raise ValueError("doc_lengths must be a non-empty list of positive lengths")

@@ -41,6 +41,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ringattn_jax import checks
+
 TASKS = ("passkey", "needle", "assoc_recall", "var_track")
 FILLERS = ("natural", "random")
 SPLIT_IDS = {"train": 0, "eval": 1}
@@ -59,7 +61,8 @@ FILLER_SENTENCES = (
 )
 _RANDOM_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
 
-_PREFIX = {
+# The instruction each task's examples start with (after bos).
+PREFIXES = {
     "passkey": "There is a pass key hidden in this text. Find it and remember it.",
     "needle": "Some special values are hidden in this text. Remember them.",
     "assoc_recall": "Remember the value of each key.",
@@ -70,13 +73,13 @@ _VAR_NAME_LEN = 4
 _ASSOC_KEY_LEN = 3
 
 
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-  """What to generate; every field is a `data.*` config key of the same name.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskKnobs:
+  """The synthetic tasks' knobs with their defaults: the one definition of these
+  `data.*` config keys (`TaskSpec` and `experiments.data.config.DataConfig` inherit
+  them).
 
   Attributes:
-    task: one of TASKS.
-    seq_len: T, the exact length of every example, in tokens.
     value_digits: digits in each answer value.
     needle_depth: fraction in [0, 1] of the filler before the (first queried) needle,
       or None / "random" for a uniform random depth per example. Other needles always
@@ -92,8 +95,6 @@ class TaskSpec:
       lowercase letters and spaces).
   """
 
-  task: str
-  seq_len: int
   value_digits: int = 5
   needle_depth: Union[None, float, str] = None
   num_needles: int = 4
@@ -103,13 +104,26 @@ class TaskSpec:
   num_pairs: Optional[int] = None
   filler: str = "natural"
 
+
+KNOBS = tuple(f.name for f in dataclasses.fields(TaskKnobs))
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskSpec(TaskKnobs):
+  """What to generate, checked on construction: `TaskSpec(task, seq_len, **knobs)`.
+
+  Attributes:
+    task: one of TASKS (config key `data.kind`).
+    seq_len: T, the exact length of every example, in tokens.
+    and the knobs of `TaskKnobs` (keyword-only).
+  """
+
+  task: str
+  seq_len: int
+
   def __post_init__(self):
     def check_int(name, lo, hi=None):
-      v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo or (
-          hi is not None and v > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise ValueError(f"data.{name} must be an int {rng}, got {v!r}")
+      checks.integer(f"data.{name}", getattr(self, name), minimum=lo, maximum=hi)
 
     if self.task not in TASKS:
       raise ValueError(f"data.kind={self.task!r} is not a synthetic task; valid: {TASKS}")
@@ -125,12 +139,16 @@ class TaskSpec:
     if isinstance(d, str) and d == "random":
       object.__setattr__(self, "needle_depth", None)
     elif d is not None:
-      if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
+      if not checks.is_number(d) or not 0.0 <= d <= 1.0:
         raise ValueError("data.needle_depth must be a fraction in [0, 1] or 'random' "
                          f"(or None), got {d!r}")
       object.__setattr__(self, "needle_depth", float(d))
     if self.filler not in FILLERS:
       raise ValueError(f"data.filler must be one of {FILLERS}, got {self.filler!r}")
+    self._check_counts()
+
+  def _check_counts(self):
+    """The task's counts are consistent with each other and with value_digits."""
     if self.task == "needle" and self.num_queries > self.num_needles:
       raise ValueError(f"data.num_queries={self.num_queries} must be <= "
                        f"data.num_needles={self.num_needles} for task 'needle'")
@@ -214,7 +232,7 @@ class SyntheticTask:
     self.tokenizer = tokenizer
     self.seed = int(seed)
     enc = tokenizer.encode
-    self._prefix = enc(_PREFIX[spec.task])
+    self._prefix = enc(PREFIXES[spec.task])
     self._bos = np.asarray([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int32)
     self._eos = np.asarray([] if tokenizer.eos_id is None else [tokenizer.eos_id], np.int32)
     sents = [enc(s) for s in FILLER_SENTENCES]
@@ -231,8 +249,7 @@ class SyntheticTask:
     """The example with this index in this split: a pure function of its arguments."""
     if split not in SPLIT_IDS:
       raise ValueError(f"split must be one of {tuple(SPLIT_IDS)}, got {split!r}")
-    if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
-      raise ValueError(f"example index must be a non-negative int, got {index!r}")
+    checks.integer("example index", index, minimum=0)
     rng = np.random.default_rng([self.seed, SPLIT_IDS[split], int(index)])
     build = {"passkey": self._passkey, "needle": self._needle,
              "assoc_recall": self._assoc_recall, "var_track": self._var_track}
