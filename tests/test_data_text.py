@@ -54,35 +54,28 @@ def test_tokenizer_errors(tmp_path, monkeypatch):
 
 # -------------------------------------------------------------------- packing
 
-def test_concat_packing_by_hand():
-  rows = packing.pack_documents([[10, 11, 12], [20, 21, 22, 23, 24], [30, 31]], 4, PAD)
-  P = PAD
-  np.testing.assert_array_equal(rows["tokens"], [[10, 11, 12, 20], [21, 22, 23, 24],
-                                                 [30, 31, P, P]])
-  np.testing.assert_array_equal(rows["targets"], [[11, 12, P, 21], [22, 23, 24, P],
-                                                  [31, P, P, P]])
-  np.testing.assert_array_equal(rows["loss_mask"], [[1, 1, 0, 1], [1, 1, 1, 0],
-                                                    [1, 0, 0, 0]])
-  np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1, 2], [1, 1, 1, 1],
-                                                      [1, 1, 0, 0]])
-  np.testing.assert_array_equal(rows["positions"], [[0, 1, 2, 0], [0, 1, 2, 3],
-                                                    [0, 1, 0, 0]])
+P = PAD
 
 
-def test_pad_packing_by_hand():
-  rows = packing.pack_documents([[10, 11, 12], [20, 21], [30, 31, 32, 33, 34, 35]], 4,
-                                PAD, mode="pad")
-  P = PAD
-  np.testing.assert_array_equal(rows["tokens"], [[10, 11, 12, P], [20, 21, 30, 31],
-                                                 [32, 33, 34, 35]])
-  np.testing.assert_array_equal(rows["targets"], [[11, 12, P, P], [21, P, 31, 32],
-                                                  [33, 34, 35, P]])
-  np.testing.assert_array_equal(rows["loss_mask"], [[1, 1, 0, 0], [1, 0, 1, 1],
-                                                    [1, 1, 1, 0]])
-  np.testing.assert_array_equal(rows["segment_ids"], [[1, 1, 1, 0], [1, 1, 2, 2],
-                                                      [1, 1, 1, 1]])
-  np.testing.assert_array_equal(rows["positions"], [[0, 1, 2, 0], [0, 1, 0, 1],
-                                                    [0, 1, 2, 3]])
+@pytest.mark.parametrize("mode, docs, want", [
+    ("concat", [[10, 11, 12], [20, 21, 22, 23, 24], [30, 31]], dict(
+        tokens=[[10, 11, 12, 20], [21, 22, 23, 24], [30, 31, P, P]],
+        targets=[[11, 12, P, 21], [22, 23, 24, P], [31, P, P, P]],
+        loss_mask=[[1, 1, 0, 1], [1, 1, 1, 0], [1, 0, 0, 0]],
+        segment_ids=[[1, 1, 1, 2], [1, 1, 1, 1], [1, 1, 0, 0]],
+        positions=[[0, 1, 2, 0], [0, 1, 2, 3], [0, 1, 0, 0]])),
+    ("pad", [[10, 11, 12], [20, 21], [30, 31, 32, 33, 34, 35]], dict(
+        tokens=[[10, 11, 12, P], [20, 21, 30, 31], [32, 33, 34, 35]],
+        targets=[[11, 12, P, P], [21, P, 31, 32], [33, 34, 35, P]],
+        loss_mask=[[1, 1, 0, 0], [1, 0, 1, 1], [1, 1, 1, 0]],
+        segment_ids=[[1, 1, 1, 0], [1, 1, 2, 2], [1, 1, 1, 1]],
+        positions=[[0, 1, 2, 0], [0, 1, 0, 1], [0, 1, 2, 3]])),
+])
+def test_packing_by_hand(mode, docs, want):
+  rows = packing.pack_documents(docs, 4, PAD, mode=mode)
+  assert set(rows) == set(want)
+  for key, value in want.items():
+    np.testing.assert_array_equal(rows[key], value, err_msg=key)
 
 
 @pytest.mark.parametrize("mode", packing.PACKING_MODES)

@@ -19,6 +19,7 @@ directory holding one), or a SentencePiece `.model` file. The last two need the
 """
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Optional, Sequence, Union
 
@@ -105,6 +106,20 @@ def _first_token_id(lookup, names: Sequence[str]) -> Optional[int]:
   return None
 
 
+def _import_for(module: str, what: str):
+  """Imports an optional package, or says which install brings it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    raise ImportError(f"Loading {what} needs the `{module}` package: {_EXTRA_HINT}") from e
+
+
+def _pad_or_eos(pad: Optional[int], eos: Optional[int]) -> int:
+  """The pad id; without one, eos (or 0): padding carries loss mask 0 either way."""
+  if pad is not None:
+    return pad
+  return eos if eos is not None else 0
+
 
 def _wrap(tok, text: str, encode, add_bos: bool, add_eos: bool) -> np.ndarray:
   """encode(text) -> int32 ids, with the tokenizer's bos/eos added if asked and known."""
@@ -126,11 +141,7 @@ class HFTokenizer:
   """
 
   def __init__(self, path: str):
-    try:
-      import tokenizers  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(f"Loading the Hugging Face tokenizer {path!r} needs the "
-                        f"`tokenizers` package: {_EXTRA_HINT}") from e
+    tokenizers = _import_for("tokenizers", f"the Hugging Face tokenizer {path!r}")
     self.name = path
     self._tok = tokenizers.Tokenizer.from_file(path)
     self.vocab_size = int(self._tok.get_vocab_size(with_added_tokens=True))
@@ -140,7 +151,7 @@ class HFTokenizer:
     self.eos_id = _first_token_id(lookup, ["</s>", "<eos>", "<|end_of_text|>",
                                            "<|endoftext|>", "<|eot_id|>", "[SEP]"])
     pad = _first_token_id(lookup, ["<pad>", "[PAD]", "<|pad|>", "<|finetune_right_pad_id|>"])
-    self.pad_id = pad if pad is not None else (self.eos_id if self.eos_id is not None else 0)
+    self.pad_id = _pad_or_eos(pad, self.eos_id)
 
   def encode(self, text: str, *, add_bos: bool = False,
              add_eos: bool = False) -> np.ndarray:
@@ -160,18 +171,14 @@ class SentencePieceTokenizer:
   """A SentencePiece model (`.model` file); a model without a pad piece pads with eos."""
 
   def __init__(self, path: str):
-    try:
-      import sentencepiece  # pylint: disable=g-import-not-at-top
-    except ImportError as e:
-      raise ImportError(f"Loading the SentencePiece model {path!r} needs the "
-                        f"`sentencepiece` package: {_EXTRA_HINT}") from e
+    sentencepiece = _import_for("sentencepiece", f"the SentencePiece model {path!r}")
     self.name = path
     self._sp = sentencepiece.SentencePieceProcessor(model_file=path)
     self.vocab_size = int(self._sp.get_piece_size())
     self.bos_id = int(self._sp.bos_id()) if self._sp.bos_id() >= 0 else None
     self.eos_id = int(self._sp.eos_id()) if self._sp.eos_id() >= 0 else None
     pad = int(self._sp.pad_id())
-    self.pad_id = pad if pad >= 0 else (self.eos_id if self.eos_id is not None else 0)
+    self.pad_id = _pad_or_eos(pad if pad >= 0 else None, self.eos_id)
 
   def encode(self, text: str, *, add_bos: bool = False,
              add_eos: bool = False) -> np.ndarray:
