@@ -11,8 +11,8 @@ Stage 0 is the tiny demo's recipe (configs/tiny.py: passkey retrieval at 256 tok
 1500 steps); stages 1 and 2 fine-tune at 512 and 1024 tokens. Expected: the final
 needle grid (lengths 256..1024, depths 0..1) reaches >= 90% accuracy at 1024 tokens;
 each stage's grid at its own length is in eval/stage<i>/. Under 20 minutes on a 2-core
-CPU. Raising rope_theta 4x per stage (LWM's recipe for long runs) made these short
-fine-tunes lose retrieval (0.00-0.06 at 512 after 250 steps), so theta stays fixed.
+CPU. RoPE theta stays the same in every stage (unlike LWM's long runs, which raise it
+per stage; the README's results say why).
 """
 from configs import tiny
 

@@ -6,7 +6,7 @@ Launch (the README's main command runs exactly this):
 Expected: a 2-layer, 128-wide model (ring attention, zigzag layout, sp=8) trains on
 256-token passkey examples and retrieves the 5-digit key with >= 95% exact-match
 accuracy at 256 tokens; workdirs/tiny/eval/needle_grid.png shows accuracy per needle
-depth. About 6 minutes on a 2-core CPU (5 min 35 s measured).
+depth. About 6 minutes on a 2-core CPU.
 """
 from configs import base
 

@@ -26,8 +26,7 @@ def _async_options(async_save: bool) -> Optional[ocp.AsyncOptions]:
   By default orbax synchronises processes with `sync_global_devices`, an XLA collective
   program, also from its async-save thread while the training thread runs the train
   step's collectives; the two programs can then interleave differently on different
-  processes and hang (seen once: a 2-process CPU test run hung for 300 s). The
-  coordination service's barrier runs no device program.
+  processes and hang. The coordination service's barrier runs no device program.
   """
   if jax.process_count() == 1 or not async_save:
     return None

@@ -45,8 +45,9 @@ def test_unknown_config_key_fails():
     c.train.stepz = 3
 
 
-# Ring of 4 on 4 devices (no data parallelism): the XLA:CPU abort in tests/train_runs.py
-# hit the 8-device dp=2 x sp=4 version of these runs in 2 of 3 CI runs.
+# Ring of 4 on 4 devices (no data parallelism): fewer simulated devices than the
+# 8-device dp=2 x sp=4 default, which is more exposed to the XLA:CPU abort described in
+# tests/train_runs.py.
 RESUME_RUN = dict(devices=4, overrides={"mesh.dp": 1})
 
 

@@ -10,9 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # XLA:CPU (jax 0.10.2) can abort a multi-device program on simulated devices when
 # collectives overlap ("Termination timeout for `collective permute ...`: Expected 8
 # threads to join the rendezvous, but only 7 of them arrived", or "Check failed: id <
-# num_threads"). `simulate_cpu_devices` now runs every device's operations in order,
-# which keeps collectives from overlapping (see ringattn_jax/cpu_devices.py); the runs
-# below still train in subprocesses, and a scenario whose subprocess dies with the
+# num_threads"). `simulate_cpu_devices` runs every device's operations in order, which
+# keeps collectives from overlapping (see ringattn_jax/cpu_devices.py); the runs below
+# train in subprocesses all the same, and a scenario whose subprocess dies with the
 # first of these (XLA_CPU_ABORT) is run again from scratch (once), as a guard. Any other
 # failure fails.
 XLA_CPU_ABORT = "Termination timeout for"
