@@ -5,7 +5,7 @@ from typing import Optional
 
 import jax
 
-from ringattn_jax import _inputs
+from ringattn_jax import arguments
 from ringattn_jax import flash_pallas
 from ringattn_jax import flash_xla
 from ringattn_jax.reference import reference_attention
@@ -13,7 +13,7 @@ from ringattn_jax.reference import reference_attention
 IMPLS = ("auto", "xla", "pallas", "reference")
 
 
-def _resolve_impl(impl: str, spec: _inputs.MaskSpec, backend: str) -> str:
+def _resolve_impl(impl: str, spec: arguments.MaskSpec, backend: str) -> str:
   if impl not in IMPLS:
     raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
   if impl != "auto":
@@ -49,7 +49,7 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
       interpret exactly when the backend is CPU.
     return_lse: also return the log-sum-exp of the logits, [B, T, N] float32.
     **mask_kwargs: the mask keywords shared by every attention function
-      (`_inputs.MASK_KEYWORDS`):
+      (`arguments.MASK_KEYWORDS`):
       scale: logits multiplier; default 1/sqrt(H).
       is_causal: key position <= query position.
       segment_ids: [B, T] ints: tokens attend only within their segment (packed
@@ -65,7 +65,7 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
     [B, T, N, H] in q's dtype, and the lse if `return_lse`. A query that sees no key
     gets output 0 and lse -inf (never NaN); its gradient is 0.
   """
-  x, spec = _inputs.canonicalize(q, k, v, bias, mask, **mask_kwargs)
+  x, spec = arguments.canonicalize(q, k, v, bias, mask, **mask_kwargs)
   backend = jax.default_backend()
   chosen = _resolve_impl(impl, spec, backend)
   if chosen == "reference":

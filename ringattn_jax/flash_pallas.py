@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from ringattn_jax import checks
 from ringattn_jax import schedule
-from ringattn_jax._inputs import AttnInputs
+from ringattn_jax.arguments import AttnInputs
 from ringattn_jax.flash_pallas_calls import KernelConfig, KernelMeta, LoopBounds, flash
 from ringattn_jax.masking import MaskSpec
 
@@ -225,7 +225,7 @@ def attention(x: AttnInputs, spec: MaskSpec, block_sizes: Optional[BlockSizes], 
   """Flash attention with Pallas kernels (custom VJP: differentiable in q, k, v, lse).
 
   Args:
-    x: canonical inputs (`_inputs.canonicalize`): q [B, T, N, H], k/v [B, S, K, H].
+    x: canonical inputs (`arguments.canonicalize`): q [B, T, N, H], k/v [B, S, K, H].
     spec: the static mask description; dense bias/mask tensors are not supported.
     block_sizes: `BlockSizes`, or None for the backend's defaults.
     interpret: run the Pallas interpreter; None means exactly when backend is "cpu".

@@ -41,7 +41,7 @@ from jax.experimental.pallas import triton as plgpu
 from ringattn_jax import checks
 from ringattn_jax import flash_pallas_kernels as kernels
 from ringattn_jax import softmax
-from ringattn_jax._inputs import accum_dtype
+from ringattn_jax.arguments import accum_dtype
 from ringattn_jax.masking import MaskSpec
 
 

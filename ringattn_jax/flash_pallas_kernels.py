@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from ringattn_jax import masking
-from ringattn_jax._inputs import accum_dtype
+from ringattn_jax.arguments import accum_dtype
 from ringattn_jax.masking import MaskSpec
 
 _NEG_INF = float("-inf")

@@ -30,12 +30,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ringattn_jax import _vma
+from ringattn_jax import vma
 from ringattn_jax import checks
 from ringattn_jax import masking
 from ringattn_jax import schedule
 from ringattn_jax import softmax
-from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
+from ringattn_jax.arguments import AttnInputs, MaskSpec, accum_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,7 +292,7 @@ def forward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes,
   Works on local shards inside shard_map(check_vma=True) too.
 
   Args:
-    x, spec: canonical inputs (see _inputs.canonicalize).
+    x, spec: canonical inputs (see arguments.canonicalize).
     block_sizes: uses block_q and block_k.
     out_dtype: dtype of `out` (default q's).
 
@@ -316,7 +316,7 @@ def forward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, kh,
     in query-row layout (`BlockLayout.rows_to_seq` restores [B, T, N, ...]).
   """
   acc, dt = accum_dtype(dtype), dtype
-  axes = _vma.union_axes(x, qh, kh, vh)
+  axes = vma.union_axes(x, qh, kh, vh)
   blocks = _Blocks(x, spec, g)
   kv_sched, _ = blocks.schedule()
   R = g.G * g.bq
@@ -339,7 +339,7 @@ def forward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, kh,
                       preferred_element_type=acc)
       return m_new, l, alpha[..., None] * o + pv
 
-    init = _vma.vary((jnp.full((g.B, g.K, R), -jnp.inf, acc), jnp.zeros((g.B, g.K, R), acc),
+    init = vma.vary((jnp.full((g.B, g.K, R), -jnp.inf, acc), jnp.zeros((g.B, g.K, R), acc),
                       jnp.zeros((g.B, g.K, R, g.H), acc)), axes)
     m, l, o = _segmented_loop(sched, body, init)
     seen = l > 0
@@ -398,7 +398,7 @@ def backward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, do
     float32, float64 for float64) and dbias with the canonical bias shape (or None).
   """
   acc, dt = accum_dtype(dtype), dtype
-  axes = _vma.union_axes(x, qh, doh, lse_h, delta_h, kh, vh, dq)
+  axes = vma.union_axes(x, qh, doh, lse_h, delta_h, kh, vh, dq)
   blocks = _Blocks(x, spec, g)
   _, q_sched = blocks.schedule()
   R = g.G * g.bq
@@ -427,12 +427,12 @@ def backward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, do
       dk = dk + jnp.einsum("BKRC,BKRH->BKCH", ds, qb, preferred_element_type=acc)
       return dk, dv, dq, dbias
 
-    zeros_kv = _vma.vary(jnp.zeros((g.B, g.K, g.bk, g.H), acc), axes)
+    zeros_kv = vma.vary(jnp.zeros((g.B, g.K, g.bk, g.H), acc), axes)
     dk, dv, dq, dbias = _segmented_loop(sched, body, (zeros_kv, zeros_kv, dq, dbias))
     return (dq, dbias), (dk, dv)
 
-  dq0 = _vma.vary(jnp.zeros(qh.shape, acc) if dq is None else dq.astype(acc), axes)
-  dbias0 = None if bias is None else _vma.vary(jnp.zeros(bias.shape, acc), axes)
+  dq0 = vma.vary(jnp.zeros(qh.shape, acc) if dq is None else dq.astype(acc), axes)
+  dbias0 = None if bias is None else vma.vary(jnp.zeros(bias.shape, acc), axes)
   (dq, dbias), (dk, dv) = lax.scan(
       per_kv_block, (dq0, dbias0), (jnp.arange(g.nk), kh, vh, q_sched))
   if dbias is not None:

@@ -27,7 +27,7 @@ from typing import Any, Optional, Protocol, Tuple
 
 import jax
 
-from ringattn_jax._inputs import AttnInputs, MaskSpec
+from ringattn_jax.arguments import AttnInputs, MaskSpec
 
 
 class BlockLayout(Protocol):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ringattn_jax import _inputs
+from ringattn_jax import arguments
 
 
 def reference_attention(q, k, v, bias=None, mask=None, *, return_lse: bool = False,
@@ -32,10 +32,10 @@ def reference_attention(q, k, v, bias=None, mask=None, *, return_lse: bool = Fal
     [B, T, N, H] in q's dtype (and the lse if asked). A query that sees no key gets
     zeros. Computation is in float32, or float64 when given float64 (exact oracle).
   """
-  x, spec = _inputs.canonicalize(q, k, v, bias, mask, **mask_kwargs)
+  x, spec = arguments.canonicalize(q, k, v, bias, mask, **mask_kwargs)
   B, T, N, H = x.q.shape
   S, K = x.k.shape[1], x.k.shape[2]
-  acc = _inputs.accum_dtype(x.q.dtype)
+  acc = arguments.accum_dtype(x.q.dtype)
   qf, kf, vf = (a.astype(acc) for a in (x.q, x.k, x.v))
   # GQA: query head n uses key/value head n // (N // K).
   kf = jnp.repeat(kf, N // K, axis=2)

@@ -71,8 +71,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ringattn_jax import _inputs
-from ringattn_jax import _vma
+from ringattn_jax import arguments
+from ringattn_jax import vma
 from ringattn_jax import checks
 from ringattn_jax import flash_xla
 from ringattn_jax import kernel_api
@@ -80,7 +80,7 @@ from ringattn_jax import layouts
 from ringattn_jax import rotation
 from ringattn_jax import schedule
 from ringattn_jax import softmax
-from ringattn_jax._inputs import AttnInputs, MaskSpec, accum_dtype
+from ringattn_jax.arguments import AttnInputs, MaskSpec, accum_dtype
 
 
 # Automatic `head_groups` (see `ring_attention`): on CPU, as many passes as keep each
@@ -108,13 +108,6 @@ class _Ring:
   def hops(self) -> int:
     """Key/value shards the ring visits (computed or skipped) per head group."""
     return self.hops_next + self.hops_prev
-
-
-# --- manual-axis ("vma") typing helpers ------------------------------------------------
-def _cond(pred, true_fn, false_fn, operands, axes):
-  """lax.cond whose branch outputs are both cast to the varying axes `axes`."""
-  return lax.cond(pred, lambda o: _vma.vary(true_fn(o), axes),
-                  lambda o: _vma.vary(false_fn(o), axes), operands)
 
 
 # --- one hop ---------------------------------------------------------------------------
@@ -166,8 +159,8 @@ def _ring_forward(ring: _Ring, x: AttnInputs):
     out_g, lse_g, count = _ring_forward_pass(ring, _group_inputs(ring, x, g))
     return _head_update(out, out_g, g, Nc), _head_update(lse, lse_g, g, Nc), count
 
-  axes = _vma.union_axes(x, lax.axis_index(ring.axis_name))
-  init = _vma.vary((jnp.zeros(x.q.shape, x.q.dtype), jnp.zeros(x.q.shape[:3], acc),
+  axes = vma.union_axes(x, lax.axis_index(ring.axis_name))
+  init = vma.vary((jnp.zeros(x.q.shape, x.q.dtype), jnp.zeros(x.q.shape[:3], acc),
                     jnp.zeros((), jnp.int32)), axes)
   return lax.fori_loop(0, c, group, init)
 
@@ -183,7 +176,7 @@ def _ring_forward_pass(ring: _Ring, x: AttnInputs):
   g = kernel.forward_layout(x, ring.block_sizes)
   qh, kh, vh = kernel.forward_operands(x.q, x.k, x.v, g)
   kv = (kh, vh, x.kv_segment_ids, None if ring.derive_kv_positions else x.kv_positions)
-  axes = _vma.union_axes(x, lax.axis_index(ring.axis_name))
+  axes = vma.union_axes(x, lax.axis_index(ring.axis_name))
 
   def hop_fn(offset, kv, state):
     xh = _hop_inputs(x, ring, kv, offset)
@@ -204,7 +197,8 @@ def _ring_forward_pass(ring: _Ring, x: AttnInputs):
                 jnp.zeros((), jnp.int32))
       return state
 
-    return _cond(schedule.hop_visible(xh, spec), compute, skip, (xh, kv[0], kv[1], state), axes)
+    return vma.cond(schedule.hop_visible(xh, spec), compute, skip,
+                    (xh, kv[0], kv[1], state), axes)
 
   o, lse, count = rotation.run_ring(ring, kv, hop_fn)
   return g.rows_to_seq(o).astype(dt), g.rows_to_seq(lse), count
@@ -234,8 +228,8 @@ def _ring_backward(ring: _Ring, x: AttnInputs, out, lse, dout, dlse):
   # whole forward pass.
   fill = delta[(0,) * delta.ndim]
   blank = lambda a: jnp.broadcast_to(fill.astype(a.dtype), a.shape)
-  axes = _vma.union_axes(x, lse, dout, lax.axis_index(ring.axis_name))
-  init = _vma.vary((blank(x.q), blank(x.k), blank(x.v), jnp.zeros((), jnp.int32)), axes)
+  axes = vma.union_axes(x, lse, dout, lax.axis_index(ring.axis_name))
+  init = vma.vary((blank(x.q), blank(x.k), blank(x.v), jnp.zeros((), jnp.int32)), axes)
   return lax.fori_loop(0, c, group, init)
 
 
@@ -250,7 +244,7 @@ def _ring_backward_pass(ring: _Ring, x: AttnInputs, lse, delta, dout):
   g = kernel.backward_layout(x, ring.block_sizes)
   rows, (kh, vh) = kernel.backward_operands(x.q, x.k, x.v, lse, delta, dout, g)
   kv = (kh, vh, x.kv_segment_ids, None if ring.derive_kv_positions else x.kv_positions)
-  axes = _vma.union_axes(x, lse, dout, lax.axis_index(ring.axis_name))
+  axes = vma.union_axes(x, lse, dout, lax.axis_index(ring.axis_name))
   zeros_kv = lambda: (jnp.zeros(kh.shape, acc), jnp.zeros(vh.shape, acc))
 
   def hop_fn(offset, kv, state):
@@ -273,7 +267,8 @@ def _ring_backward_pass(ring: _Ring, x: AttnInputs, lse, delta, dout):
       dq, dkv, count = state
       return dq, zeros_kv() if dkv is None else dkv, count
 
-    return _cond(schedule.hop_visible(xh, spec), compute, skip, (xh, kv[0], kv[1], state), axes)
+    return vma.cond(schedule.hop_visible(xh, spec), compute, skip,
+                    (xh, kv[0], kv[1], state), axes)
 
   dq, (dk, dv), count = rotation.run_ring(ring, kv, hop_fn, send_back=1)
   return (g.rows_to_seq(dq).astype(dt), g.blocks_to_seq(dk).astype(x.k.dtype),
@@ -324,8 +319,8 @@ def auto_head_groups(B: int, S_local: int, K: int, H: int,
 def _prepare(q, k, v, *, axis_name, layout="contiguous", block_sizes=None,
              head_groups=None, **mask_kwargs) -> Tuple[_Ring, AttnInputs]:
   """Validates the local arguments and plans the ring (static hops, positions)."""
-  _inputs.check_mask_keywords("ring_attention", mask_kwargs,
-                              _inputs.SEQUENCE_PARALLEL_KEYWORDS)
+  arguments.check_mask_keywords("ring_attention", mask_kwargs,
+                                arguments.SEQUENCE_PARALLEL_KEYWORDS)
   layouts.check_layout(layout)
   kernel = flash_xla
   block_sizes = kernel.check_block_sizes(block_sizes)
@@ -340,7 +335,7 @@ def _prepare(q, k, v, *, axis_name, layout="contiguous", block_sizes=None,
     mask_kwargs["q_positions"] = layouts.local_positions(layout, n, Tl, d)
   if derive_kv:
     mask_kwargs["kv_positions"] = layouts.local_positions(layout, n, Sl, d)
-  x, spec = _inputs.canonicalize(q, k, v, **mask_kwargs)
+  x, spec = arguments.canonicalize(q, k, v, **mask_kwargs)
   B, _, K, H = x.k.shape
   if head_groups is None:
     head_groups = auto_head_groups(B, Sl, K, H)
@@ -381,7 +376,7 @@ def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
       (`auto_head_groups`): on CPU as many as keep passes >= `MIN_PASS_ELEMENTS` per
       K shard (1 for small shards); on GPU/TPU 1.
     return_lse: also return the log-sum-exp [B, Tl, N] float32.
-    **mask_kwargs: the mask keywords of `_inputs.SEQUENCE_PARALLEL_KEYWORDS`:
+    **mask_kwargs: the mask keywords of `arguments.SEQUENCE_PARALLEL_KEYWORDS`:
       is_causal, local_window_size, logit_softcap, scale: as in `flash_attention`,
         judged on true (global) token positions.
       segment_ids: [B, Tl] local query segment ids (packed sequences);

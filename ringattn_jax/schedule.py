@@ -30,7 +30,7 @@ import numpy as np
 
 from ringattn_jax import layouts
 from ringattn_jax import masking
-from ringattn_jax._inputs import AttnInputs, MaskSpec, WindowArg, normalize_window
+from ringattn_jax.arguments import AttnInputs, MaskSpec, WindowArg, normalize_window
 
 
 class BlockRanges(NamedTuple):

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ringattn_jax import _inputs
+from ringattn_jax import arguments
 from ringattn_jax import flash_xla
 from ringattn_jax import layouts
 from ringattn_jax import ring
@@ -56,7 +56,7 @@ class _Plan:
   permuted: bool
   block_sizes: flash_xla.BlockSizes
   head_groups: Optional[int]
-  spec: _inputs.MaskSpec
+  spec: arguments.MaskSpec
   has_q_positions: bool
   has_kv_positions: bool
 
@@ -72,7 +72,7 @@ class _Plan:
 
   def mask_kwargs(self):
     """The static mask keywords (the arrays travel as arguments)."""
-    return _inputs.spec_keywords(self.spec)
+    return arguments.spec_keywords(self.spec)
 
 
 def _axis_sizes(mesh, names) -> int:
@@ -104,7 +104,7 @@ def _resolve_axes(mesh, seq_axis, batch_axes, head_axis):
   return batch_axes, head_axis
 
 
-def _check_shapes(plan: _Plan, x: _inputs.AttnInputs):
+def _check_shapes(plan: _Plan, x: arguments.AttnInputs):
   B, T, N, _ = x.q.shape
   S, K = x.k.shape[1], x.k.shape[2]
   n, mesh = plan.n, plan.mesh
@@ -164,7 +164,7 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
     head_groups: strategy="ring" only: passes of the ring, each over that fraction of
       the (per-device) key/value heads (see `ring_attention`); default automatic.
     return_lse: also return the log-sum-exp [B, T, N] float32.
-    **mask_kwargs: the mask keywords of `_inputs.SEQUENCE_PARALLEL_KEYWORDS`:
+    **mask_kwargs: the mask keywords of `arguments.SEQUENCE_PARALLEL_KEYWORDS`:
       is_causal, segment_ids [B, T], kv_segment_ids [B, S], local_window_size,
         logit_softcap, scale: as in `flash_attention`.
       q_positions, kv_positions: [T] / [S] int positions for causal/window (default
@@ -181,15 +181,15 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
-  _inputs.check_mask_keywords("sharded_attention", mask_kwargs,
-                              _inputs.SEQUENCE_PARALLEL_KEYWORDS)
+  arguments.check_mask_keywords("sharded_attention", mask_kwargs,
+                                arguments.SEQUENCE_PARALLEL_KEYWORDS)
   layouts.check_layout(layout)
   block_sizes = flash_xla.check_block_sizes(block_sizes)
   if head_groups is not None and strategy != "ring":
     raise ValueError(f"head_groups applies to strategy='ring' only; got strategy="
                      f"{strategy!r}.")
   batch_axes, head_axis = _resolve_axes(mesh, seq_axis, batch_axes, head_axis)
-  x, spec = _inputs.canonicalize(q, k, v, **mask_kwargs)
+  x, spec = arguments.canonicalize(q, k, v, **mask_kwargs)
   plan = _Plan(mesh=mesh, strategy=strategy, seq_axis=seq_axis, batch_axes=batch_axes,
                head_axis=head_axis, layout=layout, permuted=bool(permuted),
                block_sizes=block_sizes, head_groups=head_groups, spec=spec,
@@ -333,7 +333,7 @@ def _gather_seq(plan: _Plan, a):
 
 
 def _attend(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-  x, spec = _inputs.canonicalize(
+  x, spec = arguments.canonicalize(
       q, k, v, segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos,
       kv_positions=kv_pos, **plan.mask_kwargs())
   return flash_xla.attention(x, spec, plan.block_sizes)

@@ -34,3 +34,9 @@ def vary(tree, axes: frozenset):
     missing = tuple(sorted(axes - varying_axes(x), key=str))
     return lax.pcast(x, missing, to="varying") if missing else x
   return jax.tree.map(cast, tree)
+
+
+def cond(pred, true_fn, false_fn, operands, axes: frozenset):
+  """`lax.cond` whose branch outputs are both cast to vary over `axes`."""
+  return lax.cond(pred, lambda o: vary(true_fn(o), axes),
+                  lambda o: vary(false_fn(o), axes), operands)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import check_against_reference, make_qkv
 
-from ringattn_jax import _inputs, flash_attention, flash_pallas, masking
+from ringattn_jax import arguments, flash_attention, flash_pallas, masking
 
 BS16 = flash_pallas.BlockSizes(16, 16, 16, 16, 16, 16)
 # Different blocks per kernel: the sequences pad to a multiple of all of them.
@@ -150,7 +150,7 @@ def test_block_sizes_must_be_positive_ints(bad):
 
 def _canonical(T=64, S=64, N=2, K=2, H=16, dtype=jnp.float32, **kwargs):
   q, k, v, _ = make_qkv(6, 1, T, S, N, K, H, dtype)
-  return _inputs.canonicalize(q, k, v, **kwargs)
+  return arguments.canonicalize(q, k, v, **kwargs)
 
 
 @pytest.mark.parametrize("backend,blocks,match", [
@@ -191,7 +191,7 @@ def _export(platform, backend, dtype, features, H=128):
   T = S = 250 if features == "all_features" else 256  # also ragged lengths
 
   def fwd(q, k, v):
-    x, spec = _inputs.canonicalize(q, k, v, **_EXPORT_KW[features](T))
+    x, spec = arguments.canonicalize(q, k, v, **_EXPORT_KW[features](T))
     return flash_pallas.attention(x, spec, None, interpret=False, backend=backend)
 
   def loss(q, k, v):

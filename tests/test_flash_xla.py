@@ -11,7 +11,7 @@ import pytest
 from helpers import check_against_reference, make_qkv
 from ringattn_jax import flash_attention
 from ringattn_jax import schedule
-from ringattn_jax._inputs import MaskSpec
+from ringattn_jax.arguments import MaskSpec
 from ringattn_jax.flash_xla import BlockSizes
 
 SMALL = BlockSizes(16, 16, 16, 16)

@@ -5,7 +5,7 @@ import pytest
 
 from ringattn_jax import layouts
 from ringattn_jax import schedule
-from ringattn_jax._inputs import MaskSpec
+from ringattn_jax.arguments import MaskSpec
 
 
 def test_layout_positions_small_cases():
