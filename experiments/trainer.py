@@ -17,13 +17,13 @@ workdir layout:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from typing import Any, Dict, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
@@ -39,7 +39,7 @@ from models import llama
 from models.sharding import make_mesh
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress_bar(total: int, initial: int, enabled: bool):
   if not enabled:
     return None
   try:
@@ -105,32 +105,52 @@ def _eval_grid(config, runner: _StageRunner, lengths, directory: Optional[str]):
   return grid
 
 
+@dataclasses.dataclass
+class _Progress:
+  """What the training loop last logged: the loss and the throughput."""
+
+  last_loss: float = float("nan")
+  tokens_per_second: float = 0.0
+
+
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains (resuming from workdir's newest checkpoint) and evaluates.
 
-  Returns {"final_step", "train_loss", "needle_grid", "accuracy_at_train_length",
-  "tokens_per_second"}.
+  Returns {"final_step", "perplexity", "train_loss", "needle_grid",
+  "accuracy_at_train_length", "tokens_per_second"}.
   """
-  process_index, process_count = jax.process_index(), jax.process_count()
-  all_stages = config_lib.check_config(config, jax.device_count(), process_count)
+  all_stages = config_lib.check_config(config, jax.device_count(), jax.process_count())
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=1))
-  writer = MetricWriter(workdir, enabled=process_index == 0)
+  writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                keep=config.train.keep_checkpoints,
                                async_save=config.train.async_checkpoints)
-  total_steps = all_stages[-1].last_step
+  progress = _Progress()
+  runner = _train_stages(config, workdir, all_stages, writer, ckpt, progress)
+  ckpt.close()
+  summary = _final_evaluation(config, workdir, runner, all_stages[-1], writer, progress)
+  writer.close()
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "eval", "summary.json"), "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=1)
+  return summary
+
+
+def _train_stages(config, workdir: str, all_stages, writer, ckpt,
+                  progress: _Progress) -> _StageRunner:
+  """Runs every stage not finished yet (resuming mid-stage from the newest checkpoint);
+  checkpoints each stage's end, evaluates it when there are several stages, and carries
+  its parameters to the next. Returns the last stage's runner."""
+  process_index, process_count = jax.process_index(), jax.process_count()
   latest = ckpt.latest_step()
   resume_stage = None
   if latest is not None:
     resume_stage = ckpt.meta(latest)["stage"]
     logging.info("Resuming from step %d (stage %d).", latest, resume_stage)
-
-  params, runner, last_loss, tok_per_s = None, None, float("nan"), 0.0
-  train_cfg = config.train
-  profile = tuple(train_cfg.profile_steps)
+  params, runner = None, None
   for stage in all_stages:
     if latest is not None and resume_stage > stage.index:
       continue
@@ -144,42 +164,8 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       print(f"stage {stage.index}: steps {stage.first_step}..{stage.last_step}, seq_len "
             f"{stage.data['seq_len']}, mesh {stage.mesh}, attention "
             f"{stage.model.attention}/{stage.model.layout}", flush=True)
-    bar = _progress(total_steps, step, train_cfg.progress_bar and process_index == 0)
-    t_last, tokens_since = time.time(), 0
-    while step < stage.last_step:
-      if profile and step == profile[0]:
-        jax.profiler.start_trace(os.path.join(workdir, "profile"))
-      batch = runner.global_batch(step)
-      runner.state, metrics = runner.step_fn(runner.state, batch)
-      step += 1
-      tokens_since += int(np.prod(batch["tokens"].shape))
-      if profile and step == profile[1]:
-        jax.block_until_ready(runner.state)
-        jax.profiler.stop_trace()
-      if step % train_cfg.log_every == 0 or step == stage.last_step:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        elapsed = time.time() - t_last
-        tok_per_s = tokens_since / max(elapsed, 1e-9)
-        last_loss = metrics["loss"]
-        metrics.update(lr=float(runner.schedule(step - stage.first_step)),
-                       tokens_per_second=tok_per_s, stage=stage.index)
-        writer.write(step, metrics)
-        t_last, tokens_since = time.time(), 0
-        if bar is not None:
-          bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{tok_per_s:,.0f}")
-        else:
-          logging.info("step %d/%d loss %.4f tokens/s %.0f", step, total_steps,
-                       last_loss, tok_per_s)
-      if bar is not None:
-        bar.update(1)
-      if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
-        ckpt.save(step, runner.state, {"stage": stage.index, "step": step})
-      if (train_cfg.eval_every and step % train_cfg.eval_every == 0
-          and step != stage.last_step):
-        grid = _eval_grid(config, runner, (stage.data["seq_len"],), None)
-        writer.write(step, {"needle_accuracy": float(np.mean(grid["accuracy"]))}, "eval")
-    if bar is not None:
-      bar.close()
+    step = _train_stage(config, workdir, runner, step, all_stages[-1].last_step, writer,
+                        ckpt, progress)
     ckpt.save(step, runner.state, {"stage": stage.index, "step": step})
     if len(all_stages) > 1:
       grid = _eval_grid(config, runner, (stage.data["seq_len"],),
@@ -187,9 +173,67 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
       writer.write(step, {"needle_accuracy": float(np.mean(grid["accuracy"]))},
                    f"eval_stage{stage.index}")
     params = runner.state.params
-  ckpt.close()
+  return runner
 
-  final = all_stages[-1]
+
+def _train_stage(config, workdir: str, runner: _StageRunner, step: int,
+                 total_steps: int, writer, ckpt, progress: _Progress) -> int:
+  """Trains `runner`'s stage from `step` to its last step, with logging, profiling and
+  periodic checkpoints and evaluations; returns the step reached."""
+  stage, train_cfg = runner.stage, config.train
+  profile = tuple(train_cfg.profile_steps)
+  chief = jax.process_index() == 0
+  bar = _progress_bar(total_steps, step, train_cfg.progress_bar and chief)
+  t_last, tokens_since = time.time(), 0
+  while step < stage.last_step:
+    if profile and step == profile[0]:
+      jax.profiler.start_trace(os.path.join(workdir, "profile"))
+    batch = runner.global_batch(step)
+    runner.state, metrics = runner.step_fn(runner.state, batch)
+    step += 1
+    tokens_since += int(np.prod(batch["tokens"].shape))
+    if profile and step == profile[1]:
+      jax.block_until_ready(runner.state)
+      jax.profiler.stop_trace()
+    if step % train_cfg.log_every == 0 or step == stage.last_step:
+      _log_train_step(runner, step, total_steps, metrics, tokens_since, t_last, writer,
+                      bar, progress)
+      t_last, tokens_since = time.time(), 0
+    if bar is not None:
+      bar.update(1)
+    if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
+      ckpt.save(step, runner.state, {"stage": stage.index, "step": step})
+    if (train_cfg.eval_every and step % train_cfg.eval_every == 0
+        and step != stage.last_step):
+      grid = _eval_grid(config, runner, (stage.data["seq_len"],), None)
+      writer.write(step, {"needle_accuracy": float(np.mean(grid["accuracy"]))}, "eval")
+  if bar is not None:
+    bar.close()
+  return step
+
+
+def _log_train_step(runner: _StageRunner, step: int, total_steps: int, metrics,
+                    tokens: int, t_last: float, writer, bar, progress: _Progress):
+  """Writes the step's metrics with the learning rate and the tokens/s since `t_last`."""
+  stage = runner.stage
+  metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+  elapsed = time.time() - t_last
+  progress.tokens_per_second = tokens / max(elapsed, 1e-9)
+  progress.last_loss = metrics["loss"]
+  metrics.update(lr=float(runner.schedule(step - stage.first_step)),
+                 tokens_per_second=progress.tokens_per_second, stage=stage.index)
+  writer.write(step, metrics)
+  if bar is not None:
+    bar.set_postfix(loss=f"{progress.last_loss:.4f}",
+                    tok_s=f"{progress.tokens_per_second:,.0f}")
+  else:
+    logging.info("step %d/%d loss %.4f tokens/s %.0f", step, total_steps,
+                 progress.last_loss, progress.tokens_per_second)
+
+
+def _final_evaluation(config, workdir: str, runner: _StageRunner, final, writer,
+                      progress: _Progress) -> Dict[str, Any]:
+  """The needle grid (and perplexity, if configured) of the trained model; the summary."""
   lengths = tuple(config.eval.lengths) or (final.data["seq_len"],)
   grid = _eval_grid(config, runner, lengths, os.path.join(workdir, "eval"))
   at_train = grid["accuracy"][list(grid["lengths"]).index(final.data["seq_len"])] if (
@@ -205,17 +249,13 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   summary = {
       "final_step": int(runner.state.step) + final.first_step,
       "perplexity": ppl,
-      "train_loss": last_loss,
+      "train_loss": progress.last_loss,
       "needle_grid": grid,
       "accuracy_at_train_length": None if at_train is None else float(np.mean(at_train)),
-      "tokens_per_second": tok_per_s,
+      "tokens_per_second": progress.tokens_per_second,
   }
   writer.write(final.last_step, {"needle_accuracy": float(np.mean(grid["accuracy"]))},
                "eval")
-  writer.close()
-  if process_index == 0:
-    with open(os.path.join(workdir, "eval", "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=1)
   return summary
 
 

@@ -26,7 +26,7 @@ if kill_at:
     if split == "train" and step >= kill_at:
       os.kill(os.getpid(), signal.SIGKILL)
 
-  trainer.MetricWriter.write = write
+  metrics_lib.MetricWriter.write = write
 
 config = small_config(**json.loads(sys.argv[2]))
 trainer.train_and_evaluate(config, sys.argv[1])
