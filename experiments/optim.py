@@ -39,6 +39,8 @@ import jax
 import ml_collections
 import optax
 
+from ringattn_jax import checks
+
 SCHEDULES = ("cosine", "constant", "linear")
 
 DEFAULTS = dict(
@@ -76,14 +78,6 @@ def _as_dict(opt_cfg) -> dict:
   return {**DEFAULTS, **dict(opt_cfg)}
 
 
-def _is_number(x) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, int) and not isinstance(x, bool)
-
-
 def validate(opt_cfg) -> dict:
   """The config as a complete dict with defaults filled in.
 
@@ -92,22 +86,23 @@ def validate(opt_cfg) -> dict:
   """
   c = _as_dict(opt_cfg)
   bad = []
+  num, integer = checks.is_number, checks.is_int
 
   def need(ok, key, what):
     if not ok:
       bad.append(f"{key}={c[key]!r} ({what})")
 
-  need(_is_number(c["learning_rate"]) and c["learning_rate"] > 0, "learning_rate", "> 0")
+  need(num(c["learning_rate"]) and c["learning_rate"] > 0, "learning_rate", "> 0")
   need(c["schedule"] in SCHEDULES, "schedule", f"one of {SCHEDULES}")
-  need(_is_int(c["warmup_steps"]) and c["warmup_steps"] >= 0, "warmup_steps", "int >= 0")
-  need(_is_int(c["total_steps"]) and c["total_steps"] >= 1, "total_steps", "int >= 1")
-  need(_is_number(c["end_lr_fraction"]) and 0 <= c["end_lr_fraction"] <= 1,
+  need(integer(c["warmup_steps"]) and c["warmup_steps"] >= 0, "warmup_steps", "int >= 0")
+  need(integer(c["total_steps"]) and c["total_steps"] >= 1, "total_steps", "int >= 1")
+  need(num(c["end_lr_fraction"]) and 0 <= c["end_lr_fraction"] <= 1,
        "end_lr_fraction", "in [0, 1]")
-  need(_is_number(c["weight_decay"]) and c["weight_decay"] >= 0, "weight_decay", ">= 0")
+  need(num(c["weight_decay"]) and c["weight_decay"] >= 0, "weight_decay", ">= 0")
   for key in ("b1", "b2"):
-    need(_is_number(c[key]) and 0 <= c[key] < 1, key, "in [0, 1)")
-  need(_is_number(c["eps"]) and c["eps"] > 0, "eps", "> 0")
-  need(_is_number(c["grad_clip_norm"]) and c["grad_clip_norm"] >= 0, "grad_clip_norm",
+    need(num(c[key]) and 0 <= c[key] < 1, key, "in [0, 1)")
+  need(num(c["eps"]) and c["eps"] > 0, "eps", "> 0")
+  need(num(c["grad_clip_norm"]) and c["grad_clip_norm"] >= 0, "grad_clip_norm",
        ">= 0; 0 disables clipping")
   need(isinstance(c["decay_embeddings"], bool), "decay_embeddings", "a bool")
   if (not bad and c["schedule"] != "constant"
@@ -137,7 +132,7 @@ def make_schedule(opt_cfg) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, peak, warm), after], [warm])
 
 
-def _path_names(path) -> tuple:
+def path_names(path) -> tuple:
   """Dict keys / attribute names along a pytree path (GetAttrKey 'value' dropped)."""
   names = []
   for k in path:
@@ -163,7 +158,7 @@ def is_decayed(names, ndim: int, decay_embeddings: bool = True) -> bool:
 def decay_mask(params, decay_embeddings: bool = True):
   """Pytree of bools like `params` (an nnx.State of Params): True = decayed."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: is_decayed(_path_names(path), len(x.shape), decay_embeddings),
+      lambda path, x: is_decayed(path_names(path), len(x.shape), decay_embeddings),
       params)
 
 

@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models import llama
+from ringattn_jax import checks
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 REQUIRED_BATCH_KEYS = ("tokens", "targets")
@@ -167,8 +168,7 @@ def _check_batch(batch: Mapping[str, Any], accum_steps: int):
   for k, v in batch.items():
     if v.shape != shape or len(shape) != 2:
       raise ValueError(f"batch[{k!r}] must be [G, T] like tokens {shape}; got {v.shape}.")
-  if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
-    raise ValueError(f"accum_steps must be a positive int; got {accum_steps!r}.")
+  checks.positive_int("accum_steps", accum_steps)
   if shape[0] % accum_steps:
     raise ValueError(f"global batch {shape[0]} must be divisible by accum_steps "
                      f"{accum_steps}.")

@@ -78,7 +78,7 @@ def test_accumulation_matches_one_batch():
 
 def test_decay_mask_by_name_and_ndim():
   _, params = ts.split_params(_model())
-  flat = {".".join(optim._path_names(p)): m for p, m in
+  flat = {".".join(optim.path_names(p)): m for p, m in
           jax.tree_util.tree_leaves_with_path(optim.decay_mask(params))}
   assert flat == {"embed_tokens": True, "lm_head": True, "norm.weight": False,
                   "layers.input_layernorm.weight": False,
