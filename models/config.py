@@ -12,17 +12,20 @@ Presets: `tiny` (tests and CPU demos), `llama2-7b`, `llama2-13b`, `llama3-8b`,
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Tuple, Union
+from typing import Any, Mapping, Optional, Tuple
 
+import ringattn_jax
+from ringattn_jax import checks
 from ringattn_jax import rope
 
-# Attention implementations. "reference" is the dense oracle; "dot_product" is
-# jax.nn.dot_product_attention (the baseline researchers compare against); "flash" is
-# ringattn_jax.flash_attention on one device (or replicated over the sequence); the
-# last three shard the sequence over the mesh's "sp" axis via sharded_attention.
-SINGLE_DEVICE_ATTENTION = ("reference", "dot_product", "flash")
-SEQUENCE_PARALLEL_ATTENTION = ("ring", "allgather", "ulysses")
-ATTENTION = SINGLE_DEVICE_ATTENTION + SEQUENCE_PARALLEL_ATTENTION
+# Attention methods of `ringattn_jax.attention`. "reference" is the dense oracle;
+# "dot_product" is jax.nn.dot_product_attention (the baseline researchers compare
+# against); "flash" is ringattn_jax.flash_attention on one device (or replicated over
+# the sequence); ring, allgather and ulysses shard the sequence over the mesh's "sp"
+# axis via sharded_attention.
+ATTENTION = ringattn_jax.METHODS
+SEQUENCE_PARALLEL_ATTENTION = ringattn_jax.STRATEGIES
+SINGLE_DEVICE_ATTENTION = tuple(m for m in ATTENTION if m not in SEQUENCE_PARALLEL_ATTENTION)
 FLASH_IMPLS = ("auto", "xla", "pallas")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_names",
                   "offload")
@@ -30,7 +33,7 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_names
 # "offload" remat policies.
 REMAT_NAMES = ("qkv", "attn_context", "attn_out", "mlp_hidden", "mlp_out")
 DTYPES = ("float32", "bfloat16", "float16")
-LAYOUTS = ("contiguous", "zigzag", "striped")
+LAYOUTS = ringattn_jax.LAYOUTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +119,7 @@ class LlamaConfig:
                  "num_attention_heads", "num_key_value_heads", "head_dim",
                  "max_position_embeddings", "ffn_chunks", "loss_chunks",
                  "remat_layer_group"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}.")
+      object.__setattr__(self, name, checks.positive_int(name, getattr(self, name)))
     if self.num_attention_heads % self.num_key_value_heads:
       raise ValueError(
           f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
@@ -132,19 +133,14 @@ class LlamaConfig:
     for name, valid in (("attention", ATTENTION), ("flash_impl", FLASH_IMPLS),
                         ("layout", LAYOUTS), ("remat_policy", REMAT_POLICIES),
                         ("dtype", DTYPES), ("param_dtype", DTYPES)):
-      if getattr(self, name) not in valid:
-        raise ValueError(f"{name} must be one of {valid}; got {getattr(self, name)!r}.")
+      checks.choice(name, getattr(self, name), valid)
     bad = [n for n in self.remat_names if n not in REMAT_NAMES]
     if bad:
       raise ValueError(f"remat_names must be drawn from {REMAT_NAMES}; got {bad}.")
-    if self.sliding_window is not None and (
-        isinstance(self.sliding_window, bool) or not isinstance(self.sliding_window, int)
-        or self.sliding_window < 1):
-      raise ValueError(f"sliding_window must be None or a positive int; got "
-                       f"{self.sliding_window!r}.")
-    if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
-      raise ValueError(f"rms_norm_eps and rope_theta must be > 0; got "
-                       f"{self.rms_norm_eps!r}, {self.rope_theta!r}.")
+    object.__setattr__(self, "sliding_window", checks.positive_int(
+        "sliding_window", self.sliding_window, optional=True))
+    for name in ("rms_norm_eps", "rope_theta"):
+      checks.number(name, getattr(self, name), low=0, low_inclusive=False)
 
   @property
   def sequence_parallel(self) -> bool:

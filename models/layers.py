@@ -12,17 +12,17 @@ module's state is only its parameters.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 import ringattn_jax
 from ringattn_jax import rope
 from models import sharding
 from models.config import LlamaConfig
-from models.remat import checkpoint_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,11 @@ class Runtime:
     return jnp.dtype(self.config.dtype)
 
 
-def _param(rngs, shape, logical, cfg: LlamaConfig, init="normal"):
+def param(rngs, shape, logical, cfg: LlamaConfig, init="normal"):
+  """An nnx.Param of `shape` in cfg.param_dtype with its logical axis names.
+
+  init: "normal" (std cfg.initializer_range), "ones" or "zeros".
+  """
   dtype = jnp.dtype(cfg.param_dtype)
   if init == "normal":
     value = cfg.initializer_range * jax.random.normal(rngs.params(), shape, dtype)
@@ -56,7 +60,7 @@ class RMSNorm(nnx.Module):
   """x / rms(x) * weight, computed in float32 and cast back (as Hugging Face does)."""
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
-    self.weight = _param(rngs, (cfg.hidden_size,), ("norm",), cfg, init="ones")
+    self.weight = param(rngs, (cfg.hidden_size,), ("norm",), cfg, init="ones")
     self.eps = cfg.rms_norm_eps
 
   def __call__(self, x):
@@ -70,13 +74,13 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     D, F = cfg.hidden_size, cfg.intermediate_size
-    self.gate_proj = _param(rngs, (D, F), ("embed", "mlp"), cfg)
-    self.up_proj = _param(rngs, (D, F), ("embed", "mlp"), cfg)
-    self.down_proj = _param(rngs, (F, D), ("mlp", "embed"), cfg)
+    self.gate_proj = param(rngs, (D, F), ("embed", "mlp"), cfg)
+    self.up_proj = param(rngs, (D, F), ("embed", "mlp"), cfg)
+    self.down_proj = param(rngs, (F, D), ("mlp", "embed"), cfg)
     if cfg.mlp_bias:
-      self.gate_bias = _param(rngs, (F,), ("mlp",), cfg, init="zeros")
-      self.up_bias = _param(rngs, (F,), ("mlp",), cfg, init="zeros")
-      self.down_bias = _param(rngs, (D,), ("embed",), cfg, init="zeros")
+      self.gate_bias = param(rngs, (F,), ("mlp",), cfg, init="zeros")
+      self.up_bias = param(rngs, (F,), ("mlp",), cfg, init="zeros")
+      self.down_bias = param(rngs, (D,), ("embed",), cfg, init="zeros")
 
   def _dense(self, x, rt: Runtime):
     dt = x.dtype
@@ -110,15 +114,15 @@ class Attention(nnx.Module):
   def __init__(self, cfg: LlamaConfig, *, rngs: nnx.Rngs):
     D, N, K, H = (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                   cfg.head_dim)
-    self.q_proj = _param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), cfg)
-    self.k_proj = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
-    self.v_proj = _param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
-    self.o_proj = _param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), cfg)
+    self.q_proj = param(rngs, (D, N, H), ("embed", "q_heads", "head_dim"), cfg)
+    self.k_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+    self.v_proj = param(rngs, (D, K, H), ("embed", "kv_heads", "head_dim"), cfg)
+    self.o_proj = param(rngs, (N, H, D), ("q_heads", "head_dim", "embed"), cfg)
     if cfg.attention_bias:
-      self.q_bias = _param(rngs, (N, H), ("q_heads", "head_dim"), cfg, init="zeros")
-      self.k_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros")
-      self.v_bias = _param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros")
-      self.o_bias = _param(rngs, (D,), ("embed",), cfg, init="zeros")
+      self.q_bias = param(rngs, (N, H), ("q_heads", "head_dim"), cfg, init="zeros")
+      self.k_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros")
+      self.v_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros")
+      self.o_bias = param(rngs, (D,), ("embed",), cfg, init="zeros")
 
   def project_qkv(self, x, cos, sin, rt: Runtime):
     """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H], rotary applied to q and k."""
@@ -153,27 +157,20 @@ class Attention(nnx.Module):
 
 
 def attend(q, k, v, segment_ids, rt: Runtime):
-  """Causal attention by `config.attention`. q [B, T, N, H]; k, v [B, T, K, H].
+  """Causal attention by `config.attention` (`ringattn_jax.attention`'s method).
 
-  Tokens are in the model's layout order (see models.llama); sequence-parallel
-  attentions are told so (`permuted=True`) and derive true positions from the layout.
+  q [B, T, N, H]; k, v [B, T, K, H]. Tokens are in the model's layout order (see
+  models.llama); sequence-parallel methods are told so (`permuted=True`) and derive
+  true positions from the layout. `config.flash_impl` is the kernel of "flash" only.
   """
   cfg = rt.config
+  sp = cfg.sequence_parallel
   window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
-  kw = dict(is_causal=True, segment_ids=segment_ids, local_window_size=window)
-  if cfg.attention == "reference":
-    return ringattn_jax.reference_attention(q, k, v, **kw)
-  if cfg.attention == "flash":
-    return ringattn_jax.flash_attention(q, k, v, impl=cfg.flash_impl, **kw)
-  if cfg.attention == "dot_product":
-    mask = None
-    if segment_ids is not None:
-      mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True,
-                                        local_window_size=window)
-  return ringattn_jax.sharded_attention(
-      q, k, v, mesh=rt.mesh, strategy=cfg.attention, layout=cfg.layout,
-      permuted=True, **kw)
+  return ringattn_jax.attention(
+      q, k, v, method=cfg.attention,
+      impl=cfg.flash_impl if cfg.attention == "flash" else "auto",
+      mesh=rt.mesh if sp else None, layout=cfg.layout if sp else "contiguous",
+      permuted=sp, is_causal=True, segment_ids=segment_ids, local_window_size=window)
 
 
 class Block(nnx.Module):

@@ -15,18 +15,16 @@ only `__call__` un-permutes its logits. The loss needs no un-permutation.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 import ringattn_jax
+from ringattn_jax import layouts
 from ringattn_jax import rope
 from models import sharding
 from models.config import LlamaConfig
-from models.layers import Block, RMSNorm, Runtime, _param
+from models.layers import Block, RMSNorm, Runtime, param
 from models.loss import cross_entropy
 from models.remat import apply_remat
 
@@ -41,7 +39,7 @@ class Llama(nnx.Module):
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, mesh=None):
     cfg = self.config = config
     self.mesh = mesh
-    self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size),
+    self.embed_tokens = param(rngs, (cfg.vocab_size, cfg.hidden_size),
                                ("vocab", "embed"), cfg)
     keys = jax.random.split(rngs.params(), cfg.num_hidden_layers)
     make = lambda key: nnx.split(Block(cfg, rngs=nnx.Rngs(params=key)))[1]
@@ -49,7 +47,7 @@ class Llama(nnx.Module):
     self.layers = nnx.merge(graphdef, jax.vmap(make)(keys))
     self.norm = RMSNorm(cfg, rngs=rngs)
     if not cfg.tie_word_embeddings:
-      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size),
+      self.lm_head = param(rngs, (cfg.hidden_size, cfg.vocab_size),
                             ("embed", "vocab"), cfg)
 
   # -- plumbing -------------------------------------------------------------------
@@ -93,7 +91,7 @@ class Llama(nnx.Module):
         raise ValueError(f"{name} must have the tokens' shape {tokens.shape}; got "
                          f"{a.shape}.")
     T, n = tokens.shape[1], self.ring_size
-    multiple = n * (2 if self.config.layout == "zigzag" and n > 1 else 1)
+    multiple = layouts.shard_multiple(self.config.layout, n)
     if T % multiple:
       raise ValueError(f"sequence length {T} must be divisible by {multiple} "
                        f"(sp={n}, layout={self.config.layout!r}).")
@@ -209,7 +207,7 @@ class Llama(nnx.Module):
     h = self.hidden_states(tokens_l, positions_l, segments_l)
     total, weight = cross_entropy(h, self.head_weight, self.to_layout(targets),
                                   self.to_layout(loss_mask.astype(jnp.float32)),
-                                  chunks=self.config.loss_chunks, rt=self.runtime)
+                                  chunks=self.config.loss_chunks)
     return total / jnp.maximum(weight, 1.0), weight
 
 

@@ -14,7 +14,7 @@ def _chunk_loss(h, w, targets, mask):
   return jnp.sum((lse - target_logit) * mask), jnp.sum(mask)
 
 
-def cross_entropy(h, w, targets, mask, *, chunks: int = 1, rt=None):
+def cross_entropy(h, w, targets, mask, *, chunks: int = 1):
   """Masked next-token NLL. h [B, T, D]; w [D, V]; targets [B, T] int; mask [B, T].
 
   Returns (sum of mask * NLL, sum of mask), both float32 scalars. With chunks > 1 the

@@ -5,6 +5,7 @@
   dots                     keep matmul outputs, recompute elementwise work
   dots_with_no_batch_dims  keep weight matmuls (not attention's batched ones)
   save_names               keep only the tensors the layer tags with the given names
+                           (`jax.ad_checkpoint.checkpoint_name`; models.config.REMAT_NAMES)
   offload                  move the named tensors to host memory ("pinned_host") and
                            bring them back for the backward; keep nothing else
 """
@@ -13,14 +14,8 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import jax
-from jax.ad_checkpoint import checkpoint_name as _checkpoint_name
 
 from models.config import REMAT_POLICIES
-
-
-def checkpoint_name(x, name: str):
-  """Tags an intermediate so "save_names"/"offload" policies can refer to it."""
-  return _checkpoint_name(x, name)
 
 
 def apply_remat(fn: Callable, policy: str, names: Sequence[str] = ()) -> Callable:
