@@ -1,0 +1,172 @@
+"""Hugging Face `config.json` (LLaMA / Mistral) <-> `models.config.LlamaConfig`.
+
+The field names are Hugging Face's already; what is mapped here is the rest: the
+defaults of each model_type (they differ from LlamaConfig's), RoPE as transformers 4
+and 5 write it (`rope_scaling` / `rope_parameters`, rope_theta inside or beside it),
+Mistral's sliding window, and the fields that have no effect on the forward pass.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Optional
+
+from ringattn_jax import checks
+from models.config import DTYPES, LlamaConfig, from_dict
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+
+# Hugging Face's defaults (transformers 5.23 LlamaConfig / MistralConfig) for the fields we
+# read, used when config.json omits one. They differ from LlamaConfig's own defaults.
+_HF_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
+                  head_dim=None, max_position_embeddings=2048, rms_norm_eps=1e-6,
+                  rope_theta=10000.0, tie_word_embeddings=False, attention_bias=False,
+                  mlp_bias=False, initializer_range=0.02),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                    num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                    head_dim=None, max_position_embeddings=4096 * 32, rms_norm_eps=1e-6,
+                    rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.02,
+                    sliding_window=4096),
+}
+_SILU = ("silu", "swish")  # the same function in transformers' ACT2FN
+
+
+def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> LlamaConfig:
+  """A LlamaConfig from a Hugging Face `config.json` dict (LLaMA or Mistral).
+
+  Fields our config doesn't model and that don't change the forward pass are ignored
+  (use_cache, dtype/torch_dtype, bos/eos/pad ids, attention_dropout, pretraining_tp,
+  whose sliced matmuls compute the same products, ...). Missing fields take Hugging
+  Face's defaults for the model_type, not LlamaConfig's. RoPE follows transformers 5:
+  `rope_scaling` (legacy) if set, else `rope_parameters`; rope_theta from inside that
+  dict, else the top-level `rope_theta`. A "llama" config's `sliding_window` is ignored,
+  as transformers does; a "mistral" one is used (absent means 4096).
+
+  Args:
+    hf_config: the parsed config.json.
+    **overrides: LlamaConfig fields to set on top (run-time fields such as attention,
+      dtype, param_dtype, remat_policy; or e.g. rope_scaling to extend the context).
+
+  Raises:
+    ValueError: model_type not in SUPPORTED_MODEL_TYPES, hidden_act not silu, a
+      quantization_config, partial_rotary_factor != 1, a bad rope dict or field value,
+      or an unknown override; the message names the field and what is valid.
+  """
+  if not isinstance(hf_config, Mapping):
+    raise ValueError(f"hf_config must be a dict (parsed config.json); got "
+                     f"{type(hf_config).__name__}.")
+  model_type = hf_config.get("model_type")
+  if model_type not in SUPPORTED_MODEL_TYPES:
+    raise ValueError(f"config.json model_type must be one of {SUPPORTED_MODEL_TYPES}; got "
+                     f"{model_type!r} (architectures={hf_config.get('architectures')!r}).")
+  if hf_config.get("quantization_config"):
+    quant = hf_config["quantization_config"]
+    method = quant.get("quant_method", "?") if isinstance(quant, Mapping) else quant
+    raise ValueError(f"config.json has a quantization_config (quant_method={method!r}); "
+                     "quantized checkpoints are not supported: load an unquantized one.")
+  act = hf_config.get("hidden_act", "silu")
+  if act not in _SILU:
+    raise ValueError(f"config.json hidden_act must be one of {_SILU} (SwiGLU); got {act!r}.")
+
+  defaults = _HF_DEFAULTS[model_type]
+  fields = {k: hf_config.get(k, v) for k, v in defaults.items()}
+  if model_type == "mistral":  # MistralForCausalLM has no biases, whatever the config says
+    fields.update(attention_bias=False, mlp_bias=False)
+  else:
+    fields["sliding_window"] = None
+
+  rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
+  if not isinstance(rope, Mapping):
+    raise ValueError(f"config.json rope_scaling/rope_parameters must be a dict or null; got "
+                     f"{rope!r}.")
+  rope = dict(rope)
+  theta = rope.pop("rope_theta", None)
+  if theta is None:  # transformers: the dict's value, else the top-level one, else 10000
+    theta = fields["rope_theta"] if fields["rope_theta"] is not None else 10000.0
+  fields["rope_theta"] = checks.number("config.json rope_theta", theta)
+  partial = rope.pop("partial_rotary_factor", hf_config.get("partial_rotary_factor"))
+  if partial is not None and partial != 1:
+    raise ValueError(f"config.json partial_rotary_factor={partial!r} is not supported for "
+                     f"model_type {model_type!r}: transformers' {_ARCHITECTURES[model_type]} "
+                     "rotates all head_dim channels; valid: 1.0 or absent.")
+  kind = rope.get("rope_type", rope.get("type", "default"))
+  plain = kind == "default" and not set(rope) - {"rope_type", "type"}
+  fields["rope_scaling"] = None if plain else rope
+  return from_dict({**fields, **overrides})
+
+
+def config_to_hf(config: LlamaConfig, *, dtype: Optional[str] = None, **extra) -> dict:
+  """The `config.json` dict for `config`, which transformers loads with the same math.
+
+  Writes model_type "llama" (LlamaForCausalLM), or "mistral" (MistralForCausalLM) when
+  config.sliding_window is set. RoPE is written both ways: `rope_parameters` with
+  rope_theta inside (transformers 5) and `rope_theta` + `rope_scaling` (transformers 4,
+  and what transformers 5 reads first); both describe the same frequencies.
+
+  Args:
+    config: the model config.
+    dtype: the tensors' dtype to record ("float32", "bfloat16", "float16"); default
+      config.param_dtype.
+    **extra: further fields to write (bos_token_id, eos_token_id, pad_token_id, ...); a
+      field this function derives from `config` cannot be given.
+
+  Raises:
+    ValueError: a config transformers would load differently or refuse (hidden_size not
+      divisible by num_attention_heads; sliding_window with biases; partial rotary), a bad
+      dtype, or an extra field that collides with a derived one.
+  """
+  if config.hidden_size % config.num_attention_heads:
+    raise ValueError(f"transformers requires hidden_size ({config.hidden_size}) divisible by "
+                     f"num_attention_heads ({config.num_attention_heads}), even with head_dim "
+                     "set; such a model cannot be saved for it.")
+  model_type = "llama" if config.sliding_window is None else "mistral"
+  if model_type == "mistral" and (config.attention_bias or config.mlp_bias):
+    raise ValueError("sliding_window with attention_bias/mlp_bias has no Hugging Face "
+                     "architecture (MistralForCausalLM has no biases); got sliding_window="
+                     f"{config.sliding_window}, attention_bias={config.attention_bias}, "
+                     f"mlp_bias={config.mlp_bias}.")
+  dtype = config.param_dtype if dtype is None else dtype
+  checks.choice("dtype", dtype, DTYPES)
+  rope = dict(config.rope_scaling) if config.rope_scaling is not None else None
+  if rope is not None:
+    if rope.pop("rope_theta", config.rope_theta) != config.rope_theta:
+      raise ValueError(f"config.rope_scaling['rope_theta']={config.rope_scaling['rope_theta']!r} "
+                       f"disagrees with config.rope_theta={config.rope_theta!r}.")
+    if rope.pop("partial_rotary_factor", 1.0) != 1.0:
+      raise ValueError("config.rope_scaling['partial_rotary_factor'] != 1 cannot be saved: "
+                       "transformers' LlamaForCausalLM rotates all head_dim channels.")
+    if rope == {"rope_type": "default"}:
+      rope = None
+  out = {
+      "architectures": [_ARCHITECTURES[model_type]],
+      "model_type": model_type,
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.intermediate_size,
+      "num_hidden_layers": config.num_hidden_layers,
+      "num_attention_heads": config.num_attention_heads,
+      "num_key_value_heads": config.num_key_value_heads,
+      "head_dim": config.head_dim,
+      "hidden_act": "silu",
+      "max_position_embeddings": config.max_position_embeddings,
+      "rms_norm_eps": config.rms_norm_eps,
+      "rope_theta": config.rope_theta,
+      "rope_scaling": rope,
+      "rope_parameters": {**(rope or {"rope_type": "default"}), "rope_theta": config.rope_theta},
+      "tie_word_embeddings": config.tie_word_embeddings,
+      "initializer_range": config.initializer_range,
+      "attention_dropout": 0.0,
+      "dtype": dtype,
+      "torch_dtype": dtype,
+  }
+  if model_type == "llama":
+    out.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
+  else:
+    out["sliding_window"] = config.sliding_window
+  clash = sorted(set(extra) & set(out))
+  if clash:
+    raise ValueError(f"extra config fields {clash} are derived from the model config and "
+                     f"cannot be overridden; derived fields: {sorted(out)}.")
+  out.update(extra)
+  return out
