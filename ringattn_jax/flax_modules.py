@@ -48,7 +48,7 @@ from ringattn_jax import rope as rope_lib
 from ringattn_jax.dispatch import METHODS, attention, is_sequence_parallel
 from ringattn_jax.sharded import AUTO
 
-BACKENDS = METHODS  # the former name of the method choices, kept for old imports
+BACKENDS = METHODS  # deprecated: the former name of the method choices
 
 RopeFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -57,11 +57,11 @@ RopeFn = Callable[[jax.Array, jax.Array], jax.Array]
 class RotaryEmbedding:
   """Rotary position embedding (RoPE), rotate-half convention (as LLaMA/transformers).
 
-  The unscaled frequencies theta ** (-2i / H) of `ringattn_jax.rope` (for Hugging
-  Face's rope_scaling family, wrap `ringattn_jax.rope.rope_frequencies` and
-  `apply_rotary` in a callable of this signature). Called as `rope(x, positions)`: x [B, T, heads, H] (H even), positions [B, T] ints;
-  returns x rotated, in x's dtype (computed in float32, float64 for float64 x). Any
-  callable with this signature can be passed as a module's `rope`.
+  Called as `rope(x, positions)`: x [B, T, heads, H] (H even), positions [B, T] ints;
+  returns x rotated, in x's dtype (computed in float32, float64 for float64 x), with
+  `ringattn_jax.rope`'s unscaled frequencies theta ** (-2i / H). Any callable with this
+  signature can be passed as a module's `rope` (e.g. one that applies
+  `ringattn_jax.rope.rope_frequencies` for Hugging Face's rope_scaling family).
   """
 
   theta: float = 10000.0
