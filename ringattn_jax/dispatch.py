@@ -42,7 +42,7 @@ def _dot_product(q, k, v, bias, mask, mask_kwargs):
   if unsupported:
     raise ValueError(f"method='dot_product' (jax.nn.dot_product_attention) does not take "
                      f"{unsupported}; use method='flash' or 'reference'.")
-  kw = dict(mask_kwargs)
+  kw = {key: val for key, val in mask_kwargs.items() if key in _DOT_PRODUCT_KEYWORDS}
   seg = kw.pop("segment_ids", None)
   if seg is not None:  # packed sequences as a dense [B, 1, T, T] mask
     seg_mask = (seg[:, :, None] == seg[:, None, :])[:, None]

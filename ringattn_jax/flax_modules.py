@@ -144,19 +144,16 @@ class _Settings:
 
     flash_impl is the kernel of "flash"; mesh and layout belong to the
     sequence-parallel methods. The others ignore them, as they always have here.
-    Mask options left at None are not passed (None is every method's default, and
-    "dot_product" takes no logit_softcap at all).
     """
     sp = is_sequence_parallel(self.method)
-    mask_kwargs = dict(segment_ids=segment_ids, local_window_size=self.local_window_size,
-                       logit_softcap=self.logit_softcap, scale=self.scale)
     return attention(
         q, k, v, method=self.method,
         impl=self.flash_impl if self.method == "flash" else "auto",
         mesh=self.mesh if sp else None, layout=self.layout if sp else "contiguous",
         seq_axis=self.seq_axis, batch_axes=self.batch_axes, head_axis=self.head_axis,
-        is_causal=self.is_causal,
-        **{kw: value for kw, value in mask_kwargs.items() if value is not None})
+        is_causal=self.is_causal, segment_ids=segment_ids,
+        local_window_size=self.local_window_size, logit_softcap=self.logit_softcap,
+        scale=self.scale)
 
   def apply(self, params, x, segment_ids=None, positions=None):
     """x [B, T, D] -> [B, T, E], from a dict of the parameters named in `shapes`."""
