@@ -16,6 +16,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from ringattn_jax import checks
+
 MESH_AXES = ("dp", "fsdp", "tp", "sp")
 
 # Logical name -> mesh axes, for parameters and activations. "embed" of parameters is
@@ -50,10 +52,8 @@ def make_mesh(dp: int = 1, fsdp: int = 1, tp: int = 1, sp: int = 1,
   Raises:
     ValueError: a size < 1, or dp * fsdp * tp * sp != number of devices.
   """
-  sizes = dict(dp=dp, fsdp=fsdp, tp=tp, sp=sp)
-  for name, size in sizes.items():
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-      raise ValueError(f"mesh axis {name} must be a positive int; got {size!r}.")
+  sizes = {name: checks.positive_int(f"mesh axis {name}", size)
+           for name, size in dict(dp=dp, fsdp=fsdp, tp=tp, sp=sp).items()}
   devices = list(jax.devices() if devices is None else devices)
   total = int(np.prod(list(sizes.values())))
   if total != len(devices):
