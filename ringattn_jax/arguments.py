@@ -99,11 +99,11 @@ def _positions(name: str, positions: Any, offset: Any, n: int) -> jax.Array:
     pos = _check_ids(name, positions, (n,))
   else:
     pos = jnp.arange(n, dtype=jnp.int32)
-  offset = jnp.asarray(offset)
-  if offset.ndim != 0 or not jnp.issubdtype(offset.dtype, jnp.integer):
+  off = jnp.asarray(offset)
+  if off.ndim != 0 or not jnp.issubdtype(off.dtype, jnp.integer):
     raise ValueError(f"{name.replace('positions', 'offset')} must be an integer scalar; "
                      f"got {offset!r}.")
-  return pos + offset.astype(jnp.int32)
+  return pos + off.astype(jnp.int32)
 
 
 # The mask keywords every attention function takes (as `**mask_kwargs`), with their
@@ -133,20 +133,22 @@ SEQUENCE_PARALLEL_KEYWORDS = ("scale", "is_causal", "segment_ids", "kv_segment_i
 
 
 def check_mask_keywords(fn: str, mask_kwargs, allowed=tuple(MASK_KEYWORDS)) -> None:
-  """Raises for a keyword that is not a mask keyword, or one that `fn` does not take.
+  """Raises a TypeError (as Python does for an unexpected keyword) for a keyword that
+  is not a mask keyword, or one that `fn` does not take.
 
   A keyword left at its default (None, or False/0) counts as not given.
   """
+  call = fn if fn.endswith(")") else f"{fn}()"
   unknown = sorted(set(mask_kwargs) - set(MASK_KEYWORDS))
   if unknown:
-    raise TypeError(f"{fn}() got unexpected keyword argument(s) {unknown}; the mask "
+    raise TypeError(f"{call} got unexpected keyword argument(s) {unknown}; the mask "
                     f"keywords are {sorted(MASK_KEYWORDS)}.")
   unsupported = sorted(kw for kw, val in mask_kwargs.items()
                        if kw not in allowed and val is not None
                        and not (isinstance(val, (bool, int)) and val == MASK_KEYWORDS[kw]))
   if unsupported:
-    raise ValueError(f"{fn} does not take {unsupported}; it takes the mask keywords "
-                     f"{sorted(allowed)}.")
+    raise TypeError(f"{call} does not take {unsupported}; it takes the mask keywords "
+                    f"{sorted(allowed)}.")
 
 
 def _check_qkv(q, k, v):

@@ -104,7 +104,9 @@ def positive_int_fields(obj: Any, names: Collection[str]) -> None:
   """Checks that the named attributes of a (data)class are positive ints.
 
   For frozen `BlockSizes`-style dataclasses: call it from `__post_init__`; the
-  message names `ClassName.field`.
+  message names `ClassName.field`. Each field is stored back as a plain `int` (a numpy
+  integer would otherwise reach JSON writers and kernel block shapes).
   """
   for name in names:
-    positive_int(f"{type(obj).__name__}.{name}", getattr(obj, name))
+    value = positive_int(f"{type(obj).__name__}.{name}", getattr(obj, name))
+    object.__setattr__(obj, name, value)

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import jax
 
+from ringattn_jax import arguments
 from ringattn_jax import checks
 from ringattn_jax.flash import flash_attention
 from ringattn_jax.reference import reference_attention
@@ -37,11 +38,8 @@ def is_sequence_parallel(method: str) -> bool:
 
 
 def _dot_product(q, k, v, bias, mask, mask_kwargs):
-  unsupported = sorted(kw for kw, val in mask_kwargs.items()
-                       if kw not in _DOT_PRODUCT_KEYWORDS and val is not None)
-  if unsupported:
-    raise ValueError(f"method='dot_product' (jax.nn.dot_product_attention) does not take "
-                     f"{unsupported}; use method='flash' or 'reference'.")
+  arguments.check_mask_keywords("attention(method='dot_product')", mask_kwargs,
+                                _DOT_PRODUCT_KEYWORDS)
   kw = {key: val for key, val in mask_kwargs.items() if key in _DOT_PRODUCT_KEYWORDS}
   seg = kw.pop("segment_ids", None)
   if seg is not None:  # packed sequences as a dense [B, 1, T, T] mask
@@ -74,6 +72,7 @@ def attention(q, k, v, bias=None, mask=None, *, method: str = "flash", mesh=None
     [B, T, N, H] in q's dtype.
   """
   checks.choice("method", method, METHODS)
+  arguments.check_mask_keywords("attention", mask_kwargs)
   if method in STRATEGIES:
     if mesh is None:
       raise ValueError(f"method={method!r} shards the sequence over a mesh: pass mesh=... "

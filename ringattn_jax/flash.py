@@ -65,6 +65,7 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
     [B, T, N, H] in q's dtype, and the lse if `return_lse`. A query that sees no key
     gets output 0 and lse -inf (never NaN); its gradient is 0.
   """
+  arguments.check_mask_keywords("flash_attention", mask_kwargs)
   x, spec = arguments.canonicalize(q, k, v, bias, mask, **mask_kwargs)
   backend = jax.default_backend()
   chosen = _resolve_impl(impl, spec, backend)

@@ -32,6 +32,7 @@ def reference_attention(q, k, v, bias=None, mask=None, *, return_lse: bool = Fal
     [B, T, N, H] in q's dtype (and the lse if asked). A query that sees no key gets
     zeros. Computation is in float32, or float64 when given float64 (exact oracle).
   """
+  arguments.check_mask_keywords("reference_attention", mask_kwargs)
   x, spec = arguments.canonicalize(q, k, v, bias, mask, **mask_kwargs)
   B, T, N, H = x.q.shape
   S, K = x.k.shape[1], x.k.shape[2]

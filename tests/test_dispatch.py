@@ -53,8 +53,13 @@ def test_dot_product_method_matches_the_reference():
     ({"method": "ring"}, ValueError, "pass mesh"),
     ({"method": "flash", "mesh": "m"}, ValueError, "mesh is only used"),
     ({"method": "flash", "layout": "zigzag"}, ValueError, "layout/permuted apply"),
-    ({"method": "dot_product", "logit_softcap": 2.0}, ValueError, "does not take"),
-    ({"method": "flash", "causal": True}, TypeError, "unexpected keyword"),
+    ({"method": "dot_product", "logit_softcap": 2.0}, TypeError,
+     r"attention\(method='dot_product'\) does not take \['logit_softcap'\]"),
+    ({"method": "dot_product", "causal": True}, TypeError, "unexpected keyword"),
+    ({"method": "flash", "causal": True}, TypeError,
+     r"attention\(\) got unexpected keyword argument\(s\) \['causal'\]"),
+    # Not a mask keyword: attention() returns the output only.
+    ({"method": "flash", "return_lse": True}, TypeError, "unexpected keyword"),
 ])
 def test_dispatch_errors(kwargs, error, match):
   q, k, v, _ = make_qkv(0, 1, 8, 8, 2, 2, 4)
@@ -62,9 +67,16 @@ def test_dispatch_errors(kwargs, error, match):
     ringattn_jax.attention(q, k, v, **kwargs)
 
 
+@pytest.mark.parametrize("fn", [ringattn_jax.flash_attention, reference_attention])
+def test_a_misspelt_keyword_names_the_function_called(fn):
+  q, k, v, _ = make_qkv(0, 1, 8, 8, 2, 2, 4)
+  with pytest.raises(TypeError, match=rf"{fn.__name__}\(\) got unexpected keyword"):
+    fn(q, k, v, causal=True)
+
+
 def test_sequence_parallel_functions_name_the_keywords_they_do_not_take():
   q, k, v, _ = make_qkv(0, 1, 8, 8, 2, 2, 4)
-  with pytest.raises(ValueError, match=r"sharded_attention does not take \['query_seq"):
+  with pytest.raises(TypeError, match=r"sharded_attention\(\) does not take \['query_se"):
     sharded_attention(q, k, v, mesh=_mesh(2), query_seq_lengths=jnp.array([4]))
   with pytest.raises(TypeError, match="unexpected keyword"):
     sharded_attention(q, k, v, mesh=_mesh(2), windw=3)
@@ -72,5 +84,5 @@ def test_sequence_parallel_functions_name_the_keywords_they_do_not_take():
       lambda q, k, v: ring_attention(q, k, v, axis_name="sp", q_offset=3),
       mesh=_mesh(2), in_specs=jax.sharding.PartitionSpec(None, "sp"),
       out_specs=jax.sharding.PartitionSpec(None, "sp"))
-  with pytest.raises(ValueError, match=r"ring_attention does not take \['q_offset'\]"):
+  with pytest.raises(TypeError, match=r"ring_attention\(\) does not take \['q_offset'\]"):
     ring(q, k, v)

@@ -1,5 +1,9 @@
 """Bad input raises a ValueError that names the argument and what would be valid."""
+import dataclasses
+import json
+
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from helpers import make_qkv
@@ -48,3 +52,9 @@ def test_reference_validates_too():
 def test_block_sizes_validated(bad):
   with pytest.raises(ValueError, match="BlockSizes.block_q must be a positive int"):
     BlockSizes(block_q=bad)
+
+
+def test_block_sizes_store_plain_ints():
+  bs = BlockSizes(block_q=np.int64(128))
+  assert type(bs.block_q) is int
+  json.dumps(dataclasses.asdict(bs))  # what the benchmarks write
