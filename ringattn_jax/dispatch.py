@@ -92,6 +92,10 @@ def attention(q, k, v, bias=None, mask=None, *, method: str = "flash", mesh=None
   if layout != "contiguous" or permuted:
     raise ValueError(f"layout/permuted apply to the sequence-parallel methods only; got "
                      f"method={method!r}, layout={layout!r}, permuted={permuted!r}.")
+  if method != "flash" and (impl != "auto" or block_sizes is not None):
+    raise ValueError(f"impl/block_sizes choose the kernel of method='flash' (and "
+                     f"block_sizes that of the sequence-parallel methods); got "
+                     f"method={method!r}, impl={impl!r}, block_sizes={block_sizes!r}.")
   if method == "reference":
     return reference_attention(q, k, v, bias, mask, **mask_kwargs)
   if method == "flash":

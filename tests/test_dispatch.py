@@ -53,6 +53,7 @@ def test_dot_product_method_matches_the_reference():
     ({"method": "ring"}, ValueError, "pass mesh"),
     ({"method": "flash", "mesh": "m"}, ValueError, "mesh is only used"),
     ({"method": "flash", "layout": "zigzag"}, ValueError, "layout/permuted apply"),
+    ({"method": "reference", "impl": "xla"}, ValueError, "impl/block_sizes choose"),
     ({"method": "dot_product", "logit_softcap": 2.0}, TypeError,
      r"attention\(method='dot_product'\) does not take \['logit_softcap'\]"),
     ({"method": "dot_product", "causal": True}, TypeError, "unexpected keyword"),
