@@ -5,12 +5,16 @@ before that), then runs the stages back to back (one stage unless `config.stages
 for each stage it builds the mesh, (re)configures the model (resharding the parameters
 carried from the previous stage), makes a fresh optimizer with the stage's schedule,
 and trains. Checkpoints (orbax; periodic, keep-N, async) hold the train state plus the
-stage index; a restarted run resumes from the newest one exactly: same parameters,
-optimizer state, RNG, step and data position (batches are a pure function of the step).
+stage index; a restarted run resumes from the newest one that reads, exactly: same
+parameters, optimizer state, RNG, step and data position (batches are a pure function
+of the step). Unreadable newer ones are set aside (checkpoints.py), and metrics.jsonl
+is rewound to the restored step (metrics.py).
 
 workdir layout:
   checkpoints/      orbax steps
+  checkpoints_corrupt/  steps that could not be read on a restart, moved aside
   metrics.jsonl     train / eval records (and tensorboard/ with tensorboardX)
+  metrics_replaced.jsonl  records of replayed steps, set aside on a restart
   eval/             needle_grid.json + needle_grid.png (final), per-stage subfolders
   config.json       the config that ran
   profile/          a JAX profiler trace when train.profile_steps is set
@@ -145,21 +149,16 @@ def _train_stages(config, workdir: str, all_stages, writer, ckpt,
   checkpoints each stage's end, evaluates it when there are several stages, and carries
   its parameters to the next. Returns the last stage's runner."""
   process_index, process_count = jax.process_index(), jax.process_count()
-  latest = ckpt.latest_step()
-  resume_stage = None
-  if latest is not None:
-    resume_stage = ckpt.meta(latest)["stage"]
-    logging.info("Resuming from step %d (stage %d).", latest, resume_stage)
+  resumed = _resume(config, all_stages, writer, ckpt)
   params, runner = None, None
   for stage in all_stages:
-    if latest is not None and resume_stage > stage.index:
+    if resumed is not None and resumed[0].stage.index > stage.index:
       continue
-    runner = _StageRunner(config, stage, params, process_index, process_count)
-    step = stage.first_step
-    if latest is not None and resume_stage == stage.index:
-      runner.state, _ = ckpt.restore(latest, runner.state)
-      step = latest
-      latest = None
+    if resumed is not None:
+      (runner, step), resumed = resumed, None
+    else:
+      runner = _StageRunner(config, stage, params, process_index, process_count)
+      step = stage.first_step
     if process_index == 0:
       print(f"stage {stage.index}: steps {stage.first_step}..{stage.last_step}, seq_len "
             f"{stage.data['seq_len']}, mesh {stage.mesh}, attention "
@@ -174,6 +173,41 @@ def _train_stages(config, workdir: str, all_stages, writer, ckpt,
                    f"eval_stage{stage.index}")
     params = runner.state.params
   return runner
+
+
+def _resume(config, all_stages, writer, ckpt):
+  """(runner, step) restored from the newest readable checkpoint, or None: no checkpoint.
+
+  Unreadable newer checkpoints are moved aside by `Checkpointer.restore_newest`; when
+  none reads, its error stops the run (never a silent start from step 0). The records
+  of the steps the run will replay are dropped from metrics.jsonl.
+  """
+  runners: Dict[int, _StageRunner] = {}
+
+  def target(meta):
+    index = meta.get("stage")
+    if not isinstance(index, int) or not 0 <= index < len(all_stages):
+      raise ckpt_lib.CheckpointMismatchError(
+          f"checkpoint meta {meta} in {ckpt.directory} names stage {index!r}; this "
+          f"config has stages 0..{len(all_stages) - 1}.")
+    if index not in runners:
+      runners[index] = _StageRunner(config, all_stages[index], None, jax.process_index(),
+                                    jax.process_count())
+    return runners[index].state
+
+  found = ckpt.restore_newest(target)
+  if found is None:
+    writer.rewind(0, resumed=False)  # records of a run that crashed before a checkpoint
+    return None
+  step, state, meta = found
+  runner = runners[meta["stage"]]
+  runner.state = state
+  dropped = writer.rewind(step, redo_at_step=step == runner.stage.last_step)
+  moved = (f" {dropped} metrics.jsonl records of the steps this run replays moved to "
+           "metrics_replaced.jsonl." if dropped else "")
+  logging.warning("Resuming from step %d (stage %d) of %s.%s", step, meta["stage"],
+                  ckpt.directory, moved)
+  return runner, step
 
 
 def _train_stage(config, workdir: str, runner: _StageRunner, step: int,
@@ -284,7 +318,8 @@ def evaluate_checkpoint(workdir: str, lengths=None, depths=None, examples=None,
     if examples is not None:
       config.eval.examples = int(examples)
   all_stages = config_lib.check_config(config, jax.device_count(), jax.process_count())
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False)
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False,
+                               read_only=True)  # may run beside training: moves nothing
   step = ckpt.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, 'checkpoints')}.")

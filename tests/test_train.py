@@ -1,5 +1,6 @@
 """The trainer: config checks before compute, a short run's outputs, exact resume after
-SIGKILL, progressive stages."""
+SIGKILL (past a damaged checkpoint), progressive stages."""
+import glob
 import json
 import os
 import sys
@@ -51,20 +52,42 @@ def test_unknown_config_key_fails():
 RESUME_RUN = dict(devices=4, overrides={"mesh.dp": 1})
 
 
+def _truncate_a_data_file(step_dir):
+  data = glob.glob(os.path.join(step_dir, "state", "ocdbt.process_0", "d", "*"))
+  biggest = max(data, key=os.path.getsize)
+  os.truncate(biggest, os.path.getsize(biggest) // 2)
+
+
 def _resume_scenario(root):
   clean, crashed = os.path.join(root, "clean"), os.path.join(root, "crashed")
   train_runs.train(clean, **RESUME_RUN)
-  train_runs.train(crashed, kill_at=7, want_rc=-9, **RESUME_RUN)
+  # Killed after logging step 10, once checkpoint 6 is complete; the save of 9 may be
+  # in flight. Then the newest complete checkpoint is damaged as well.
+  train_runs.train(crashed, kill_at=10, want_rc=-9, kill_after_checkpoint=6, **RESUME_RUN)
   before = _losses(crashed)
-  assert max(before) == 7 and 12 not in before
-  train_runs.train(crashed, **RESUME_RUN)
+  assert max(before) == 10 and 12 not in before
+  ckpt_dir = os.path.join(crashed, "checkpoints")
+  steps = sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+  newest, fallback = steps[-1], steps[-2]
+  _truncate_a_data_file(os.path.join(ckpt_dir, str(newest)))
+  log = train_runs.train(crashed, **RESUME_RUN).stderr
+  # The damaged step is set aside, the run resumes from the one before and says so.
+  assert f"falling back from step {newest} ({ckpt_dir}/{newest}, " in log, log[-3000:]
+  assert f"to step {fallback}. Moved it to {crashed}/checkpoints_corrupt/{newest}" in log
+  assert f"Resuming from step {fallback} " in log
+  assert os.path.isdir(os.path.join(crashed, "checkpoints_corrupt", str(newest), "state"))
+  # metrics.jsonl reads as one run (the replayed steps' first records are set aside),
+  # with losses bit-identical to the uninterrupted run's.
   want, got = _losses(clean), _losses(crashed)
-  # Steps 7 (killed after logging it; last checkpoint at 6) and 7..12 are re-run.
-  assert len(got[7]) == 2 and all(len(got[s]) == 1 for s in range(8, 13))
-  for step in range(1, 13):
-    for loss in got[step]:
-      np.testing.assert_allclose(loss, want[step][0], rtol=1e-6, err_msg=f"step {step}")
+  assert sorted(got) == list(range(1, 13)) and all(len(v) == 1 for v in got.values())
+  np.testing.assert_array_equal([got[s][0] for s in range(1, 13)],
+                                [want[s][0] for s in range(1, 13)])
   assert want[12][0] < want[1][0]
+  assert [r["step"] for r in metrics_lib.read_metrics(crashed, "resume")] == [fallback]
+  with open(os.path.join(crashed, "metrics_replaced.jsonl"), encoding="utf-8") as f:
+    replaced = [json.loads(line) for line in f]
+  assert [r["step"] for r in replaced if r["split"] == "train"] == list(
+      range(fallback + 1, 11))
   with open(os.path.join(crashed, "eval", "needle_grid.json")) as f:
     grid = json.load(f)
   assert grid["lengths"] == [96] and len(grid["accuracy"][0]) == 2

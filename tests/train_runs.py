@@ -31,11 +31,14 @@ def run(cmd, want_rc, extra_env=None):
   return proc
 
 
-def train(workdir, kill_at=0, want_rc=0, devices=8, overrides=None):
-  """tests/small_train_config.py (with `overrides`) on `devices` simulated devices."""
+def train(workdir, kill_at=0, want_rc=0, devices=8, overrides=None,
+          kill_after_checkpoint=""):
+  """tests/small_train_config.py (with `overrides`) on `devices` simulated devices;
+  with `kill_at`, SIGKILLed after that step (once `kill_after_checkpoint` is saved)."""
   cmd = [sys.executable, os.path.join(ROOT, "tests", "train_worker.py"), workdir,
          json.dumps(overrides or {})]
-  return run(cmd, want_rc, {"KILL_AT_STEP": str(kill_at), "DEVICES": str(devices)})
+  return run(cmd, want_rc, {"KILL_AT_STEP": str(kill_at), "DEVICES": str(devices),
+                            "KILL_AFTER_CHECKPOINT": str(kill_after_checkpoint)})
 
 
 def with_retry_on_xla_cpu_abort(scenario, root):
