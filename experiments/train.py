@@ -8,6 +8,14 @@ Flags only parse; the work is `experiments.trainer.train_and_evaluate(config, wo
 Multi-host: run the same command on every host with --coordinator, --num_processes
 and --process_id (or under SLURM / a TPU pod, where jax.distributed.initialize()
 finds them itself: pass --distributed).
+
+The first thing main() does is lock the workdir (experiments/workdir_lock.py), before
+any jax backend or device starts, so a second run in the same workdir exits within
+seconds ("workdir W is locked by pid P") instead of racing the first. Only process 0
+locks (all processes of one run share the workdir). Its index is known at once when
+--process_id is given, or when there is no multi-process flag (one process: index 0);
+with --distributed and no --process_id, jax.distributed.initialize() finds the index,
+so process 0 locks right after it, still before any training.
 """
 import os
 import sys
@@ -31,18 +39,33 @@ flags.DEFINE_bool("profile", False, "Capture a profiler trace of steps 10..14 "
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _lock_workdir():
+  """Holds the workdir's lock until this process exits; exits (status 1) if taken."""
+  from experiments import workdir_lock  # pylint: disable=import-outside-toplevel
+  try:
+    workdir_lock.acquire(FLAGS.workdir)
+  except workdir_lock.WorkdirLockedError as e:
+    sys.exit(f"error: {e}")
+
+
 def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO: keep it quiet
     logging.set_verbosity(logging.WARNING)
+  multi_process = bool(FLAGS.coordinator or FLAGS.distributed)
+  process_id = FLAGS.process_id if multi_process else 0  # None: known after initialize
+  if process_id == 0:
+    _lock_workdir()
   import jax  # pylint: disable=import-outside-toplevel
   if FLAGS.devices:
     from ringattn_jax.cpu_devices import simulate_cpu_devices  # pylint: disable=import-outside-toplevel
     simulate_cpu_devices(FLAGS.devices)
-  if FLAGS.coordinator or FLAGS.distributed:
+  if multi_process:
     jax.distributed.initialize(coordinator_address=FLAGS.coordinator,
                                num_processes=FLAGS.num_processes,
                                process_id=FLAGS.process_id)
+    if process_id is None and jax.process_index() == 0:
+      _lock_workdir()
   from experiments import trainer  # pylint: disable=import-outside-toplevel
   config = FLAGS.config
   if FLAGS.profile:

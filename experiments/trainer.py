@@ -15,6 +15,7 @@ workdir layout:
   checkpoints_corrupt/  steps that could not be read on a restart, moved aside
   metrics.jsonl     train / eval records (and tensorboard/ with tensorboardX)
   metrics_replaced.jsonl  records of replayed steps, set aside on a restart
+  .train.lock       the lock a training run holds (workdir_lock.py)
   eval/             needle_grid.json + needle_grid.png (final), per-stage subfolders
   config.json       the config that ran
   profile/          a JAX profiler trace when train.profile_steps is set
@@ -37,6 +38,7 @@ from experiments import config_lib
 from experiments import evaluate
 from experiments import optim
 from experiments import train_step as step_lib
+from experiments import workdir_lock
 from experiments.data import make_dataset
 from experiments.metrics import MetricWriter
 from models import llama
@@ -121,8 +123,14 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains (resuming from workdir's newest checkpoint) and evaluates.
 
   Returns {"final_step", "perplexity", "train_loss", "needle_grid",
-  "accuracy_at_train_length", "tokens_per_second"}.
+  "accuracy_at_train_length", "tokens_per_second"}. Process 0 holds the workdir's lock
+  (experiments/workdir_lock.py) meanwhile: a second run there fails at once.
   """
+  with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   all_stages = config_lib.check_config(config, jax.device_count(), jax.process_count())
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
