@@ -210,7 +210,10 @@ class Checkpointer:
 
     `make_target(meta)` gives the target tree for a step's meta dict (a multi-stage run
     needs the stage's model). Newer steps that cannot be read are moved aside (see
-    the module docstring); all processes agree on which step was restored.
+    the module docstring); all processes agree on which step was restored. Not
+    handled: a step that only some processes fail to read (a damaged shard the others
+    do not read). orbax's restore ends in a barrier, which the failing process never
+    reaches, so the others wait there (a hang or a barrier timeout, not a fallback).
 
     Raises:
       CorruptCheckpointError: no step can be read (then nothing is moved).

@@ -123,10 +123,11 @@ def _kept(line: str, step: int, redo_at_step: bool) -> bool:
 
 
 def read_metrics(workdir: str, split: Optional[str] = None):
-  """The records of workdir/metrics.jsonl (optionally of one split)."""
+  """The records of workdir/metrics.jsonl (optionally of one split); a last line still
+  being written, or cut short by a crash, is skipped."""
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return []
   with open(path, encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f if line.strip()]
+    rows = [json.loads(line) for line in f if line.strip() and line.endswith("\n")]
   return [r for r in rows if split is None or r["split"] == split]

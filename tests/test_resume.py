@@ -157,6 +157,7 @@ def test_metrics_rewind_drops_the_replayed_records_and_keeps_them_aside(tmp_path
   writer.write(6, {"needle_accuracy": 0.75}, "eval_stage0")
   writer._jsonl.write('{"step": 7, "split": "tr')  # pylint: disable=protected-access
   writer.close()
+  assert len(metrics_lib.read_metrics(workdir)) == 8  # the cut line is not a record
 
   writer = metrics_lib.MetricWriter(workdir)
   assert writer.rewind(4) == 4  # steps 5, 6, the stage-end eval at 6, the cut line
