@@ -4,20 +4,33 @@
 mistyped model fields, a mesh whose product is not the device count, sequence lengths
 not divisible by the layout's shard multiple (`layouts.shard_multiple`) or the
 loss/FFN chunks, batch sizes not divisible by the data-parallel axes, process count or
-accumulation steps, bad data or optimizer keys, and malformed stages. `stages(config)`
-expands the progressive stages.
+accumulation steps, bad data or optimizer keys, a tokenizer larger than the model's
+vocabulary, bad `train` keys, and malformed stages. `stages(config)` expands the
+progressive stages.
+
+Every evaluation the run will do is checked too, because a failure there would come
+only after training: the task (`eval_task`), depths, examples and batch size, and for
+each length evaluated (eval.lengths at the end; each stage's length for periodic and
+per-stage evaluations; eval.perplexity_lengths) the length rule of the stage's mesh
+and the eval dataset itself, built the way the evaluation builds it (a synthetic task
+too short for the length fails here; text needs an eval split and enough rows).
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Dict, List
 
+from experiments import evaluate
 from experiments import optim
 from experiments.data import config as data_config_lib
 from experiments.data import make_dataset
 from models import config as model_config_lib
 from ringattn_jax import checks
 from ringattn_jax import layouts
+
+# eval.task: "" follows data.kind (see `eval_task`); a synthetic task: its needle grid;
+# "perplexity": perplexity on the eval split of text data.
+EVAL_TASKS = ("",) + data_config_lib.SYNTHETIC_KINDS + ("perplexity",)
 
 STAGE_KEYS = ("seq_len", "sp", "steps", "warmup_steps", "learning_rate", "batch_size",
               "rope_theta", "rope_scaling", "max_position_embeddings")
@@ -93,9 +106,29 @@ def stages(config) -> List[Stage]:
   return out
 
 
+def eval_task(config, data: Dict[str, Any]) -> str:
+  """What the run's evaluations measure, for a stage whose data config is `data`: a
+  synthetic task's name (its needle grid) or "perplexity" (on the eval split of
+  data.path: data.eval_path or data.eval_fraction). eval.task "" follows data.kind: the
+  task trained on, or perplexity when training on text or tokens."""
+  task = config.eval.task
+  if task:
+    return task
+  return data["kind"] if data["kind"] in data_config_lib.SYNTHETIC_KINDS else "perplexity"
+
+
 def _divisible(name: str, value: int, by: int, why: str):
   if value % by:
     raise ValueError(f"{name}={value} must be divisible by {by} ({why}).")
+
+
+def _check_length(name: str, T: int, st: Stage) -> None:
+  """The sequence-length rule of stage `st`'s model on its mesh."""
+  sp, cfg = st.mesh["sp"], st.model
+  _divisible(name, T, layouts.shard_multiple(cfg.layout, sp),
+             f"sp={sp}, layout={cfg.layout!r}")
+  for knob in ("loss_chunks", "ffn_chunks"):
+    _divisible(name, T, sp * getattr(cfg, knob), f"sp * model.{knob}")
 
 
 def check_config(config, num_devices: int, process_count: int = 1) -> List[Stage]:
@@ -119,12 +152,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> List[Stage
       raise ValueError(f"{where}: mesh.sp={m['sp']} needs a sequence-parallel "
                        f"model.attention ({model_config_lib.SEQUENCE_PARALLEL_ATTENTION});"
                        f" got {cfg.attention!r}.")
-    T = st.data["seq_len"]
-    _divisible(f"{where}: data.seq_len", T, layouts.shard_multiple(cfg.layout, m["sp"]),
-               f"sp={m['sp']}, layout={cfg.layout!r}")
-    for knob in ("loss_chunks", "ffn_chunks"):
-      _divisible(f"{where}: data.seq_len", T, m["sp"] * getattr(cfg, knob),
-                 f"sp * model.{knob}")
+    _check_length(f"{where}: data.seq_len", st.data["seq_len"], st)
     dp = m["dp"] * m["fsdp"]
     B = st.data["batch_size"]
     _divisible(f"{where}: data.batch_size", B, dp * config.train.accum_steps,
@@ -136,16 +164,116 @@ def check_config(config, num_devices: int, process_count: int = 1) -> List[Stage
       data_config_lib.parse_config(st.data)
       # Builds the dataset (opens files, checks token arrays) and one row, which
       # catches a sequence too short for the task.
-      make_dataset(st.data, "train", 0, process_count).batch(0)
+      dataset = make_dataset(st.data, "train", 0, process_count)
+      dataset.batch(0)
     except (ValueError, TypeError) as e:
       raise ValueError(f"{where}: config.data: {e}") from None
+    if dataset.vocab_size > cfg.vocab_size:
+      raise ValueError(f"{where}: data.tokenizer={st.data['tokenizer']!r} has "
+                       f"{dataset.vocab_size} tokens but model.vocab_size="
+                       f"{cfg.vocab_size}: the model's vocabulary must hold every id.")
     try:
       optim.validate(st.optim)
     except ValueError as e:
       raise ValueError(f"{where}: config.optim: {e}") from None
-  for length in tuple(config.eval.lengths):
-    st = result[-1]
-    ring = layouts.shard_multiple(st.model.layout, st.mesh["sp"])
-    _divisible("config.eval.lengths entry", length, ring * st.model.loss_chunks,
-               f"the last stage's ring ({ring}) times loss_chunks")
+  _check_train(config.train)
+  _check_eval(config, result, process_count)
   return result
+
+
+def _check_train(train) -> None:
+  """The `train` keys the step loop reads (a bad one would fail at step 1 or later)."""
+  checks.positive_int("config.train.accum_steps", train.accum_steps)
+  checks.positive_int("config.train.log_every", train.log_every)
+  checks.positive_int("config.train.keep_checkpoints", train.keep_checkpoints)
+  for key in ("eval_every", "checkpoint_every"):
+    checks.integer(f"config.train.{key}", train[key], minimum=0,
+                   what="(0: only at the end)")
+  checks.number("config.train.lm_loss_weight", train.lm_loss_weight, low=0.0)
+  for key in ("async_checkpoints", "progress_bar"):
+    checks.boolean(f"config.train.{key}", train[key])
+  profile = tuple(train.profile_steps)
+  if profile and not (len(profile) == 2 and all(checks.is_int(s) for s in profile)
+                      and 0 <= profile[0] < profile[1]):
+    raise ValueError("config.train.profile_steps must be () or (start, stop) with "
+                     f"0 <= start < stop; got {train.profile_steps!r}.")
+
+
+def _check_eval(config, result: List[Stage], process_count: int) -> None:
+  """Every evaluation the run will do, before training (see the module docstring)."""
+  ev = config.eval
+  checks.choice("config.eval.task", ev.task, EVAL_TASKS)
+  checks.positive_int("config.eval.examples", ev.examples)
+  checks.positive_int("config.eval.batch_size", ev.batch_size)
+  depths = tuple(ev.depths)
+  if not depths:
+    raise ValueError("config.eval.depths must hold at least one needle depth in [0, 1].")
+  for d in depths:
+    checks.number("config.eval.depths entry", d, low=0.0, high=1.0)
+  for key in ("lengths", "perplexity_lengths"):
+    for n in tuple(ev[key]):
+      checks.integer(f"config.eval.{key} entry", n, minimum=2)
+  if not isinstance(ev.perplexity_path, str):
+    raise ValueError("config.eval.perplexity_path must be a str ('' = off); got "
+                     f"{ev.perplexity_path!r}.")
+  final = result[-1]
+  # (stage, lengths, which evaluation): periodic and per-stage evaluations run at the
+  # stage's own length, the final one at eval.lengths.
+  plan = [(final, tuple(ev.lengths) or (final.data["seq_len"],),
+           "the final evaluation (config.eval.lengths, default data.seq_len)")]
+  if config.train.eval_every or len(result) > 1:
+    what = ("the periodic evaluation (config.train.eval_every)" if len(result) == 1
+            else "the stage-end evaluation")
+    plan += [(st, (st.data["seq_len"],), what) for st in result]
+  for st, lengths, what in plan:
+    task = eval_task(config, st.data)
+    where = f"stage {st.index}: " if len(result) > 1 else ""
+    if task == "perplexity" and st.data["kind"] in data_config_lib.SYNTHETIC_KINDS:
+      raise ValueError(
+          f"{where}config.eval.task='perplexity' needs text data (data.kind 'text' or "
+          f"'tokens'), got data.kind={st.data['kind']!r}; for perplexity of held-out "
+          "text after a synthetic task set config.eval.perplexity_path.")
+    if task == "perplexity" and ev.perplexity_path:
+      raise ValueError(
+          f"{where}config.eval.perplexity_path={ev.perplexity_path!r} is for runs "
+          "evaluated on a needle grid; this run (eval.task="
+          f"{ev.task!r}, data.kind={st.data['kind']!r}) reports perplexity on its "
+          "data's eval split: put the held-out text in data.eval_path instead.")
+    for length in lengths:
+      _check_eval_at(config, st, task, length, f"{where}{what}", process_count)
+  if ev.perplexity_path:
+    text = dict(final.data, kind="text", path=ev.perplexity_path,
+                eval_path=ev.perplexity_path)
+    for length in tuple(ev.perplexity_lengths) or (final.data["seq_len"],):
+      _check_length("config.eval.perplexity_lengths entry", length, final)
+      _check_eval_data(evaluate.text_eval_data(text, length, ev.batch_size),
+                       "config.eval.perplexity_path")
+
+
+def _check_eval_at(config, st: Stage, task: str, length: int, what: str,
+                   process_count: int) -> None:
+  """One evaluation of stage `st`'s model at `length` tokens."""
+  ev = config.eval
+  _check_length(f"{what}: length", length, st)
+  dp = st.mesh["dp"] * st.mesh["fsdp"]
+  _divisible("config.eval.batch_size", ev.batch_size, dp,
+             f"the eval batch is sharded over dp*fsdp={dp}")
+  _divisible("config.eval.batch_size", ev.batch_size, process_count,
+             "the process count")
+  if task == "perplexity":
+    _check_eval_data(evaluate.text_eval_data(st.data, length, ev.batch_size),
+                     f"{what} at length {length}, perplexity on the eval split "
+                     f"(config.eval.task={ev.task!r}, data.kind={st.data['kind']!r})")
+  else:
+    # The task's length needs do not depend on where the needle sits: one depth.
+    _check_eval_data(evaluate.needle_data(st.data, task, length, tuple(ev.depths)[0],
+                                          ev.examples, ev.batch_size),
+                     f"{what} at length {length}, needle grid of "
+                     f"config.eval.task={ev.task!r} (task {task!r})")
+
+
+def _check_eval_data(data: Dict[str, Any], what: str) -> None:
+  try:
+    make_dataset(data, "eval")
+  except (ValueError, TypeError, FileNotFoundError) as e:
+    raise ValueError(f"{what}: {e}") from None

@@ -6,15 +6,24 @@ the answer token. That is exactly "greedy decoding after the query reproduces th
 answer" (if every digit is predicted right given the right prefix, greedy produces the
 same prefix), computed with one forward pass instead of a decode loop.
 
+Perplexity is exp of the mean next-token NLL over the loss-masked targets of held-out
+text (every in-document target; see experiments/data/packing.py).
+
+A run evaluates one of two ways (`run`), chosen by `config_lib.eval_task`: the needle
+grid of a synthetic task, or perplexity on the eval split of its text data
+(data.eval_path, or the last data.eval_fraction of the packed rows).
+
 Run from a checkpoint directory:
   python -m experiments.evaluate --workdir DIR [--lengths 256,512 --depths 0,0.5,1]
-which writes DIR/eval/needle_grid.json and needle_grid.png.
+which writes DIR/eval/step_<step>/needle_grid.{json,png} (or perplexity.json for a
+text run). On CPU it simulates as many devices as the run's mesh has (`--devices`
+overrides; `--devices=0` uses the devices present).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +77,22 @@ def retrieval_accuracy(model, data_cfg: Dict[str, Any], examples: int, batch_siz
   return correct / max(total, 1)
 
 
+def needle_data(data_cfg: Dict[str, Any], task: str, length: int, depth: float,
+                examples: int, batch_size: int) -> Dict[str, Any]:
+  """The data config of one needle-grid cell: synthetic `task` at `length` tokens with
+  the needle at `depth`, `examples` eval examples in batches of `batch_size`. The
+  config checks build the same dataset before training (`config_lib.check_config`)."""
+  return dict(data_cfg, kind=task, seq_len=int(length), needle_depth=float(depth),
+              batch_size=int(batch_size), eval_examples=int(examples))
+
+
+def text_eval_data(data_cfg: Dict[str, Any], length: int,
+                   batch_size: int) -> Dict[str, Any]:
+  """The data config of perplexity at `length`: `data_cfg`'s text (kind text/tokens)
+  repacked into rows of `length` tokens; its split "eval" is what is scored."""
+  return dict(data_cfg, seq_len=int(length), batch_size=int(batch_size))
+
+
 def needle_grid(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
                 depths: Sequence[float], examples: int, batch_size: int,
                 sharding=None, task: str = "") -> Dict[str, Any]:
@@ -80,7 +105,7 @@ def needle_grid(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
   for length in lengths:
     row = []
     for depth in depths:
-      cfg = dict(data_cfg, kind=task, seq_len=int(length), needle_depth=float(depth))
+      cfg = needle_data(data_cfg, task, length, depth, examples, batch_size)
       row.append(retrieval_accuracy(model, cfg, examples, batch_size, sharding))
       logging.info("needle grid %s length %d depth %.2f: %.3f", task, length, depth,
                    row[-1])
@@ -91,17 +116,52 @@ def needle_grid(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
 
 def perplexity(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
                batch_size: int, max_batches: int = 8, sharding=None) -> Dict[int, float]:
-  """Perplexity of held-out text at each context length (text/tokens data configs)."""
+  """Perplexity of held-out text at each context length (text/tokens data configs):
+  the split "eval" of `data_cfg` (data.eval_path, or the last data.eval_fraction of
+  the rows), its first `max_batches` batches. Returns {length: perplexity}."""
   out = {}
   for length in lengths:
-    cfg = dict(data_cfg, seq_len=int(length), batch_size=batch_size)
-    ds = make_dataset(cfg, split="eval")
+    ds = make_dataset(text_eval_data(data_cfg, length, batch_size), split="eval")
     nll = count = 0.0
     for step in range(min(ds.num_batches, max_batches)):
       _, n, c = _scores(model, _put(ds.batch(step), sharding))
       nll, count = nll + float(jnp.sum(n)), count + float(jnp.sum(c))
     out[int(length)] = float(np.exp(nll / max(count, 1.0)))
   return out
+
+
+def run(model, data_cfg: Dict[str, Any], eval_cfg, task: str, lengths: Sequence[int],
+        sharding=None) -> Tuple[Dict[str, Any], Dict[str, float]]:
+  """A run's evaluation of `model` at each of `lengths` (`config_lib.eval_task`).
+
+  Args:
+    data_cfg: the stage's data config. eval_cfg: the `eval` config section (depths,
+      examples, batch_size). task: a synthetic task (its needle grid) or "perplexity"
+      (the eval split of data_cfg's text).
+
+  Returns:
+    (result, scalars). result: the needle grid (`needle_grid`), or {"task":
+    "perplexity", "lengths": [...], "perplexity": [...]}; scalars: the metrics row,
+    {"needle_accuracy": mean over cells} or {"perplexity_<length>": ...}.
+  """
+  if task == "perplexity":
+    ppl = perplexity(model, data_cfg, lengths, eval_cfg.batch_size, sharding=sharding)
+    result = {"task": "perplexity", "lengths": list(ppl),
+              "perplexity": list(ppl.values())}
+    return result, {f"perplexity_{n}": v for n, v in ppl.items()}
+  grid = needle_grid(model, data_cfg, lengths, tuple(eval_cfg.depths), eval_cfg.examples,
+                     eval_cfg.batch_size, sharding, task=task)
+  return grid, {"needle_accuracy": float(np.mean(grid["accuracy"]))}
+
+
+def save_result(result: Dict[str, Any], directory: str) -> None:
+  """Writes `run`'s result: needle_grid.{json,png} or perplexity.json."""
+  if result["task"] != "perplexity":
+    save_grid(result, directory)
+    return
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, "perplexity.json"), "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=1)
 
 
 def save_grid(grid: Dict[str, Any], directory: str, title: str = "") -> Optional[str]:
@@ -136,19 +196,40 @@ def save_grid(grid: Dict[str, Any], directory: str, title: str = "") -> Optional
   return path
 
 
+def mesh_devices(workdir: str) -> int:
+  """How many devices the run in `workdir` used: dp*fsdp*tp*sp of its saved config
+  (stages trade dp for sp, so every stage has the same count). Read without JAX, so
+  the evaluate command can simulate that many CPU devices before the backend starts."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: is --workdir={workdir} a training "
+                            "workdir?")
+  with open(path, encoding="utf-8") as f:
+    mesh = json.load(f)["mesh"]
+  return int(np.prod([mesh[axis] for axis in ("dp", "fsdp", "tp", "sp")]))
+
+
 def main(argv):
   """python -m experiments.evaluate --workdir DIR [--lengths ..] [--depths ..]."""
   del argv
   from absl import flags  # pylint: disable=import-outside-toplevel
   f = flags.FLAGS
-  if f.devices:
+  devices = mesh_devices(f.workdir) if f.devices is None else f.devices
+  if devices < 0:
+    raise ValueError(f"--devices must be >= 0 (0: the devices present); got {devices}.")
+  if devices:
+    # Only the CPU backend is affected: on GPU/TPU the run's real devices are used.
     from ringattn_jax.cpu_devices import simulate_cpu_devices  # pylint: disable=import-outside-toplevel
-    simulate_cpu_devices(f.devices)
+    simulate_cpu_devices(devices)
   from experiments import trainer  # pylint: disable=import-outside-toplevel
-  grid = trainer.evaluate_checkpoint(
+  result = trainer.evaluate_checkpoint(
       f.workdir, lengths=[int(x) for x in f.lengths] or None,
       depths=[float(x) for x in f.depths] or None, examples=f.examples, step=f.step)
-  for length, row in zip(grid["lengths"], grid["accuracy"]):
+  if result["task"] == "perplexity":
+    for length, ppl in zip(result["lengths"], result["perplexity"]):
+      print(f"length {length:>7}: perplexity {ppl:.3f}")
+    return
+  for length, row in zip(result["lengths"], result["accuracy"]):
     print(f"length {length:>7}: " + "  ".join(f"{a:.2f}" for a in row))
 
 
@@ -159,6 +240,7 @@ if __name__ == "__main__":
   flags.DEFINE_list("depths", [], "Needle depths in [0, 1] (default: the config's).")
   flags.DEFINE_integer("examples", None, "Examples per cell.")
   flags.DEFINE_integer("step", None, "Checkpoint step (default: newest).")
-  flags.DEFINE_integer("devices", 0, "Simulate this many CPU devices.")
+  flags.DEFINE_integer("devices", None, "Simulate this many CPU devices (default: as "
+                       "many as the run's mesh; 0: the devices present).")
   flags.mark_flag_as_required("workdir")
   app.run(main)

@@ -72,10 +72,15 @@ def main(argv):
     with config.unlocked():
       config.train.profile_steps = (10, 15)
   summary = trainer.train_and_evaluate(config, FLAGS.workdir)
-  acc = summary["accuracy_at_train_length"]
+  if summary["eval_task"] == "perplexity":  # a run on text: its eval split
+    result = "eval perplexity " + ", ".join(
+        f"{n} tokens {ppl:.3f}" for n, ppl in summary["perplexity"].items())
+  else:
+    acc = summary["accuracy_at_train_length"]
+    result = (f"accuracy at training length {'n/a' if acc is None else f'{acc:.3f}'}  "
+              f"heatmap {os.path.join(FLAGS.workdir, 'eval', 'needle_grid.png')}")
   print(f"final step {summary['final_step']}  train loss {summary['train_loss']:.4f}  "
-        f"accuracy at training length {'n/a' if acc is None else f'{acc:.3f}'}  "
-        f"heatmap {os.path.join(FLAGS.workdir, 'eval', 'needle_grid.png')}")
+        + result)
   sys.stdout.flush()
 
 

@@ -99,16 +99,16 @@ class _StageRunner:
             for k, v in local.items()}
 
 
-def _eval_grid(config, runner: _StageRunner, lengths, directory: Optional[str]):
-  eval_cfg = config.eval
+def _evaluate(config, runner: _StageRunner, lengths, directory: Optional[str]):
+  """The run's evaluation (`config_lib.eval_task`: needle grid or perplexity on the eval
+  split) of runner's model at `lengths`, saved to `directory`; (result, scalars)."""
   data_cfg = dict(runner.stage.data)
-  sharding = runner.batch_sharding
-  grid = evaluate.needle_grid(runner.model(), data_cfg, lengths, tuple(eval_cfg.depths),
-                              eval_cfg.examples, eval_cfg.batch_size, sharding,
-                              task=eval_cfg.task)
+  result, scalars = evaluate.run(runner.model(), data_cfg, config.eval,
+                                 config_lib.eval_task(config, data_cfg), lengths,
+                                 runner.batch_sharding)
   if directory is not None and jax.process_index() == 0:
-    evaluate.save_grid(grid, directory)
-  return grid
+    evaluate.save_result(result, directory)
+  return result, scalars
 
 
 @dataclasses.dataclass
@@ -122,7 +122,7 @@ class _Progress:
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains (resuming from workdir's newest checkpoint) and evaluates.
 
-  Returns {"final_step", "perplexity", "train_loss", "needle_grid",
+  Returns {"final_step", "eval_task", "perplexity", "train_loss", "needle_grid",
   "accuracy_at_train_length", "tokens_per_second"}. Process 0 holds the workdir's lock
   (experiments/workdir_lock.py) meanwhile: a second run there fails at once.
   """
@@ -175,10 +175,9 @@ def _train_stages(config, workdir: str, all_stages, writer, ckpt,
                         ckpt, progress)
     ckpt.save(step, runner.state, {"stage": stage.index, "step": step})
     if len(all_stages) > 1:
-      grid = _eval_grid(config, runner, (stage.data["seq_len"],),
+      _, scalars = _evaluate(config, runner, (stage.data["seq_len"],),
                         os.path.join(workdir, "eval", f"stage{stage.index}"))
-      writer.write(step, {"needle_accuracy": float(np.mean(grid["accuracy"]))},
-                   f"eval_stage{stage.index}")
+      writer.write(step, scalars, f"eval_stage{stage.index}")
     params = runner.state.params
   return runner
 
@@ -247,8 +246,8 @@ def _train_stage(config, workdir: str, runner: _StageRunner, step: int,
       ckpt.save(step, runner.state, {"stage": stage.index, "step": step})
     if (train_cfg.eval_every and step % train_cfg.eval_every == 0
         and step != stage.last_step):
-      grid = _eval_grid(config, runner, (stage.data["seq_len"],), None)
-      writer.write(step, {"needle_accuracy": float(np.mean(grid["accuracy"]))}, "eval")
+      _, scalars = _evaluate(config, runner, (stage.data["seq_len"],), None)
+      writer.write(step, scalars, "eval")
   if bar is not None:
     bar.close()
   return step
@@ -275,13 +274,19 @@ def _log_train_step(runner: _StageRunner, step: int, total_steps: int, metrics,
 
 def _final_evaluation(config, workdir: str, runner: _StageRunner, final, writer,
                       progress: _Progress) -> Dict[str, Any]:
-  """The needle grid (and perplexity, if configured) of the trained model; the summary."""
+  """The trained model's evaluation at eval.lengths (the needle grid, or perplexity on
+  the eval split of text data) and perplexity of eval.perplexity_path if set; the
+  summary."""
   lengths = tuple(config.eval.lengths) or (final.data["seq_len"],)
-  grid = _eval_grid(config, runner, lengths, os.path.join(workdir, "eval"))
-  at_train = grid["accuracy"][list(grid["lengths"]).index(final.data["seq_len"])] if (
-      final.data["seq_len"] in grid["lengths"]) else None
-  ppl = None
-  if config.eval.perplexity_path:
+  result, scalars = _evaluate(config, runner, lengths, os.path.join(workdir, "eval"))
+  grid, ppl, at_train = None, None, None
+  if result["task"] == "perplexity":
+    ppl = dict(zip(result["lengths"], result["perplexity"]))
+  else:
+    grid = result
+    if final.data["seq_len"] in grid["lengths"]:
+      at_train = grid["accuracy"][grid["lengths"].index(final.data["seq_len"])]
+  if config.eval.perplexity_path:  # a needle-grid run (config_lib checks)
     path = config.eval.perplexity_path
     text_cfg = dict(final.data, kind="text", path=path, eval_path=path)
     ppl = evaluate.perplexity(runner.model(), text_cfg,
@@ -290,14 +295,14 @@ def _final_evaluation(config, workdir: str, runner: _StageRunner, final, writer,
     writer.write(final.last_step, {f"perplexity_{n}": v for n, v in ppl.items()}, "eval")
   summary = {
       "final_step": int(runner.state.step) + final.first_step,
+      "eval_task": result["task"],
       "perplexity": ppl,
       "train_loss": progress.last_loss,
       "needle_grid": grid,
       "accuracy_at_train_length": None if at_train is None else float(np.mean(at_train)),
       "tokens_per_second": progress.tokens_per_second,
   }
-  writer.write(final.last_step, {"needle_accuracy": float(np.mean(grid["accuracy"]))},
-               "eval")
+  writer.write(final.last_step, scalars, "eval")
   return summary
 
 
@@ -315,12 +320,17 @@ def load_config(workdir: str):
 
 def evaluate_checkpoint(workdir: str, lengths=None, depths=None, examples=None,
                         step: Optional[int] = None) -> Dict[str, Any]:
-  """Needle grid of a saved checkpoint (default: the newest), with the run's config.
+  """The run's evaluation (needle grid, or perplexity for a text run) of a saved
+  checkpoint (default: the newest), with the run's config; lengths, depths and
+  examples, if given, replace the config's and are checked with it before compute.
 
-  Writes workdir/eval/step_<step>/needle_grid.{json,png} and returns the grid.
+  Writes workdir/eval/step_<step>/needle_grid.{json,png} (or perplexity.json) and
+  returns the result (`evaluate.run`).
   """
   config = load_config(workdir)
   with config.unlocked():
+    if lengths:
+      config.eval.lengths = tuple(int(n) for n in lengths)
     if depths is not None:
       config.eval.depths = tuple(depths)
     if examples is not None:
@@ -335,5 +345,7 @@ def evaluate_checkpoint(workdir: str, lengths=None, depths=None, examples=None,
   runner = _StageRunner(config, stage, None, jax.process_index(), jax.process_count())
   runner.state, _ = ckpt.restore(step, runner.state)
   ckpt.close()
-  lengths = tuple(lengths or config.eval.lengths or (stage.data["seq_len"],))
-  return _eval_grid(config, runner, lengths, os.path.join(workdir, "eval", f"step_{step}"))
+  lengths = tuple(config.eval.lengths or (stage.data["seq_len"],))
+  result, _ = _evaluate(config, runner, lengths,
+                        os.path.join(workdir, "eval", f"step_{step}"))
+  return result
