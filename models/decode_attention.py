@@ -75,14 +75,10 @@ def _partial_softmax(logits, values):
 
   A row that sees no key here gives (0, -inf), as `softmax.merge_over_axis` expects.
   """
-  row_max = jnp.max(logits, axis=-1)
-  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  row_max = softmax.safe_max(jnp.max(logits, axis=-1))
   p = jnp.exp(logits - row_max[..., None])  # masked entries: exp(-inf) = 0
-  denom = jnp.sum(p, axis=-1)
-  seen = denom > 0
-  safe = jnp.where(seen, denom, 1.0)
-  out = jnp.einsum("BKGS,BSKH->BKGH", p, values) / safe[..., None]
-  return out, jnp.where(seen, row_max + jnp.log(safe), -jnp.inf)
+  inv, lse = softmax.normalizer(row_max, jnp.sum(p, axis=-1))
+  return jnp.einsum("BKGS,BSKH->BKGH", p, values) * inv[..., None], lse
 
 
 def make_decode_attention(model, B: int):

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 
 from ringattn_jax import checks
 from ringattn_jax import schedule
-from ringattn_jax.arguments import AttnInputs
+from ringattn_jax.arguments import AttnInputs, accum_dtype
 from ringattn_jax.flash_pallas_calls import KernelConfig, KernelMeta, LoopBounds, flash
 from ringattn_jax.masking import MaskSpec
 
@@ -200,8 +200,10 @@ def _to_kernel_layout(a, Lp: int, Hp: int):
 @functools.partial(jax.jit, static_argnames=("spec", "blocks", "interpret", "backend"))
 def _attention(x: AttnInputs, spec: MaskSpec, blocks: BlockSizes, interpret: bool,
                backend: str):
-  B, T, _, H = x.q.shape
+  B, T, N, H = x.q.shape
   S = x.k.shape[1]
+  if B == 0:  # an empty grid does not lower; the XLA kernel's answer: empty arrays
+    return jnp.zeros(x.q.shape, x.q.dtype), jnp.zeros((0, T, N), accum_dtype(x.q.dtype))
   cfg = _plan(x, spec, blocks, interpret, backend)
   q_valid = _valid_lengths(x.q_lengths if spec.has_q_lengths else None, B, T)
   kv_valid = _valid_lengths(x.kv_lengths if spec.has_kv_lengths else None, B, S)

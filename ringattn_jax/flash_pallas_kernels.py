@@ -128,7 +128,10 @@ def fwd_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref,
                                  k_seg_ref)
     s, _ = _scores(spec, q, k_ref[j], acc, visible)  # [bq, bk]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, 1]
-    m_safe = jnp.where(m_next == _NEG_INF, 0.0, m_next)  # rows that saw nothing yet
+    # 0 where nothing is visible yet (-inf); also for +inf/NaN maxima, so that such a
+    # row's sum is +inf/NaN and its lse +inf/NaN, as in the reference. (Comparisons,
+    # not isfinite, which every Pallas backend lowers.)
+    m_safe = jnp.where((m_next > _NEG_INF) & (m_next < -_NEG_INF), m_next, 0.0)
     alpha = jnp.exp(m_prev - m_safe)
     p = jnp.exp(s - m_safe)
     l_next = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
@@ -140,7 +143,7 @@ def fwd_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref,
   init = (jnp.full((bq, 1), _NEG_INF, acc), jnp.zeros((bq, 1), acc),
           jnp.zeros((bq, hp), acc))
   m, l, o = lax.fori_loop(*_loop_bounds(lo_ref, hi_ref, nk), body, init)
-  seen = l > 0.0
+  seen = l != 0.0  # not `l > 0`: a NaN sum must reach out and lse
   o_ref[...] = (o / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _NEG_INF)
 

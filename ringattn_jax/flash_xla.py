@@ -331,7 +331,9 @@ def forward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, kh,
                         k_transposed=True)
       s = s.reshape(g.B, g.K, R, g.bk)
       m_new = jnp.maximum(m, s.max(-1))
-      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # rows with nothing visible yet
+      # 0 where nothing is visible yet (-inf); also for +inf/NaN maxima, so that such a
+      # row's sum is +inf/NaN and its lse +inf/NaN, as in the reference.
+      m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
       p = jnp.exp(s - m_safe[..., None])
       alpha = jnp.exp(m - m_safe)
       l = alpha * l + p.sum(-1)
@@ -342,7 +344,7 @@ def forward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, kh,
     init = vma.vary((jnp.full((g.B, g.K, R), -jnp.inf, acc), jnp.zeros((g.B, g.K, R), acc),
                       jnp.zeros((g.B, g.K, R, g.H), acc)), axes)
     m, l, o = _segmented_loop(sched, body, init)
-    seen = l > 0
+    seen = l != 0  # not `l > 0`: a NaN sum must reach out and lse
     out = jnp.where(seen[..., None], o / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
     return out, lse

@@ -389,7 +389,7 @@ def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
 
   Returns:
     out [B, Tl, N, H] in q's dtype (and lse). A query that sees no key gets output 0
-    and lse -inf, never NaN.
+    and lse -inf, never NaN; a query that sees a NaN gets NaN, as in the reference.
   """
   ring, x = _prepare(q, k, v, axis_name=axis_name, layout=layout,
                      block_sizes=block_sizes, head_groups=head_groups, **mask_kwargs)

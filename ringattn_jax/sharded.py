@@ -196,6 +196,10 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
                has_q_positions=mask_kwargs.get("q_positions") is not None,
                has_kv_positions=mask_kwargs.get("kv_positions") is not None)
   _check_shapes(plan, x)
+  if x.q.shape[0] == 0:  # no rows (XLA cannot partition the ring's empty backward)
+    out = jnp.zeros(x.q.shape, x.q.dtype)
+    lse = jnp.zeros(x.q.shape[:3], arguments.accum_dtype(x.q.dtype))
+    return (out, lse) if return_lse else out
   out, lse = _sharded(x.q, x.k, x.v, x.q_segment_ids, x.kv_segment_ids,
                       x.q_positions if plan.has_q_positions else None,
                       x.kv_positions if plan.has_kv_positions else None, plan=plan)

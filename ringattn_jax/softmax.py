@@ -8,7 +8,10 @@ normalised output `o_p` and the log-sum-exp `lse_p` of its logits. The full resu
 
 computed here stably (relative to the running maximum). A row that sees no key in a
 part has (o_p, lse_p) = (0, -inf) and contributes nothing; a row that sees no key at
-all stays (0, -inf), never NaN.
+all stays (0, -inf), never NaN. Non-finite values propagate as in the dense reference:
+a part with a NaN lse makes the row's (o, lse) NaN, a +inf lse makes lse +inf (and o
+NaN). Hence the tests below are `tot != 0` and `isfinite`, never `tot > 0`, which is
+False for NaN and would turn a NaN row into (0, -inf).
 
 Backward: with the global lse, the gradient of each part's logits is
 `p * (dP - delta)` where `delta = rowsum(dO * O) - dlse` (the lse's own cotangent
@@ -28,14 +31,21 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def _safe_max(m):
-  """Maxima with -inf (nothing seen) replaced by 0, so exp(x - m) is never NaN."""
+def safe_max(m):
+  """Row maxima with non-finite values replaced by 0.
+
+  -inf (nothing seen) so that exp(x - m) is 0, not NaN; +inf and NaN so that the row's
+  sum becomes +inf or NaN and carries the non-finite value to the result.
+  """
   return jnp.where(jnp.isfinite(m), m, 0.0)
 
 
-def _finish(m, tot):
-  """(1 / tot, lse = m + log tot) with rows that saw nothing (tot == 0) as (0, -inf)."""
-  seen = tot > 0
+def normalizer(m, tot):
+  """(1 / tot, lse = m + log tot) for sums `tot` of exp(x - m), m from `safe_max`.
+
+  Rows that saw nothing (tot == 0) give (0, -inf); a NaN or +inf sum stays NaN/+inf.
+  """
+  seen = tot != 0
   safe = jnp.where(seen, tot, 1.0)
   return jnp.where(seen, 1.0 / safe, 0.0), jnp.where(seen, m + jnp.log(safe), -jnp.inf)
 
@@ -51,9 +61,9 @@ def merge_partials(o, lse, o_part, lse_part) -> Tuple[jax.Array, jax.Array]:
   Returns:
     (o, lse) of the union of both parts.
   """
-  m = _safe_max(jnp.maximum(lse, lse_part))
+  m = safe_max(jnp.maximum(lse, lse_part))
   w, w_part = jnp.exp(lse - m), jnp.exp(lse_part - m)
-  inv, lse = _finish(m, w + w_part)
+  inv, lse = normalizer(m, w + w_part)
   o = (w * inv)[..., None] * o + (w_part * inv)[..., None] * o_part.astype(o.dtype)
   return o, lse
 
@@ -64,10 +74,10 @@ def merge_over_axis(o, lse, axis_name) -> Tuple[jax.Array, jax.Array]:
   Inside shard_map: each device holds (o [..., H], lse [...]) over its keys; every
   device gets the (o, lse) over all of them (one pmax and one psum).
   """
-  m = _safe_max(lax.pmax(lse, axis_name))
+  m = safe_max(lax.pmax(lse, axis_name))
   w = jnp.exp(lse - m)
   tot, num = lax.psum((w, w[..., None] * o), axis_name)
-  inv, lse = _finish(m, tot)
+  inv, lse = normalizer(m, tot)
   return num * inv[..., None], lse
 
 
