@@ -21,6 +21,14 @@ Ragged prompts are RIGHT-padded: row b holds its prompt in `prompt[b, :prompt_le
 overwriting the padding's in the cache before any query can see it, so positions stay
 true positions and no position offsets are needed.
 
+Non-finite logits (NaN/Inf: a diverged checkpoint, float16/bfloat16 overflow) would
+still yield token ids (argmax of NaN is an index). The loop carries, per row, the
+first step whose logits were non-finite (no per-token host sync); after the loop
+`generate` reads that [B] array on the host and raises `NonFiniteLogitsError` naming
+the step and rows (`check_finite=False` skips that read and returns the tokens as
+they are). Steps of rows that already produced `eos_id` do not count: their tokens
+are eos_id whatever the logits say.
+
 RoPE: frequencies are computed once for the full length `P + max_new_tokens` (this only
 matters for the length-dependent "dynamic" and "longrope" scalings: the cached keys and
 the new queries then use the same frequencies; transformers instead recomputes them as
@@ -37,18 +45,47 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax import lax
+from jax.experimental import multihost_utils
 
 from ringattn_jax import checks
 from models.decode_attention import make_decode_attention
 from models.kv_cache import CacheLayout, cache_layout, cache_specs, prompt_multiple
 from models.layers import Runtime
-from models.sampling import check_sampling, filter_logits, sample_logits
+from models.sampling import check_sampling, filter_logits, nonfinite_rows, sample_logits
 
 # With the names of models.kv_cache and models.sampling that callers reach from here.
-__all__ = ["CacheLayout", "cache_layout", "decode_step", "filter_logits", "generate",
-           "prefill", "prompt_multiple", "sample_logits"]
+__all__ = ["CacheLayout", "NonFiniteLogitsError", "cache_layout", "decode_step",
+           "filter_logits", "generate", "prefill", "prompt_multiple", "sample_logits"]
+
+
+class NonFiniteLogitsError(FloatingPointError):
+  """`generate` met NaN/Inf logits: the tokens chosen from them mean nothing.
+
+  Attributes:
+    step: the first step t whose logits were non-finite in some row (they chose new
+      token t; t = 0 is the prompt's last position).
+    rows: the rows non-finite at `step`.
+    first_step: [B] numpy int, each row's first non-finite step (-1: none).
+    tokens: the [B, M] tokens generated (as `generate` would have returned them).
+    logits: the [B, M, V] logits with return_logits, else None.
+  """
+
+  def __init__(self, step: int, rows, first_step, tokens, logits):
+    self.step, self.rows, self.first_step = step, rows, first_step
+    self.tokens, self.logits = tokens, logits
+    B, M = tokens.shape
+    super().__init__(
+        f"generate: the model's logits were non-finite (NaN/Inf) at step {step} "
+        f"(those that chose tokens[:, {step}] of the {M} new tokens; step 0 is the "
+        f"prompt's last position) in rows {rows} of {B}; tokens chosen from them are "
+        "meaningless (argmax or sampling of NaN still returns an id). The weights or "
+        "activations are non-finite: a diverged checkpoint, or float16/bfloat16 "
+        "overflow (try model.dtype float32). The error's first_step holds each row's "
+        "first such step (-1: none) and tokens the tokens; check_finite=False returns "
+        "them without this check.")
 
 
 # -- prefill and decode steps ---------------------------------------------------------
@@ -165,6 +202,8 @@ def _generate(graphdef, state, tokens, lengths, rng, *, opts: _Options):
   sample = functools.partial(sample_logits, temperature=opts.temperature,
                              top_k=opts.top_k, top_p=opts.top_p)
   logits, cache_k, cache_v = prefill(model, tokens, lengths, opts.cache, opts.rope_len)
+  # Each row's first step with non-finite logits; M: none (yet).
+  bad = jnp.where(nonfinite_rows(logits), 0, M).astype(jnp.int32)
   first = sample(logits, jax.random.fold_in(rng, 0))
   eos = opts.eos_id
   out = jnp.full((B, M), 0 if eos is None else eos, jnp.int32).at[:, 0].set(first)
@@ -178,10 +217,11 @@ def _generate(graphdef, state, tokens, lengths, rng, *, opts: _Options):
     return (t < M) & ~jnp.all(done)
 
   def body(carry):
-    t, out, done, ck, cv, lg = carry
+    t, out, done, ck, cv, lg, bad = carry
     prev = lax.dynamic_index_in_dim(out, t - 1, axis=1, keepdims=False)
     logits, ck, cv = decode_step(model, prev, lengths + t - 1, ck, cv, opts.cache,
                                     opts.rope_len)
+    bad = jnp.where(nonfinite_rows(logits) & ~done & (bad == M), t, bad)
     tok = sample(logits, jax.random.fold_in(rng, t))
     if eos is not None:
       tok = jnp.where(done, eos, tok)
@@ -189,17 +229,17 @@ def _generate(graphdef, state, tokens, lengths, rng, *, opts: _Options):
     out = lax.dynamic_update_index_in_dim(out, tok, t, axis=1)
     if opts.return_logits:
       lg = lax.dynamic_update_index_in_dim(lg, logits, t, axis=1)
-    return t + 1, out, done, ck, cv, lg
+    return t + 1, out, done, ck, cv, lg, bad
 
-  carry = (jnp.int32(1), out, done, cache_k, cache_v, all_logits)
-  _, out, _, _, _, all_logits = lax.while_loop(cond, body, carry)
-  return out, all_logits
+  carry = (jnp.int32(1), out, done, cache_k, cache_v, all_logits, bad)
+  _, out, _, _, _, all_logits, bad = lax.while_loop(cond, body, carry)
+  return out, all_logits, bad
 
 
 def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None,
              eos_id: Optional[int] = None, prompt_lengths=None,
-             return_logits: bool = False):
+             return_logits: bool = False, check_finite: bool = True):
   """Generates `max_new_tokens` tokens after each prompt, with a KV cache.
 
   Args:
@@ -217,6 +257,10 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
     prompt_lengths: [B] ints in [1, P]: row b's prompt is prompt_tokens[b, :length]
       (right padding; the padding values are ignored). Default: P for every row.
     return_logits: also return the logits the tokens were chosen from.
+    check_finite: raise NonFiniteLogitsError if any token was chosen from NaN/Inf
+      logits. The check reads one [B] array on the host, so `generate` returns only
+      once the tokens are computed; False skips it (and that wait). Under an outer
+      jax.jit the values are unknown and nothing is checked.
 
   Returns:
     tokens [B, M] int32; with return_logits, also logits [B, M, V] float32 (before
@@ -224,6 +268,8 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
 
   Raises:
     ValueError: bad shapes or arguments (names the argument and what would be valid).
+    NonFiniteLogitsError: (a FloatingPointError) some logits were non-finite; it
+      names the first such step and its rows, and holds the tokens.
   """
   prompt_tokens = jnp.asarray(prompt_tokens)
   if prompt_tokens.ndim != 2 or not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
@@ -238,6 +284,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
     raise ValueError("rng (a PRNG key) is required when temperature > 0.")
   eos_id = checks.integer("eos_id", eos_id, minimum=0, maximum=model.config.vocab_size - 1,
                           optional=True, what="(a token id of the vocabulary)")
+  checks.boolean("check_finite", check_finite)
   lengths = _prompt_lengths(prompt_lengths, B, Pn)
   cache = cache_layout(model, Pn, max_new_tokens)
   tokens = jnp.pad(prompt_tokens.astype(jnp.int32), ((0, 0), (0, cache.prompt_len - Pn)))
@@ -249,8 +296,24 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
   if rng is None:
     rng = jax.random.key(0)  # unused by greedy decoding
   graphdef, state = nnx.split(model)
-  out, logits = _generate(graphdef, state, tokens, lengths, rng, opts=opts)
+  out, logits, bad = _generate(graphdef, state, tokens, lengths, rng, opts=opts)
+  if check_finite and not isinstance(bad, jax.core.Tracer):
+    _raise_if_nonfinite(bad, out, logits if return_logits else None)
   return (out, logits) if return_logits else out
+
+
+def _raise_if_nonfinite(bad, tokens, logits) -> None:
+  """Raises NonFiniteLogitsError if `bad` ([B] first non-finite step per row, M for
+  none) names a step."""
+  if not bad.is_fully_addressable:  # rows spread over several processes
+    bad = multihost_utils.process_allgather(bad, tiled=True)
+  first = np.asarray(bad)
+  M = tokens.shape[1]
+  if (first >= M).all():
+    return
+  step = int(first.min())
+  raise NonFiniteLogitsError(step, np.flatnonzero(first == step).tolist(),
+                             np.where(first < M, first, -1), tokens, logits)
 
 
 def _prompt_lengths(prompt_lengths, B: int, Pn: int):

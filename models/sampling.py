@@ -1,5 +1,10 @@
 """Choosing the next token from logits: greedy, or sampled with temperature, top-k, top-p.
 
+Non-finite logits (a diverged model, or float16/bfloat16 overflow) still give a token
+id: argmax of a row holding a NaN is the NaN's index, and sampling such a row returns
+some index too. Nothing here can tell; `nonfinite_rows` is the check, and
+`models.generate.generate` uses it to raise instead of returning such tokens.
+
 Letter legend: B batch, V vocab.
 """
 from __future__ import annotations
@@ -48,6 +53,12 @@ def filter_logits(logits, *, top_k: Optional[int] = None, top_p: Optional[float]
   return logits
 
 
+def nonfinite_rows(logits):
+  """[..., V] float logits -> [...] bool: the rows holding a NaN or +-Inf (their token,
+  greedy or sampled, means nothing)."""
+  return ~jnp.all(jnp.isfinite(logits), axis=-1)
+
+
 def sample_logits(logits, rng, *, temperature: float = 0.0, top_k: Optional[int] = None,
                   top_p: Optional[float] = None):
   """One token per row: argmax when temperature == 0, else a sample.
@@ -58,7 +69,8 @@ def sample_logits(logits, rng, *, temperature: float = 0.0, top_k: Optional[int]
       transformers orders them); 0 means greedy.
 
   Returns:
-    [B] int32 token ids.
+    [B] int32 token ids; meaningless for rows with non-finite logits
+    (`nonfinite_rows`).
   """
   check_sampling(temperature, top_k, top_p)
   logits = jnp.asarray(logits, jnp.float32)

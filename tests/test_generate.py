@@ -221,7 +221,31 @@ def test_eos_stops_rows_and_pads_with_eos():
   np.testing.assert_array_equal(one, [[first] * M])
 
 
+def test_nan_logits_raise_naming_the_first_step():
+  # Final norm scale 0: every logit is 0, so greedy picks token 0, whose embedding is
+  # NaN: row 0's logits turn NaN at step 1, when that token is fed back; row 1's prompt
+  # holds token 0, so its logits are NaN from step 0. Same shapes and options as
+  # test_greedy_matches_full_rerun: the compiled program is reused.
+  model = nnx.clone(_model())
+  model.norm.weight[...] = jnp.zeros_like(model.norm.weight[...])
+  model.embed_tokens[...] = model.embed_tokens[...].at[0].set(jnp.nan)
+  prompt = jnp.maximum(_prompt(2, 7), 1).at[1, 3].set(0)
+  match = r"non-finite \(NaN/Inf\) at step 0 .* in rows \[1\] of 2"
+  with pytest.raises(gen.NonFiniteLogitsError, match=match) as e:
+    gen.generate(model, prompt, M, return_logits=True)
+  assert isinstance(e.value, FloatingPointError)
+  assert (e.value.step, e.value.rows) == (0, [1])
+  np.testing.assert_array_equal(e.value.first_step, [1, 0])
+  logits = np.asarray(e.value.logits)
+  assert (logits[0, 0] == 0).all() and np.isnan(logits[0, 1]).all()
+  assert np.asarray(e.value.tokens)[0, 0] == 0
+  # Opting out returns the same (meaningless) tokens without the check.
+  tokens, _ = gen.generate(model, prompt, M, return_logits=True, check_finite=False)
+  np.testing.assert_array_equal(tokens, e.value.tokens)
+
+
 @pytest.mark.parametrize("kw, match", [
+    (dict(check_finite=1), "check_finite must be a bool"),
     (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
     (dict(temperature=-1.0), "temperature must be"),
     (dict(temperature=1.0), "rng .* is required"),
