@@ -6,6 +6,13 @@ the answer token. That is exactly "greedy decoding after the query reproduces th
 answer" (if every digit is predicted right given the right prefix, greedy produces the
 same prefix), computed with one forward pass instead of a decode loop.
 
+A diverged model (NaN/Inf logits) must not read as a merely weak one: argmax of a NaN
+row is still an index, which may even equal the target. So an example whose scored
+logits are non-finite counts as wrong, the needle grid records how many there were in
+each cell (its "nonfinite" entry) and every such cell logs a WARNING; perplexity with
+non-finite scored logits is NaN (or inf), with a WARNING saying why. Nothing raises:
+an evaluation is a diagnosis, and its files should show the divergence.
+
 Perplexity is exp of the mean next-token NLL over the loss-masked targets of held-out
 text (every in-document target; see experiments/data/packing.py).
 
@@ -33,19 +40,24 @@ from absl import logging
 from flax import nnx
 
 from experiments.data import make_dataset
+from models.sampling import nonfinite_rows
 
 
 @nnx.jit
 def _scores(model, batch):
-  """Per row: (all answer tokens right, summed NLL over mask, mask count)."""
+  """Per row: (all answer tokens right, summed NLL over mask, mask count, some scored
+  position's logits non-finite). A non-finite row is never right."""
   logits = model(batch["tokens"], positions=batch["positions"],
                  segment_ids=batch["segment_ids"])
   mask = batch["loss_mask"] > 0
+  bad = jnp.any(nonfinite_rows(logits) & mask, -1)
   right = (jnp.argmax(logits, -1) == batch["targets"]) | ~mask
   lse = jax.nn.logsumexp(logits, -1)
   tgt = jnp.take_along_axis(logits, batch["targets"][..., None], -1)[..., 0]
-  nll = jnp.sum((lse - tgt) * mask, -1)
-  return jnp.all(right, -1) & jnp.any(mask, -1), nll, jnp.sum(mask, -1)
+  # where, not a product with the mask: NaN * 0 is NaN, and unscored positions
+  # must not decide the perplexity.
+  nll = jnp.sum(jnp.where(mask, lse - tgt, 0.0), -1)
+  return jnp.all(right, -1) & jnp.any(mask, -1) & ~bad, nll, jnp.sum(mask, -1), bad
 
 
 def _put(batch, sharding):
@@ -64,17 +76,32 @@ def _host(x) -> np.ndarray:
 
 def retrieval_accuracy(model, data_cfg: Dict[str, Any], examples: int, batch_size: int,
                        sharding=None) -> float:
-  """Exact-match accuracy on `examples` eval examples of a synthetic task config."""
+  """Exact-match accuracy on `examples` eval examples of a synthetic task config.
+
+  Examples with non-finite logits count as wrong, with a WARNING (`_retrieval`)."""
+  return _retrieval(model, data_cfg, examples, batch_size, sharding)[0]
+
+
+def _retrieval(model, data_cfg: Dict[str, Any], examples: int, batch_size: int,
+               sharding=None) -> Tuple[float, int]:
+  """(exact-match accuracy, how many examples had non-finite scored logits)."""
   cfg = dict(data_cfg, batch_size=batch_size, eval_examples=examples)
   ds = make_dataset(cfg, split="eval")
-  correct = total = 0
+  correct = total = nonfinite = 0
   for step in range(ds.num_batches):
     meta = ds.metadata(step)
-    ok, _, _ = _scores(model, _put(ds.batch(step), sharding))
+    ok, _, _, bad = _scores(model, _put(ds.batch(step), sharding))
     real = np.array([m is not None for m in meta])
     correct += int(np.sum(_host(ok) & real))
+    nonfinite += int(np.sum(_host(bad) & real))
     total += int(np.sum(real))
-  return correct / max(total, 1)
+  if nonfinite:
+    logging.warning(
+        "%s at length %d, needle depth %s: %d of %d examples have non-finite logits "
+        "(NaN/Inf), counted as wrong: the model has diverged or overflows (e.g. in "
+        "float16/bfloat16); its accuracy here says nothing about retrieval.",
+        cfg["kind"], cfg["seq_len"], cfg.get("needle_depth"), nonfinite, total)
+  return correct / max(total, 1), nonfinite
 
 
 def needle_data(data_cfg: Dict[str, Any], task: str, length: int, depth: float,
@@ -98,20 +125,25 @@ def needle_grid(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
                 sharding=None, task: str = "") -> Dict[str, Any]:
   """Accuracy for every (context length, needle depth) cell.
 
-  Returns {"task", "lengths", "depths", "accuracy": [len(lengths)][len(depths)]}.
+  Returns {"task", "lengths", "depths", "accuracy": [len(lengths)][len(depths)],
+  "nonfinite": [len(lengths)][len(depths)]}: nonfinite counts each cell's examples
+  with NaN/Inf logits (counted as wrong; 0 for a healthy model).
   """
   task = task or data_cfg["kind"]
-  acc = []
+  acc, nonfinite = [], []
   for length in lengths:
-    row = []
+    row, bad_row = [], []
     for depth in depths:
       cfg = needle_data(data_cfg, task, length, depth, examples, batch_size)
-      row.append(retrieval_accuracy(model, cfg, examples, batch_size, sharding))
+      accuracy, bad = _retrieval(model, cfg, examples, batch_size, sharding)
+      row.append(accuracy)
+      bad_row.append(bad)
       logging.info("needle grid %s length %d depth %.2f: %.3f", task, length, depth,
                    row[-1])
     acc.append(row)
+    nonfinite.append(bad_row)
   return {"task": task, "lengths": [int(x) for x in lengths],
-          "depths": [float(d) for d in depths], "accuracy": acc}
+          "depths": [float(d) for d in depths], "accuracy": acc, "nonfinite": nonfinite}
 
 
 def perplexity(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
@@ -123,10 +155,17 @@ def perplexity(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
   for length in lengths:
     ds = make_dataset(text_eval_data(data_cfg, length, batch_size), split="eval")
     nll = count = 0.0
+    rows = nonfinite = 0
     for step in range(min(ds.num_batches, max_batches)):
-      _, n, c = _scores(model, _put(ds.batch(step), sharding))
+      _, n, c, bad = _scores(model, _put(ds.batch(step), sharding))
       nll, count = nll + float(jnp.sum(n)), count + float(jnp.sum(c))
+      rows, nonfinite = rows + bad.shape[0], nonfinite + int(jnp.sum(bad))
     out[int(length)] = float(np.exp(nll / max(count, 1.0)))
+    if nonfinite:
+      logging.warning(
+          "perplexity at length %d is %s: %d of %d eval rows have non-finite logits "
+          "(NaN/Inf) where they are scored; the model has diverged or overflows (e.g. "
+          "in float16/bfloat16).", length, out[int(length)], nonfinite, rows)
   return out
 
 

@@ -8,7 +8,9 @@ and trains. Checkpoints (orbax; periodic, keep-N, async) hold the train state pl
 stage index; a restarted run resumes from the newest one that reads, exactly: same
 parameters, optimizer state, RNG, step and data position (batches are a pure function
 of the step). Unreadable newer ones are set aside (checkpoints.py), and metrics.jsonl
-is rewound to the restored step (metrics.py).
+is rewound to the restored step (metrics.py). A run whose loss, gradients or state
+become NaN/Inf stops with `divergence.TrainingDivergedError` at the next logged step
+or save, whichever comes first, and never saves the non-finite state (divergence.py).
 
 workdir layout:
   checkpoints/      orbax steps
@@ -35,6 +37,7 @@ from flax import nnx
 
 from experiments import checkpoints as ckpt_lib
 from experiments import config_lib
+from experiments import divergence
 from experiments import evaluate
 from experiments import optim
 from experiments import train_step as step_lib
@@ -117,6 +120,7 @@ class _Progress:
 
   last_loss: float = float("nan")
   tokens_per_second: float = 0.0
+  last_finite_step: Optional[int] = None  # the last logged step with finite metrics
 
 
 def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
@@ -173,7 +177,7 @@ def _train_stages(config, workdir: str, all_stages, writer, ckpt,
             f"{stage.model.attention}/{stage.model.layout}", flush=True)
     step = _train_stage(config, workdir, runner, step, all_stages[-1].last_step, writer,
                         ckpt, progress)
-    ckpt.save(step, runner.state, {"stage": stage.index, "step": step})
+    _save(ckpt, step, runner, writer, progress)
     if len(all_stages) > 1:
       _, scalars = _evaluate(config, runner, (stage.data["seq_len"],),
                         os.path.join(workdir, "eval", f"stage{stage.index}"))
@@ -237,13 +241,17 @@ def _train_stage(config, workdir: str, runner: _StageRunner, step: int,
       jax.block_until_ready(runner.state)
       jax.profiler.stop_trace()
     if step % train_cfg.log_every == 0 or step == stage.last_step:
-      _log_train_step(runner, step, total_steps, metrics, tokens_since, t_last, writer,
-                      bar, progress)
+      logged = _log_train_step(runner, step, total_steps, metrics, tokens_since, t_last,
+                               writer, bar, progress)
       t_last, tokens_since = time.time(), 0
+      what = divergence.nonfinite_metrics(logged)
+      if what:
+        _diverged(step, what, ckpt, writer, progress)
+      progress.last_finite_step = step
     if bar is not None:
       bar.update(1)
     if train_cfg.checkpoint_every and step % train_cfg.checkpoint_every == 0:
-      ckpt.save(step, runner.state, {"stage": stage.index, "step": step})
+      _save(ckpt, step, runner, writer, progress)
     if (train_cfg.eval_every and step % train_cfg.eval_every == 0
         and step != stage.last_step):
       _, scalars = _evaluate(config, runner, (stage.data["seq_len"],), None)
@@ -253,9 +261,31 @@ def _train_stage(config, workdir: str, runner: _StageRunner, step: int,
   return step
 
 
+def _save(ckpt, step: int, runner: _StageRunner, writer, progress: _Progress) -> None:
+  """Checkpoints runner's state at `step` if every value in it is finite; otherwise
+  stops the run unsaved (a saved diverged state would rotate the intact checkpoints
+  out). The check is one reduction on the devices, small beside the save's own copy."""
+  bad = divergence.nonfinite_leaves(runner.state)
+  if bad:
+    _diverged(step, divergence.describe_leaves(bad), ckpt, writer, progress)
+  ckpt.save(step, runner.state, {"stage": runner.stage.index, "step": step})
+
+
+def _diverged(step: int, what: str, ckpt, writer, progress: _Progress):
+  """Raises TrainingDivergedError, once a save in flight (of a checked, finite state)
+  has completed, so that the checkpoint it names is on disk."""
+  ckpt.wait()
+  last = ckpt.latest_step()
+  writer.write(step, {"last_checkpoint": -1 if last is None else last}, "diverged")
+  raise divergence.TrainingDivergedError(step, what, progress.last_finite_step, last,
+                                         ckpt.directory)
+
+
 def _log_train_step(runner: _StageRunner, step: int, total_steps: int, metrics,
-                    tokens: int, t_last: float, writer, bar, progress: _Progress):
-  """Writes the step's metrics with the learning rate and the tokens/s since `t_last`."""
+                    tokens: int, t_last: float, writer, bar,
+                    progress: _Progress) -> Dict[str, float]:
+  """Writes the step's metrics with the learning rate and the tokens/s since `t_last`;
+  returns them (floats, fetched from the devices)."""
   stage = runner.stage
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
   elapsed = time.time() - t_last
@@ -270,6 +300,7 @@ def _log_train_step(runner: _StageRunner, step: int, total_steps: int, metrics,
   else:
     logging.info("step %d/%d loss %.4f tokens/s %.0f", step, total_steps,
                  progress.last_loss, progress.tokens_per_second)
+  return metrics
 
 
 def _final_evaluation(config, workdir: str, runner: _StageRunner, final, writer,
