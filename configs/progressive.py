@@ -1,7 +1,8 @@
 """Progressive context extension on CPU: 256 -> 512 -> 1024 tokens (4x), as Large World
 Model extends 4K -> 1M: each stage starts from the previous stage's parameters (with a
 fresh optimizer) and trains at a longer length, on the same 8-device ring (sp=8; a
-stage may also change sp, the RoPE theta or rope_scaling, see tests/test_train.py).
+stage may also change sp, the RoPE theta or rope_scaling, see
+tests/test_readme_commands.py).
 
 Launch (= make progressive):
   python -m experiments.train --config configs/progressive.py \

@@ -16,7 +16,7 @@ def test_cpu_configs_validate(module, devices):
 
 
 def test_progressive_extends_context_4x():
-  # Resharding and RoPE changes between stages are exercised in test_train.py.
+  # Resharding and RoPE changes between stages run in test_readme_commands.py.
   stages = config_lib.stages(progressive.get_config())
   lengths = [s.data["seq_len"] for s in stages]
   assert lengths == sorted(lengths) and lengths[-1] >= 4 * lengths[0]

@@ -121,20 +121,35 @@ def test_readme_evaluate_command(demo_workdir):
 
 @pytest.mark.slow
 def test_make_progressive_quick(tmp_path):
+  """Two short stages that reshard (sp 4 -> 8, so dp 2 -> 1), double the length and
+  change RoPE theta and the learning rate; the final model is also scored on held-out
+  text (eval.perplexity_path). This is the suite's run of a multi-stage config
+  (notebook 02 also extends with rope_scaling)."""
   (argv,) = _recipe("progressive")
   assert _readme("experiments.train", "configs/progressive.py")[1:] == _replace(
       argv, "workdirs/progressive", "workdirs/prog")[1:]
-  stages = ({"seq_len": 256, "sp": 8, "steps": 1, "warmup_steps": 0},
-            {"seq_len": 512, "sp": 8, "steps": 1, "warmup_steps": 0})
-  quick = [f"--config.stages={stages!r}", "--config.eval.lengths=(256, 512)"]
+  stages = ({"seq_len": 256, "sp": 4, "steps": 2, "warmup_steps": 0},
+            {"seq_len": 512, "sp": 8, "steps": 2, "warmup_steps": 0,
+             "rope_theta": 40000.0, "learning_rate": 3e-3})
+  held_out = tmp_path / "held_out.txt"
+  held_out.write_text("A river runs through the quiet valley. " * 100)
+  workdir = tmp_path / "run"
+  quick = [f"--config.stages={stages!r}", "--config.eval.lengths=(256, 512)",
+           f"--config.eval.perplexity_path={held_out}"]
   quick += [f for f in QUICK_DEMO if "steps=" not in f and "kind=" not in f]
-  _run(_replace(argv, "workdirs/progressive", str(tmp_path)) + quick)
-  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").open()]
-  assert [(r["step"], r["stage"]) for r in rows if r["split"] == "train"] == [(1, 0),
-                                                                              (2, 1)]
-  grid = json.loads((tmp_path / "eval" / "needle_grid.json").read_text())
+  stdout = _run(_replace(argv, "workdirs/progressive", str(workdir)) + quick)
+  assert re.search(r"stage 0: steps 0\.\.2, seq_len 256, mesh \{'dp': 2, .*'sp': 4,",
+                   stdout), stdout
+  assert re.search(r"stage 1: steps 2\.\.4, seq_len 512, mesh \{'dp': 1, .*'sp': 8,",
+                   stdout), stdout
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").open()]
+  assert [(r["step"], r["stage"]) for r in rows if r["split"] == "train"] == [
+      (2, 0), (4, 1)]  # log_every=50: each stage's last step
+  grid = json.loads((workdir / "eval" / "needle_grid.json").read_text())
   assert grid["lengths"] == [256, 512]
-  assert (tmp_path / "eval" / "stage1" / "needle_grid.json").exists()
+  assert (workdir / "eval" / "stage0" / "needle_grid.json").exists()
+  summary = json.loads((workdir / "eval" / "summary.json").read_text())
+  assert 1.0 < summary["perplexity"]["512"] < float("inf"), summary
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """The trainer: config checks before compute, a short run's outputs, exact resume after
-SIGKILL (past a damaged checkpoint), progressive stages."""
+SIGKILL (past a damaged checkpoint). Progressive stages (resharding, a longer length,
+new RoPE theta and learning rate, held-out perplexity) run through `make progressive`'s
+own command in tests/test_readme_commands.py."""
 import glob
 import json
 import os
@@ -10,7 +12,6 @@ import pytest
 
 from experiments import config_lib
 from experiments import metrics as metrics_lib
-from experiments import trainer
 from tests import train_runs
 from tests.small_train_config import small_config
 
@@ -102,26 +103,3 @@ def _resume_scenario(root):
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
   train_runs.with_retry_on_xla_cpu_abort(_resume_scenario, str(tmp_path))
-
-
-def test_progressive_stages_reshard_and_extend(tmp_path):
-  c = small_config()
-  workdir = tmp_path / "run"
-  with c.unlocked():
-    c.stages = ({"seq_len": 96, "sp": 2, "steps": 3},
-                {"seq_len": 192, "sp": 4, "steps": 3, "rope_theta": 40000.0,
-                 "learning_rate": 3e-3})
-    c.data.batch_size = 8
-    held_out = tmp_path / "held_out.txt"
-    held_out.write_text("A river runs through the quiet valley. " * 40)
-    c.eval.perplexity_path = str(held_out)
-  stages = config_lib.check_config(c, num_devices=8)
-  assert [s.mesh["dp"] for s in stages] == [4, 2]
-  summary = trainer.train_and_evaluate(c, str(workdir))
-  assert summary["final_step"] == 6
-  # Perplexity of held-out text at the final length: finite, and better than uniform
-  # over the byte vocabulary after a few steps of training on English-like filler.
-  assert 1.0 < summary["perplexity"][192] < 264
-  rows = metrics_lib.read_metrics(str(workdir), "train")
-  assert [r["stage"] for r in rows] == [0, 0, 0, 1, 1, 1]
-  assert os.path.exists(workdir / "eval" / "stage0" / "needle_grid.json")
