@@ -180,7 +180,7 @@ def _train_stages(config, workdir: str, all_stages, writer, ckpt,
     _save(ckpt, step, runner, writer, progress)
     if len(all_stages) > 1:
       _, scalars = _evaluate(config, runner, (stage.data["seq_len"],),
-                        os.path.join(workdir, "eval", f"stage{stage.index}"))
+                             os.path.join(workdir, "eval", f"stage{stage.index}"))
       writer.write(step, scalars, f"eval_stage{stage.index}")
     params = runner.state.params
   return runner
