@@ -135,13 +135,8 @@ class Checkpointer:
     Raises:
       CorruptCheckpointError: it cannot be read.
     """
-    try:
-      meta = self._manager.restore(step, args=ocp.args.Composite(
-          meta=ocp.args.JsonRestore()))["meta"]
-    except Exception as e:  # pylint: disable=broad-except  # orbax's errors vary
-      if isinstance(e, MemoryError):
-        raise
-      raise CorruptCheckpointError(step, self._path(step), _reason(e)) from e
+    meta = self._read(step, lambda: self._manager.restore(step, args=ocp.args.Composite(
+        meta=ocp.args.JsonRestore()))["meta"])
     if not isinstance(meta, dict):
       raise CorruptCheckpointError(step, self._path(step),
                                    f"its meta is {type(meta).__name__}, not a dict")

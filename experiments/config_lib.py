@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List
 
-from experiments import evaluate
 from experiments import optim
 from experiments.data import config as data_config_lib
 from experiments.data import make_dataset
@@ -242,11 +241,10 @@ def _check_eval(config, result: List[Stage], process_count: int) -> None:
     for length in lengths:
       _check_eval_at(config, st, task, length, f"{where}{what}", process_count)
   if ev.perplexity_path:
-    text = dict(final.data, kind="text", path=ev.perplexity_path,
-                eval_path=ev.perplexity_path)
+    text = data_config_lib.held_out_text(final.data, ev.perplexity_path)
     for length in tuple(ev.perplexity_lengths) or (final.data["seq_len"],):
       _check_length("config.eval.perplexity_lengths entry", length, final)
-      _check_eval_data(evaluate.text_eval_data(text, length, ev.batch_size),
+      _check_eval_data(data_config_lib.text_eval_data(text, length, ev.batch_size),
                        "config.eval.perplexity_path")
 
 
@@ -261,12 +259,12 @@ def _check_eval_at(config, st: Stage, task: str, length: int, what: str,
   _divisible("config.eval.batch_size", ev.batch_size, process_count,
              "the process count")
   if task == "perplexity":
-    _check_eval_data(evaluate.text_eval_data(st.data, length, ev.batch_size),
+    _check_eval_data(data_config_lib.text_eval_data(st.data, length, ev.batch_size),
                      f"{what} at length {length}, perplexity on the eval split "
                      f"(config.eval.task={ev.task!r}, data.kind={st.data['kind']!r})")
   else:
     # The task's length needs do not depend on where the needle sits: one depth.
-    _check_eval_data(evaluate.needle_data(st.data, task, length, tuple(ev.depths)[0],
+    _check_eval_data(data_config_lib.needle_data(st.data, task, length, tuple(ev.depths)[0],
                                           ev.examples, ev.batch_size),
                      f"{what} at length {length}, needle grid of "
                      f"config.eval.task={ev.task!r} (task {task!r})")

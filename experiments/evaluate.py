@@ -34,12 +34,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import multihost_utils
 import numpy as np
 from absl import logging
 from flax import nnx
 
 from experiments.data import make_dataset
+from experiments.data.config import needle_data, text_eval_data
+from models.sharding import to_host
 from models.sampling import nonfinite_rows
 
 
@@ -67,33 +68,17 @@ def _put(batch, sharding):
   return {k: jax.device_put(v, sharding) for k, v in arrays.items()}
 
 
-def _host(x) -> np.ndarray:
-  """A jax.Array as numpy on every process, also when it spans several processes."""
-  if x.is_fully_addressable:
-    return np.asarray(x)
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-def retrieval_accuracy(model, data_cfg: Dict[str, Any], examples: int, batch_size: int,
-                       sharding=None) -> float:
-  """Exact-match accuracy on `examples` eval examples of a synthetic task config.
-
-  Examples with non-finite logits count as wrong, with a WARNING (`_retrieval`)."""
-  return _retrieval(model, data_cfg, examples, batch_size, sharding)[0]
-
-
-def _retrieval(model, data_cfg: Dict[str, Any], examples: int, batch_size: int,
-               sharding=None) -> Tuple[float, int]:
-  """(exact-match accuracy, how many examples had non-finite scored logits)."""
-  cfg = dict(data_cfg, batch_size=batch_size, eval_examples=examples)
+def _retrieval(model, cfg: Dict[str, Any], sharding=None) -> Tuple[float, int]:
+  """(exact-match accuracy, how many examples had non-finite scored logits) on the eval
+  examples of a synthetic task config (`needle_data`); the latter count as wrong."""
   ds = make_dataset(cfg, split="eval")
   correct = total = nonfinite = 0
   for step in range(ds.num_batches):
     meta = ds.metadata(step)
     ok, _, _, bad = _scores(model, _put(ds.batch(step), sharding))
     real = np.array([m is not None for m in meta])
-    correct += int(np.sum(_host(ok) & real))
-    nonfinite += int(np.sum(_host(bad) & real))
+    correct += int(np.sum(to_host(ok) & real))
+    nonfinite += int(np.sum(to_host(bad) & real))
     total += int(np.sum(real))
   if nonfinite:
     logging.warning(
@@ -102,22 +87,6 @@ def _retrieval(model, data_cfg: Dict[str, Any], examples: int, batch_size: int,
         "float16/bfloat16); its accuracy here says nothing about retrieval.",
         cfg["kind"], cfg["seq_len"], cfg.get("needle_depth"), nonfinite, total)
   return correct / max(total, 1), nonfinite
-
-
-def needle_data(data_cfg: Dict[str, Any], task: str, length: int, depth: float,
-                examples: int, batch_size: int) -> Dict[str, Any]:
-  """The data config of one needle-grid cell: synthetic `task` at `length` tokens with
-  the needle at `depth`, `examples` eval examples in batches of `batch_size`. The
-  config checks build the same dataset before training (`config_lib.check_config`)."""
-  return dict(data_cfg, kind=task, seq_len=int(length), needle_depth=float(depth),
-              batch_size=int(batch_size), eval_examples=int(examples))
-
-
-def text_eval_data(data_cfg: Dict[str, Any], length: int,
-                   batch_size: int) -> Dict[str, Any]:
-  """The data config of perplexity at `length`: `data_cfg`'s text (kind text/tokens)
-  repacked into rows of `length` tokens; its split "eval" is what is scored."""
-  return dict(data_cfg, seq_len=int(length), batch_size=int(batch_size))
 
 
 def needle_grid(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
@@ -135,7 +104,7 @@ def needle_grid(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
     row, bad_row = [], []
     for depth in depths:
       cfg = needle_data(data_cfg, task, length, depth, examples, batch_size)
-      accuracy, bad = _retrieval(model, cfg, examples, batch_size, sharding)
+      accuracy, bad = _retrieval(model, cfg, sharding)
       row.append(accuracy)
       bad_row.append(bad)
       logging.info("needle grid %s length %d depth %.2f: %.3f", task, length, depth,
@@ -157,9 +126,9 @@ def perplexity(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
     nll = count = 0.0
     rows = nonfinite = 0
     for step in range(min(ds.num_batches, max_batches)):
-      _, n, c, bad = _scores(model, _put(ds.batch(step), sharding))
-      nll, count = nll + float(jnp.sum(n)), count + float(jnp.sum(c))
-      rows, nonfinite = rows + bad.shape[0], nonfinite + int(jnp.sum(bad))
+      _, n, c, bad = (to_host(a) for a in _scores(model, _put(ds.batch(step), sharding)))
+      nll, count = nll + float(np.sum(n)), count + float(np.sum(c))
+      rows, nonfinite = rows + bad.shape[0], nonfinite + int(np.sum(bad))
     out[int(length)] = float(np.exp(nll / max(count, 1.0)))
     if nonfinite:
       logging.warning(

@@ -42,6 +42,7 @@ from experiments import evaluate
 from experiments import optim
 from experiments import train_step as step_lib
 from experiments import workdir_lock
+from experiments.data import config as data_config_lib
 from experiments.data import make_dataset
 from experiments.metrics import MetricWriter
 from models import llama
@@ -265,6 +266,8 @@ def _save(ckpt, step: int, runner: _StageRunner, writer, progress: _Progress) ->
   """Checkpoints runner's state at `step` if every value in it is finite; otherwise
   stops the run unsaved (a saved diverged state would rotate the intact checkpoints
   out). The check is one reduction on the devices, small beside the save's own copy."""
+  if step in ckpt.all_steps():  # saved already (a stage's last step is also periodic)
+    return
   bad = divergence.nonfinite_leaves(runner.state)
   if bad:
     _diverged(step, divergence.describe_leaves(bad), ckpt, writer, progress)
@@ -318,8 +321,7 @@ def _final_evaluation(config, workdir: str, runner: _StageRunner, final, writer,
     if final.data["seq_len"] in grid["lengths"]:
       at_train = grid["accuracy"][grid["lengths"].index(final.data["seq_len"])]
   if config.eval.perplexity_path:  # a needle-grid run (config_lib checks)
-    path = config.eval.perplexity_path
-    text_cfg = dict(final.data, kind="text", path=path, eval_path=path)
+    text_cfg = data_config_lib.held_out_text(final.data, config.eval.perplexity_path)
     ppl = evaluate.perplexity(runner.model(), text_cfg,
                               tuple(config.eval.perplexity_lengths) or (final.data["seq_len"],),
                               config.eval.batch_size, sharding=runner.batch_sharding)

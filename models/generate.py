@@ -48,13 +48,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import lax
-from jax.experimental import multihost_utils
 
 from ringattn_jax import checks
 from models.decode_attention import make_decode_attention
 from models.kv_cache import CacheLayout, cache_layout, cache_specs, prompt_multiple
 from models.layers import Runtime
 from models.sampling import check_sampling, filter_logits, nonfinite_rows, sample_logits
+from models import sharding as sharding_lib
 
 # With the names of models.kv_cache and models.sampling that callers reach from here.
 __all__ = ["CacheLayout", "NonFiniteLogitsError", "cache_layout", "decode_step",
@@ -305,9 +305,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
 def _raise_if_nonfinite(bad, tokens, logits) -> None:
   """Raises NonFiniteLogitsError if `bad` ([B] first non-finite step per row, M for
   none) names a step."""
-  if not bad.is_fully_addressable:  # rows spread over several processes
-    bad = multihost_utils.process_allgather(bad, tiled=True)
-  first = np.asarray(bad)
+  first = sharding_lib.to_host(bad)  # rows may be spread over several processes
   M = tokens.shape[1]
   if (first >= M).all():
     return

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Sequence, Tuple
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -97,3 +98,10 @@ def constrain(x, logical: Sequence[Optional[str]], mesh: Optional[Mesh], rules):
     n = int(np.prod([mesh.shape[a] for a in names])) if names else 1
     fixed.append(axes if size % n == 0 else None)
   return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(*fixed)))
+
+
+def to_host(x) -> np.ndarray:
+  """A jax.Array as numpy on every process, also when it spans several processes."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

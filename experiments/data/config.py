@@ -43,7 +43,7 @@ Text and tokens:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 from experiments import config_dicts
 from experiments.data import packing as packing_lib
@@ -177,3 +177,26 @@ def default_config(kind: str, seq_len: int, batch_size: int, **overrides):
   for key, value in overrides.items():
     cfg[key] = value
   return cfg
+
+
+def needle_data(data_cfg: Dict[str, Any], task: str, length: int, depth: float,
+                examples: int, batch_size: int) -> Dict[str, Any]:
+  """The data config of one needle-grid cell: synthetic `task` at `length` tokens with
+  the needle at `depth`, `examples` eval examples in batches of `batch_size`. The
+  config checks build the same dataset before training (`config_lib.check_config`)."""
+  return dict(data_cfg, kind=task, seq_len=int(length), needle_depth=float(depth),
+              batch_size=int(batch_size), eval_examples=int(examples))
+
+
+def text_eval_data(data_cfg: Dict[str, Any], length: int,
+                   batch_size: int) -> Dict[str, Any]:
+  """The data config of perplexity at `length`: `data_cfg`'s text (kind text/tokens)
+  repacked into rows of `length` tokens; its split "eval" is what is scored."""
+  return dict(data_cfg, seq_len=int(length), batch_size=int(batch_size))
+
+
+def held_out_text(data_cfg: Dict[str, Any], path: str) -> Dict[str, Any]:
+  """`data_cfg` (a run's data) reading the held-out text file `path` as its eval split
+  (`eval.perplexity_path`)."""
+  return dict(data_cfg, kind="text", path=path, eval_path=path)
+
