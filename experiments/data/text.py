@@ -25,6 +25,7 @@ ndim or dtype, a .bin whose size is not a multiple of its dtype, out-of-range id
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import json
@@ -150,6 +151,21 @@ def _read_jsonl_file(path: str, field: str) -> List[str]:
   return docs
 
 
+# Tokenized stores by what decides their content (see `load_text`): a run builds its
+# text datasets more than once (config checks, training, every evaluation), and
+# tokenizing a corpus again each time is wasted. Small: each entry is a whole corpus.
+_STORES: "collections.OrderedDict[tuple, TokenStore]" = collections.OrderedDict()
+_MAX_STORES = 4
+
+
+def _store_key(files: Sequence[str], tokenizer, *options) -> tuple:
+  """The files (with size and mtime, so an edited file is read again), the tokenizer
+  (class and name: a tokenizer file's path, or "byte") and the reading options."""
+  stats = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
+  return (stats, type(tokenizer).__name__, getattr(tokenizer, "name", id(tokenizer)),
+          options)
+
+
 def load_text(path: PathSpec, tokenizer, *, text_field: str = "text",
               doc_separator: Optional[str] = None, add_bos: bool = True,
               add_eos: bool = True) -> TokenStore:
@@ -162,10 +178,16 @@ def load_text(path: PathSpec, tokenizer, *, text_field: str = "text",
     doc_separator: if set, splits .txt files into documents on this string.
     add_bos, add_eos: wrap each document in bos ... eos.
 
+  The result is cached (a few corpora) and shared: a TokenStore is never modified.
+
   Raises:
     FileNotFoundError / ValueError: see module docstring.
   """
   files = resolve_paths(path, TEXT_EXTENSIONS + JSONL_EXTENSIONS)
+  key = _store_key(files, tokenizer, text_field, doc_separator, add_bos, add_eos)
+  if key in _STORES:
+    _STORES.move_to_end(key)
+    return _STORES[key]
   encoded = []
   for f in files:
     docs = (_read_jsonl_file(f, text_field) if f.endswith(JSONL_EXTENSIONS)
@@ -176,9 +198,15 @@ def load_text(path: PathSpec, tokenizer, *, text_field: str = "text",
     raise ValueError(f"data.path={path!r}: no non-empty documents in {files}")
   lens = np.asarray([len(e) for e in encoded], np.int64)
   flat = np.concatenate(encoded).astype(np.int32)
-  return TokenStore(arrays=(flat,), doc_array=np.zeros(len(lens), np.int64),
-                    doc_start=np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64),
-                    doc_len=lens, sources=tuple(files))
+  store = TokenStore(arrays=(flat,), doc_array=np.zeros(len(lens), np.int64),
+                     doc_start=np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64),
+                     doc_len=lens, sources=tuple(files))
+  for a in (flat, store.doc_array, store.doc_start, lens):
+    a.setflags(write=False)  # shared through the cache
+  _STORES[key] = store
+  while len(_STORES) > _MAX_STORES:
+    _STORES.popitem(last=False)
+  return store
 
 
 def open_token_array(path: str, dtype: str = "uint16") -> np.ndarray:
