@@ -16,6 +16,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import ringattn_jax
 from ringattn_jax import checks
+from ringattn_jax import kernel_choice
 from ringattn_jax import rope
 
 # Attention methods of `ringattn_jax.attention`. "reference" is the dense oracle;
@@ -47,8 +48,11 @@ class LlamaConfig:
     Face's dict (see ringattn_jax.rope). max_position_embeddings. tie_word_embeddings.
     attention_bias / mlp_bias: biases on the projections (LLaMA: none).
   Run-time:
-    attention: one of ATTENTION. flash_impl: kernel for "flash" ("auto" picks Pallas
-      on GPU/TPU, XLA on CPU). layout: token layout for the sequence-parallel
+    attention: one of ATTENTION. flash_impl: the attention kernel of "flash" and of
+      the sequence-parallel methods on every device and ring hop ("auto" picks
+      Pallas on GPU/TPU, XLA on CPU; see ringattn_jax.which_kernel). backend: the
+      platform that kernel is built for ("cpu", "gpu", "tpu"; None: the machine's);
+      another platform than the machine's builds a program to export, not to run. layout: token layout for the sequence-parallel
       attentions ("zigzag"/"striped" balance causal work); tokens are permuted once at
       the model input and positions carried, not per layer.
     sliding_window: None or a window size (tokens see the previous `sliding_window`).
@@ -87,6 +91,7 @@ class LlamaConfig:
 
   attention: str = "flash"
   flash_impl: str = "auto"
+  backend: Optional[str] = None
   layout: str = "contiguous"
   sliding_window: Optional[int] = None
   remat_policy: str = "none"
@@ -137,6 +142,8 @@ class LlamaConfig:
     bad = [n for n in self.remat_names if n not in REMAT_NAMES]
     if bad:
       raise ValueError(f"remat_names must be drawn from {REMAT_NAMES}; got {bad}.")
+    if self.backend is not None:
+      kernel_choice.canonical_backend(self.backend)  # a ValueError naming the valid ones
     object.__setattr__(self, "sliding_window", checks.positive_int(
         "sliding_window", self.sliding_window, optional=True))
     for name in ("rms_norm_eps", "rope_theta"):

@@ -161,14 +161,16 @@ def attend(q, k, v, segment_ids, rt: Runtime):
 
   q [B, T, N, H]; k, v [B, T, K, H]. Tokens are in the model's layout order (see
   models.llama); sequence-parallel methods are told so (`permuted=True`) and derive
-  true positions from the layout. `config.flash_impl` is the kernel of "flash" only.
+  true positions from the layout. `config.flash_impl` and `config.backend` choose the
+  kernel of "flash" and of the sequence-parallel methods (every ring hop).
   """
   cfg = rt.config
   sp = cfg.sequence_parallel
   window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+  kernel = cfg.attention == "flash" or sp
   return ringattn_jax.attention(
-      q, k, v, method=cfg.attention,
-      impl=cfg.flash_impl if cfg.attention == "flash" else "auto",
+      q, k, v, method=cfg.attention, impl=cfg.flash_impl if kernel else "auto",
+      backend=cfg.backend if kernel else None,
       mesh=rt.mesh if sp else None, layout=cfg.layout if sp else "contiguous",
       permuted=sp, is_causal=True, segment_ids=segment_ids, local_window_size=window)
 

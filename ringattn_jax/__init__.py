@@ -5,6 +5,8 @@ Arrays are [batch, seq, heads, head_dim], as in jax.nn.dot_product_attention.
 """
 from ringattn_jax.cpu_devices import simulate_cpu_devices
 from ringattn_jax.flash import flash_attention
+from ringattn_jax.kernel_choice import KernelChoice
+from ringattn_jax.kernel_choice import which_kernel
 from ringattn_jax.layouts import LAYOUTS
 from ringattn_jax.layouts import layout_positions
 from ringattn_jax.layouts import permute_to_layout
@@ -19,9 +21,9 @@ from ringattn_jax.sharded import sharded_attention
 from ringattn_jax.schedule import work_per_device
 
 __all__ = [
-    "LAYOUTS", "METHODS", "STRATEGIES", "attention", "flash_attention", "layout_positions",
-    "permute_to_layout", "reference_attention", "ring_attention", "ring_hop_counts",
-    "sharded_attention", "simulate_cpu_devices", "unpermute_from_layout",
-    "work_per_device",
+    "KernelChoice", "LAYOUTS", "METHODS", "STRATEGIES", "attention", "flash_attention",
+    "layout_positions", "permute_to_layout", "reference_attention", "ring_attention",
+    "ring_hop_counts", "sharded_attention", "simulate_cpu_devices",
+    "unpermute_from_layout", "which_kernel", "work_per_device",
 ]
 __version__ = "0.1.0"

@@ -49,7 +49,8 @@ def _dot_product(q, k, v, bias, mask, mask_kwargs):
 
 
 def attention(q, k, v, bias=None, mask=None, *, method: str = "flash", mesh=None,
-              impl: str = "auto", block_sizes=None, layout: str = "contiguous",
+              impl: str = "auto", backend: Optional[str] = None, block_sizes=None,
+              layout: str = "contiguous",
               permuted: bool = False, seq_axis: str = "sp", batch_axes: Any = AUTO,
               head_axis: Optional[str] = AUTO, **mask_kwargs):
   """Attention computed by the method named `method`.
@@ -61,8 +62,8 @@ def attention(q, k, v, bias=None, mask=None, *, method: str = "flash", mesh=None
     method: one of METHODS (module docstring).
     mesh: the device mesh of the sequence-parallel methods (required by them, and
       rejected by the others).
-    impl, block_sizes: the kernel of "flash" (see `flash_attention`); block_sizes
-      also reaches the sequence-parallel methods' per-device kernel.
+    impl, backend, block_sizes: the kernel of "flash" and of the sequence-parallel
+      methods' devices, and the platform it is built for (see `kernel_choice`).
     layout, permuted, seq_axis, batch_axes, head_axis: sequence-parallel methods only
       (see `sharded_attention`).
     **mask_kwargs: the shared mask keywords (is_causal, segment_ids,
@@ -80,25 +81,25 @@ def attention(q, k, v, bias=None, mask=None, *, method: str = "flash", mesh=None
     if bias is not None or mask is not None:
       raise ValueError(f"method={method!r} does not take dense bias/mask tensors; express "
                        "the mask with is_causal, local_window_size or segment_ids.")
-    if impl not in ("auto", "xla"):
-      raise ValueError(f"method={method!r} runs the XLA kernel on every device; got "
-                       f"impl={impl!r} (use 'auto' or 'xla').")
     return sharded_attention(q, k, v, mesh=mesh, strategy=method, seq_axis=seq_axis,
                              batch_axes=batch_axes, head_axis=head_axis, layout=layout,
-                             permuted=permuted, block_sizes=block_sizes, **mask_kwargs)
+                             permuted=permuted, impl=impl, backend=backend,
+                             block_sizes=block_sizes, **mask_kwargs)
   if mesh is not None:
     raise ValueError(f"mesh is only used by the sequence-parallel methods {STRATEGIES}; "
                      f"got method={method!r}.")
   if layout != "contiguous" or permuted:
     raise ValueError(f"layout/permuted apply to the sequence-parallel methods only; got "
                      f"method={method!r}, layout={layout!r}, permuted={permuted!r}.")
-  if method != "flash" and (impl != "auto" or block_sizes is not None):
-    raise ValueError(f"impl/block_sizes choose the kernel of method='flash' (and "
-                     f"block_sizes that of the sequence-parallel methods); got "
-                     f"method={method!r}, impl={impl!r}, block_sizes={block_sizes!r}.")
+  if method != "flash" and (impl != "auto" or backend is not None
+                            or block_sizes is not None):
+    raise ValueError(f"impl/backend/block_sizes choose the kernel of method='flash' and "
+                     f"of the sequence-parallel methods {STRATEGIES}; got "
+                     f"method={method!r}, impl={impl!r}, backend={backend!r}, "
+                     f"block_sizes={block_sizes!r}.")
   if method == "reference":
     return reference_attention(q, k, v, bias, mask, **mask_kwargs)
   if method == "flash":
-    return flash_attention(q, k, v, bias, mask, impl=impl, block_sizes=block_sizes,
-                           **mask_kwargs)
+    return flash_attention(q, k, v, bias, mask, impl=impl, backend=backend,
+                           block_sizes=block_sizes, **mask_kwargs)
   return _dot_product(q, k, v, bias, mask, mask_kwargs)

@@ -3,31 +3,19 @@ from __future__ import annotations
 
 from typing import Optional
 
-import jax
-
 from ringattn_jax import arguments
 from ringattn_jax import flash_pallas
 from ringattn_jax import flash_xla
+from ringattn_jax import kernel_choice
 from ringattn_jax.reference import reference_attention
 
-IMPLS = ("auto", "xla", "pallas", "reference")
-
-
-def _resolve_impl(impl: str, spec: arguments.MaskSpec, backend: str) -> str:
-  if impl not in IMPLS:
-    raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}.")
-  if impl != "auto":
-    return impl
-  # Pallas wins where it compiles to a real kernel (GPU/TPU) and supports the features;
-  # on CPU it would only run in the (slow) interpreter, so XLA's blockwise kernel wins.
-  if backend in ("gpu", "cuda", "rocm", "tpu") and flash_pallas.supports(spec):
-    return "pallas"
-  return "xla"
+IMPLS = kernel_choice.IMPLS
 
 
 def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
-                    block_sizes=None, interpret: Optional[bool] = None,
-                    return_lse: bool = False, **mask_kwargs):
+                    backend: Optional[str] = None, block_sizes=None,
+                    interpret: Optional[bool] = None, return_lse: bool = False,
+                    **mask_kwargs):
   """Memory-efficient exact attention (online softmax over key blocks).
 
   A drop-in for `jax.nn.dot_product_attention` on the arguments they share, plus packed
@@ -42,7 +30,12 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
     bias: additive bias broadcastable to [B, N, T, S] (differentiable), or None.
     mask: boolean, broadcastable to [B, N, T, S], True = attend; or None.
     impl: "xla" (blockwise, pure XLA), "pallas" (Pallas kernels: Triton on GPU, Mosaic
-      on TPU, the interpreter on CPU), "reference" (dense), or "auto".
+      on TPU, the interpreter on CPU), "reference" (dense), or "auto" (Pallas on
+      GPU/TPU unless the call has dense bias/mask tensors, else XLA; see
+      `which_kernel`, which says what a call will run and why).
+    backend: the platform the kernel is built for: "cpu", "gpu" or "tpu"; None (the
+      default) means jax.default_backend(). Another platform than the machine's builds
+      a program to export (`jax.export`), not to run.
     block_sizes: the chosen kernel's BlockSizes (flash_xla.BlockSizes or
       flash_pallas.BlockSizes); None for defaults.
     interpret: Pallas only: force the interpreter on (True) or off (False); default:
@@ -68,18 +61,15 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
   """
   arguments.check_mask_keywords("flash_attention", mask_kwargs)
   x, spec = arguments.canonicalize(q, k, v, bias, mask, **mask_kwargs)
-  backend = jax.default_backend()
-  chosen = _resolve_impl(impl, spec, backend)
-  if chosen == "reference":
+  choice = kernel_choice.choose(impl, spec, backend, interpret)
+  if choice.impl == "reference":
     if block_sizes is not None:
       raise ValueError("block_sizes has no meaning for impl='reference'.")
     return reference_attention(q, k, v, bias, mask, return_lse=return_lse,
                                **mask_kwargs)
-  if chosen == "xla":
-    if interpret is not None:
-      raise ValueError("interpret applies to impl='pallas' only.")
+  if choice.impl == "xla":
     out, lse = flash_xla.attention(x, spec, block_sizes)
   else:
-    out, lse = flash_pallas.attention(x, spec, block_sizes, interpret=interpret,
-                                      backend=backend)
+    out, lse = flash_pallas.attention(x, spec, block_sizes, interpret=choice.interpret,
+                                      backend=choice.backend)
   return (out, lse) if return_lse else out

@@ -1,10 +1,11 @@
 """Flash attention in Pallas: Triton on GPU, Mosaic on TPU, the interpreter on CPU.
 
-The public face of the Pallas kernels: `BlockSizes`, `supports(spec)` and
-`attention(x, spec, block_sizes, interpret=, backend=)`. This module plans a call:
-it clamps the blocks to the lengths, pads the sequences and the head dim, lays out the
-int32 metadata and the loop bounds, and calls the custom VJP in
-`flash_pallas_calls` (the pallas_calls), which runs the kernels of
+The public face of the Pallas kernels: `BlockSizes`, `supports(spec)`,
+`attention(x, spec, block_sizes, interpret=, backend=)` (single device) and
+`HopKernel(backend, interpret)`, the `kernel_api.HopKernel` that ring attention runs on
+every hop. This module plans a call: it clamps the blocks to the lengths, pads the
+sequences and the head dim, lays out the int32 metadata and the loop bounds, and calls
+`flash_pallas_calls` (the pallas_calls and their custom VJP), which runs the kernels of
 `flash_pallas_kernels` (the kernels over refs).
 
 Padding: T and S pad to a multiple of every block that tiles them (padded keys are
@@ -28,9 +29,11 @@ import jax
 import jax.numpy as jnp
 
 from ringattn_jax import checks
+from ringattn_jax import flash_pallas_calls as calls
+from ringattn_jax import kernel_choice
 from ringattn_jax import schedule
 from ringattn_jax.arguments import AttnInputs, accum_dtype
-from ringattn_jax.flash_pallas_calls import KernelConfig, KernelMeta, LoopBounds, flash
+from ringattn_jax.flash_pallas_calls import KernelConfig, KernelMeta, LoopBounds
 from ringattn_jax.masking import MaskSpec
 
 _BLOCK_FIELDS = ("block_q", "block_k", "block_q_dq", "block_k_dq", "block_q_dkv",
@@ -69,18 +72,26 @@ class BlockSizes:
 
   @classmethod
   def get_default(cls, backend: str = "gpu") -> "BlockSizes":
-    if _canonical_backend(backend) == "tpu":
+    if kernel_choice.canonical_backend(backend) == "tpu":
       return cls(*(128,) * len(_BLOCK_FIELDS))
     return cls()
 
 
 def supports(spec: MaskSpec) -> bool:
   """Whether these kernels handle `spec`: everything but dense bias/mask tensors."""
-  return not (spec.has_bias or spec.has_mask)
+  return kernel_choice.pallas_unsupported(spec) is None
 
 
-def _canonical_backend(backend: str) -> str:
-  return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+def check_block_sizes(block_sizes: Optional[BlockSizes], backend: str,
+                      interpret: bool) -> BlockSizes:
+  """`block_sizes` (the backend's defaults for None), checked for the backend."""
+  if block_sizes is None:
+    return BlockSizes.get_default(backend)
+  if not isinstance(block_sizes, BlockSizes):
+    raise ValueError("block_sizes for impl='pallas' must be flash_pallas.BlockSizes; "
+                     f"got {type(block_sizes).__name__}.")
+  _check_blocks(block_sizes, backend, interpret)
+  return block_sizes
 
 
 def _next_pow2(n: int) -> int:
@@ -111,9 +122,9 @@ def _clamp_block(b: int, n: int, floor: int) -> int:
   return min(b, max(floor, _next_pow2(n)))
 
 
-def _plan(x: AttnInputs, spec: MaskSpec, blocks: BlockSizes, interpret: bool,
+def _plan(x: AttnInputs, blocks: BlockSizes, interpret: bool,
           backend: str) -> KernelConfig:
-  """The blocks and padded sizes of one call."""
+  """The blocks and padded sizes of one call (the layout of its operands)."""
   B, T, N, H = x.q.shape
   S, K = x.k.shape[1], x.k.shape[2]
   compiled = not interpret
@@ -126,7 +137,7 @@ def _plan(x: AttnInputs, spec: MaskSpec, blocks: BlockSizes, interpret: bool,
   bk, bk_dq = _clamp_block(blocks.block_k, S, fl), _clamp_block(blocks.block_k_dq, S, fl)
   bk_dkv = _clamp_block(blocks.block_k_dkv, S, fq)
   return KernelConfig(
-      spec=spec, backend=backend, interpret=interpret, B=B, N=N, K=K,
+      backend=backend, interpret=interpret, B=B, N=N, K=K, T=T, S=S, H=H,
       Tp=checks.round_up(T, math.lcm(bq, bq_dq, bq_dkv)),
       Sp=checks.round_up(S, math.lcm(bk, bk_dq, bk_dkv)),
       Hp=_next_pow2(max(H, 16)) if (compiled and backend == "gpu") else H,
@@ -159,11 +170,14 @@ def _loop_ranges(spec: MaskSpec, q_pos, k_pos, bq: int, bk: int, q_valid,
   return schedule.BlockRanges(kv_lo, kv_hi, q_lo, q_hi)
 
 
-def _metadata(x: AttnInputs, spec: MaskSpec, cfg: KernelConfig, q_valid,
-              kv_valid) -> KernelMeta:
-  """The kernels' int32 inputs: what the mask uses, padded, and the loop bounds."""
-  T, S = x.q.shape[1], x.k.shape[1]
-  Tp, Sp = cfg.Tp, cfg.Sp
+def _metadata(x: AttnInputs, spec: MaskSpec, cfg: KernelConfig, q_valid=None,
+              kv_valid=None, kernels=("fwd", "dq", "dkv")) -> KernelMeta:
+  """The kernels' int32 inputs: what the mask uses, padded, and the loop bounds of
+  `kernels`. x: positions and segment ids (its q, k, v are not read); q_valid,
+  kv_valid: [B] valid lengths (None: all T, all S)."""
+  T, S, Tp, Sp = cfg.T, cfg.S, cfg.Tp, cfg.Sp
+  q_valid = _valid_lengths(q_valid, cfg.B, T)
+  kv_valid = _valid_lengths(kv_valid, cfg.B, S)
   # Padding positions repeat the edge value, so they never widen a block's range.
   q_pos = jnp.pad(x.q_positions, (0, Tp - T), mode="edge")  # [Tp]
   k_pos = jnp.pad(x.kv_positions, (0, Sp - S), mode="edge")  # [Sp]
@@ -178,10 +192,15 @@ def _metadata(x: AttnInputs, spec: MaskSpec, cfg: KernelConfig, q_valid,
     meta["kv_len"] = kv_valid
   if spec.uses_positions or has_kv_valid or spec.has_q_lengths or Tp != T:
     ranges = lambda bq, bk: _loop_ranges(spec, q_pos, k_pos, bq, bk, q_valid, kv_valid)
-    fwd, dq, dkv = (ranges(cfg.bq, cfg.bk), ranges(cfg.bq_dq, cfg.bk_dq),
-                    ranges(cfg.bq_dkv, cfg.bk_dkv))
-    meta.update(fwd=LoopBounds(fwd.kv_lo, fwd.kv_hi), dq=LoopBounds(dq.kv_lo, dq.kv_hi),
-                dkv=LoopBounds(dkv.q_lo, dkv.q_hi))
+    if "fwd" in kernels:
+      r = ranges(cfg.bq, cfg.bk)
+      meta["fwd"] = LoopBounds(r.kv_lo, r.kv_hi)
+    if "dq" in kernels:
+      r = ranges(cfg.bq_dq, cfg.bk_dq)
+      meta["dq"] = LoopBounds(r.kv_lo, r.kv_hi)
+    if "dkv" in kernels:
+      r = ranges(cfg.bq_dkv, cfg.bk_dkv)
+      meta["dkv"] = LoopBounds(r.q_lo, r.q_hi)
   return KernelMeta(**meta)
 
 
@@ -200,22 +219,18 @@ def _to_kernel_layout(a, Lp: int, Hp: int):
 @functools.partial(jax.jit, static_argnames=("spec", "blocks", "interpret", "backend"))
 def _attention(x: AttnInputs, spec: MaskSpec, blocks: BlockSizes, interpret: bool,
                backend: str):
-  B, T, N, H = x.q.shape
-  S = x.k.shape[1]
+  B, T, N, _ = x.q.shape
   if B == 0:  # an empty grid does not lower; the XLA kernel's answer: empty arrays
     return jnp.zeros(x.q.shape, x.q.dtype), jnp.zeros((0, T, N), accum_dtype(x.q.dtype))
-  cfg = _plan(x, spec, blocks, interpret, backend)
-  q_valid = _valid_lengths(x.q_lengths if spec.has_q_lengths else None, B, T)
-  kv_valid = _valid_lengths(x.kv_lengths if spec.has_kv_lengths else None, B, S)
-  o, lse = flash(cfg, _to_kernel_layout(x.q, cfg.Tp, cfg.Hp),
-                 _to_kernel_layout(x.k, cfg.Sp, cfg.Hp),
-                 _to_kernel_layout(x.v, cfg.Sp, cfg.Hp),
-                 _metadata(x, spec, cfg, q_valid, kv_valid))
-  out = jnp.transpose(o[:, :, :T, :H], (0, 2, 1, 3))  # [B, T, N, H]
-  lse = jnp.transpose(lse[:, :, :T, 0], (0, 2, 1))  # [B, T, N]
+  cfg = _plan(x, blocks, interpret, backend)
+  q_valid = x.q_lengths if spec.has_q_lengths else None
+  kv_valid = x.kv_lengths if spec.has_kv_lengths else None
+  o, lse = calls.flash(cfg, spec, *forward_operands(x.q, x.k, x.v, cfg),
+                       _metadata(x, spec, cfg, q_valid, kv_valid))
+  out, lse = cfg.rows_to_seq(o), cfg.rows_to_seq(lse[..., 0])  # [B, T, N, H], [B, T, N]
   if spec.has_q_lengths:
     # Invalid query rows: output 0, lse -inf; `where` also zeroes their cotangents.
-    valid = jnp.arange(T)[None, :] < q_valid[:, None]  # [B, T]
+    valid = jnp.arange(T)[None, :] < _valid_lengths(q_valid, B, T)[:, None]  # [B, T]
     out = jnp.where(valid[:, :, None, None], out, jnp.zeros((), out.dtype))
     lse = jnp.where(valid[:, :, None], lse, -jnp.inf)
   return out, lse
@@ -239,21 +254,79 @@ def attention(x: AttnInputs, spec: MaskSpec, block_sizes: Optional[BlockSizes], 
     (float32; float64 for float64 inputs), with out 0 and lse -inf for a query that
     sees no key.
   """
-  if not supports(spec):
-    raise ValueError("impl='pallas' does not support bias/mask tensors; use impl='xla' "
-                     "(or 'reference'), or express the mask with is_causal, "
-                     "local_window_size, segment_ids or sequence lengths.")
-  backend = _canonical_backend(backend)
-  if interpret is None:
-    interpret = backend == "cpu"
-  if not interpret and backend not in ("gpu", "tpu"):
-    raise ValueError(f"Pallas kernels compile for GPU or TPU, not backend={backend!r}; "
-                     "pass interpret=True (the default on CPU) or use impl='xla'.")
-  if block_sizes is None:
-    block_sizes = BlockSizes.get_default(backend)
-  elif not isinstance(block_sizes, BlockSizes):
-    raise ValueError("block_sizes for impl='pallas' must be flash_pallas.BlockSizes; "
-                     f"got {type(block_sizes).__name__}.")
-  _check_blocks(block_sizes, backend, bool(interpret))
-  return _attention(x, spec=spec, blocks=block_sizes, interpret=bool(interpret),
-                    backend=backend)
+  choice = kernel_choice.choose("pallas", spec, backend, interpret)
+  block_sizes = check_block_sizes(block_sizes, choice.backend, choice.interpret)
+  return _attention(x, spec=spec, blocks=block_sizes, interpret=choice.interpret,
+                    backend=choice.backend)
+
+
+# ------------------------------------------------------------------ the ring's kernel
+def forward_operands(q, k, v, cfg: KernelConfig):
+  """q [B, T, N, H], k/v [B, S, K, H] -> the kernels' [B, N, Tp, Hp] / [B, K, Sp, Hp]."""
+  return (_to_kernel_layout(q, cfg.Tp, cfg.Hp), _to_kernel_layout(k, cfg.Sp, cfg.Hp),
+          _to_kernel_layout(v, cfg.Sp, cfg.Hp))
+
+
+@dataclasses.dataclass(frozen=True)
+class HopKernel:
+  """The Pallas kernels as the per-hop kernel of ring attention (`kernel_api`).
+
+  Query rows are the kernels' own layout [B, N, Tp, Hp] (lse and delta [B, N, Tp] in
+  the forward's merge, [B, N, Tp, 1] columns in the backward), key blocks
+  [B, K, Sp, Hp]; the layout is a `KernelConfig`. Per hop, the forward writes its
+  output in float32 (the ring merges partial outputs), the dq kernel adds into the
+  float32 dQ accumulator in place, and dkv writes float32 dK/dV for the travelling
+  accumulators. The per-hop metadata (the hop's key positions and segment ids, the
+  loop bounds from them) is small int32 arrays, computed on every hop.
+
+  Attributes:
+    backend: "cpu", "gpu" or "tpu" (canonical).
+    interpret: run the Pallas interpreter.
+  """
+
+  backend: str
+  interpret: bool
+
+  def check_block_sizes(self, block_sizes):
+    return check_block_sizes(block_sizes, self.backend, self.interpret)
+
+  def forward_layout(self, x: AttnInputs, block_sizes: BlockSizes) -> KernelConfig:
+    return _plan(x, block_sizes, self.interpret, self.backend)
+
+  backward_layout = forward_layout  # one padded size serves all three kernels
+
+  @staticmethod
+  def forward_operands(q, k, v, cfg: KernelConfig):
+    return forward_operands(q, k, v, cfg)
+
+  @staticmethod
+  def forward_blocks(x: AttnInputs, spec: MaskSpec, cfg: KernelConfig, dtype, qh, kh,
+                     vh):
+    """(out [B, N, Tp, Hp], lse [B, N, Tp]) of one hop, in the accumulation dtype."""
+    meta = _metadata(x, spec, cfg, kernels=("fwd",))
+    o, lse = calls.forward(cfg, spec, qh, kh, vh, meta, out_dtype=accum_dtype(dtype))
+    return o, lse[..., 0]
+
+  @staticmethod
+  def backward_operands(q, k, v, lse, delta, dout, cfg: KernelConfig):
+    """((qh, doh, lse_h, delta_h), (kh, vh)); lse_h, delta_h as [B, N, Tp, 1]."""
+    acc = accum_dtype(q.dtype)
+    col = lambda a, fill: jnp.pad(jnp.transpose(a.astype(acc), (0, 2, 1)),
+                                  ((0, 0), (0, 0), (0, cfg.Tp - cfg.T)),
+                                  constant_values=fill)[..., None]
+    qh, kh, vh = forward_operands(q, k, v, cfg)
+    doh = _to_kernel_layout(dout.astype(q.dtype), cfg.Tp, cfg.Hp)
+    # Padded rows: lse -inf (p = 0 in the kernels), delta 0.
+    return (qh, doh, col(lse, -jnp.inf), col(delta, 0)), (kh, vh)
+
+  @staticmethod
+  def backward_blocks(x: AttnInputs, spec: MaskSpec, cfg: KernelConfig, dtype, qh, doh,
+                      lse_h, delta_h, kh, vh, dq=None):
+    """(dq + this hop's dQ, dK, dV, None), all float32 (float64 for float64)."""
+    acc = accum_dtype(dtype)
+    meta = _metadata(x, spec, cfg, kernels=("dq", "dkv"))
+    dq = jnp.zeros(qh.shape, acc) if dq is None else dq
+    dq = calls.backward_dq(cfg, spec, qh, kh, vh, meta, doh, lse_h, delta_h, dq=dq)
+    dk, dv = calls.backward_dkv(cfg, spec, qh, kh, vh, meta, doh, lse_h, delta_h,
+                                out_dtype=acc)
+    return dq, dk, dv, None

@@ -41,29 +41,33 @@ from jax.experimental.pallas import triton as plgpu
 from ringattn_jax import checks
 from ringattn_jax import flash_pallas_kernels as kernels
 from ringattn_jax import softmax
+from ringattn_jax import vma
 from ringattn_jax.arguments import accum_dtype
 from ringattn_jax.masking import MaskSpec
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-  """Everything static about one call (hashable: the custom_vjp's nondiff argument).
+  """Everything static about one call but the mask (hashable: the custom_vjp's
+  nondiff argument); also the kernels' `kernel_api.BlockLayout`.
 
   Attributes:
-    spec: the static mask description.
     backend: "gpu", "tpu" or "cpu" (canonical); selects compiler params and specs.
     interpret: run the Pallas interpreter.
     B, N, K: batch, query heads, key/value heads.
-    Tp, Sp, Hp: padded query length, key length and head dim.
+    T, S, H: query length, key length and head dim.
+    Tp, Sp, Hp: their padded sizes.
     bq, bk / bq_dq, bk_dq / bq_dkv, bk_dkv: the blocks of the three kernels.
   """
 
-  spec: MaskSpec
   backend: str
   interpret: bool
   B: int
   N: int
   K: int
+  T: int
+  S: int
+  H: int
   Tp: int
   Sp: int
   Hp: int
@@ -77,6 +81,16 @@ class KernelConfig:
   @property
   def G(self) -> int:
     return self.N // self.K
+
+  def rows_to_seq(self, a):
+    """Query rows [B, N, Tp, Hp] (or [B, N, Tp]) -> [B, T, N, H] (or [B, T, N])."""
+    if a.ndim == 3:
+      return jnp.transpose(a, (0, 2, 1))[:, :self.T]
+    return jnp.transpose(a[:, :, :self.T, :self.H], (0, 2, 1, 3))
+
+  def blocks_to_seq(self, a):
+    """Keys [B, K, Sp, Hp] -> [B, S, K, H]."""
+    return jnp.transpose(a[:, :, :self.S, :self.H], (0, 2, 1, 3))
 
 
 class LoopBounds(NamedTuple):
@@ -140,31 +154,40 @@ def _vmem_bytes(shapes, specs, tile_bytes: int) -> int:
   return total
 
 
-def _call(kernel, cfg: KernelConfig, grid, inputs, outputs, name: str, rows: int,
-          cols: int):
+def _call(kernel, cfg: KernelConfig, spec: MaskSpec, grid, inputs, outputs, name: str,
+          rows: int, cols: int, alias: Optional[int] = None):
   """pallas_call of `kernel` over (array, BlockSpec) inputs in its parameter order.
 
   An absent input (None array) reaches the kernel as a None ref: pallas_call flattens
   its arguments as a pytree, where None is an empty subtree, and unflattens the refs
-  the same way. `outputs` are (ShapeDtypeStruct, BlockSpec) pairs. `rows x cols` is
+  the same way. `outputs` are ((shape, dtype), BlockSpec) pairs. `rows x cols` is
   the kernel's tile (logits and accumulators), which sizes the GPU warps and the TPU
-  VMEM estimate.
+  VMEM estimate. `alias`: the position in `inputs` of an input that output 0
+  overwrites in place (an accumulator).
+
+  Inside shard_map the outputs vary over the mesh axes of the inputs (which are cast
+  to vary alike), as shard_map(check_vma=True) requires.
   """
-  arrays = [a for a, _ in inputs]
+  present = [(a, s) for a, s in inputs if a is not None]
+  axes = vma.union_axes([a for a, _ in present])
+  arrays = [None if a is None else vma.vary(a, axes) for a, _ in inputs]
   in_specs = [None if a is None else s for a, s in inputs]
-  out_shape = [s for s, _ in outputs]
+  out_shape = [vma.struct(shape, dtype, axes) for (shape, dtype), _ in outputs]
   out_specs = [s for _, s in outputs]
-  present = [(a, s) for a, s in zip(arrays, in_specs) if a is not None]
   vmem = _vmem_bytes([a for a, _ in present] + out_shape,
                      [s for _, s in present] + out_specs,
                      8 * rows * checks.round_up(max(cols, cfg.Hp), 128) * 4)
   num_warps = 8 if rows * max(cols, cfg.Hp) >= 128 * 128 else 4
+  aliases = {}
+  if alias is not None:  # its index among the flattened (present) inputs
+    aliases = {sum(a is not None for a, _ in inputs[:alias]): 0}
   return pl.pallas_call(
-      functools.partial(kernel, spec=cfg.spec),
+      functools.partial(kernel, spec=spec),
       grid=grid,
       in_specs=in_specs,
       out_specs=out_specs,
       out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=_compiler_params(cfg, num_warps, 2, vmem),
       interpret=cfg.interpret,
       name=name,
@@ -241,8 +264,10 @@ def _len_and_bounds(cfg: KernelConfig, kv_len, bounds: Optional[LoopBounds]):
 
 
 # ---------------------------------------------------------------------- the three calls
-def _forward(cfg: KernelConfig, q, k, v, meta: KernelMeta):
-  """q [B,N,Tp,Hp], k/v [B,K,Sp,Hp] -> o [B,N,Tp,Hp], lse [B,N,Tp,1]."""
+def forward(cfg: KernelConfig, spec: MaskSpec, q, k, v, meta: KernelMeta,
+            out_dtype=None):
+  """q [B,N,Tp,Hp], k/v [B,K,Sp,Hp] -> o [B,N,Tp,Hp] (`out_dtype`, default q's),
+  lse [B,N,Tp,1] in the accumulation dtype."""
   bq, bk = cfg.bq, cfg.bk
   q_blk = _program_block(cfg, bq, cfg.Hp)
   (q_pos, q_seg), (k_pos, k_seg) = (_meta_cols(meta.q_pos, meta.q_seg, bq),
@@ -250,32 +275,43 @@ def _forward(cfg: KernelConfig, q, k, v, meta: KernelMeta):
   inputs = ((q, q_blk), _whole_split(cfg, k, bk, kv=True),
             _whole_split(cfg, v, bk, kv=True), q_pos, k_pos, q_seg, k_seg,
             *_len_and_bounds(cfg, meta.kv_len, meta.fwd))
-  outputs = ((jax.ShapeDtypeStruct(q.shape, q.dtype), q_blk),
-             (jax.ShapeDtypeStruct((cfg.B, cfg.N, cfg.Tp, 1), accum_dtype(q.dtype)),
+  outputs = (((q.shape, out_dtype or q.dtype), q_blk),
+             (((cfg.B, cfg.N, cfg.Tp, 1), accum_dtype(q.dtype)),
               _program_block(cfg, bq, 1)))
-  o, lse = _call(kernels.fwd_kernel, cfg, (cfg.B, cfg.N, cfg.Tp // bq), inputs, outputs,
-                 "flash_fwd", bq, bk)
+  o, lse = _call(kernels.fwd_kernel, cfg, spec, (cfg.B, cfg.N, cfg.Tp // bq), inputs,
+                 outputs, "flash_fwd", bq, bk)
   return o, lse
 
 
-def _backward_dq(cfg: KernelConfig, q, k, v, meta: KernelMeta, do, lse, delta):
-  """dq [B,N,Tp,Hp]: grid over query blocks, loop over the key blocks each one sees."""
+def backward_dq(cfg: KernelConfig, spec: MaskSpec, q, k, v, meta: KernelMeta, do, lse,
+                delta, dq=None):
+  """dq [B,N,Tp,Hp]: grid over query blocks, loop over the key blocks each one sees.
+
+  lse, delta: [B,N,Tp,1]. With `dq` (float32 [B,N,Tp,Hp]) the kernel adds into it in
+  place and returns the sum (ring attention accumulates dQ over hops); else it
+  returns dQ in q's dtype.
+  """
   bq, bk = cfg.bq_dq, cfg.bk_dq
   q_blk, col = _program_block(cfg, bq, cfg.Hp), _program_block(cfg, bq, 1)
   (q_pos, q_seg), (k_pos, k_seg) = (_meta_cols(meta.q_pos, meta.q_seg, bq),
                                     _meta_rows(meta.k_pos, meta.k_seg, bk))
   inputs = ((q, q_blk), _whole_split(cfg, k, bk, kv=True),
             _whole_split(cfg, v, bk, kv=True), (do, q_blk), (lse, col), (delta, col),
-            q_pos, k_pos, q_seg, k_seg, *_len_and_bounds(cfg, meta.kv_len, meta.dq))
-  (dq,) = _call(kernels.dq_kernel, cfg, (cfg.B, cfg.N, cfg.Tp // bq), inputs,
-                ((jax.ShapeDtypeStruct(q.shape, q.dtype), q_blk),), "flash_dq", bq, bk)
+            q_pos, k_pos, q_seg, k_seg, *_len_and_bounds(cfg, meta.kv_len, meta.dq),
+            _ABSENT if dq is None else (dq, q_blk))
+  out = ((q.shape, q.dtype if dq is None else dq.dtype), q_blk)
+  (dq,) = _call(kernels.dq_kernel, cfg, spec, (cfg.B, cfg.N, cfg.Tp // bq), inputs,
+                (out,), "flash_dq", bq, bk, alias=None if dq is None else len(inputs) - 1)
   return dq
 
 
-def _backward_dkv(cfg: KernelConfig, q, k, v, meta: KernelMeta, do, lse, delta):
-  """dk, dv [B,K,Sp,Hp]: grid over key blocks (per query head), loop over the query
-  blocks that see each one; query-side arrays are whole sequences split into blocks."""
+def backward_dkv(cfg: KernelConfig, spec: MaskSpec, q, k, v, meta: KernelMeta, do, lse,
+                 delta, out_dtype=None):
+  """dk, dv [B,K,Sp,Hp] (`out_dtype`, default k's): grid over key blocks (per query
+  head), loop over the query blocks that see each one; query-side arrays are whole
+  sequences split into blocks."""
   B, N, K, G, Sp, Hp = cfg.B, cfg.N, cfg.K, cfg.G, cfg.Sp, cfg.Hp
+  out_dtype = out_dtype or k.dtype
   bq, bk = cfg.bq_dkv, cfg.bk_dkv
   kv_blk = _program_block(cfg, bk, Hp, kv=True)
   (k_pos, k_seg), (q_pos, q_seg) = (_meta_cols(meta.k_pos, meta.k_seg, bk),
@@ -286,44 +322,45 @@ def _backward_dkv(cfg: KernelConfig, q, k, v, meta: KernelMeta, do, lse, delta):
             (lse.reshape(B, N, nq, 1, bq), rows), (delta.reshape(B, N, nq, 1, bq), rows),
             q_pos, k_pos, q_seg, k_seg, *_len_and_bounds(cfg, meta.kv_len, meta.dkv))
   # With GQA each query head writes its own float32 partial; the group sums them below.
-  part = jax.ShapeDtypeStruct((B, N, Sp, Hp), k.dtype if G == 1 else accum_dtype(q.dtype))
+  part = ((B, N, Sp, Hp), out_dtype if G == 1 else accum_dtype(q.dtype))
   dkv_blk = _program_block(cfg, bk, Hp)
-  dk, dv = _call(kernels.dkv_kernel, cfg, (B, N, Sp // bk), inputs,
+  dk, dv = _call(kernels.dkv_kernel, cfg, spec, (B, N, Sp // bk), inputs,
                  ((part, dkv_blk), (part, dkv_blk)), "flash_dkv", bk, bq)
   if G > 1:
-    dk = dk.reshape(B, K, G, Sp, Hp).sum(2).astype(k.dtype)
-    dv = dv.reshape(B, K, G, Sp, Hp).sum(2).astype(v.dtype)
+    dk = dk.reshape(B, K, G, Sp, Hp).sum(2).astype(out_dtype)
+    dv = dv.reshape(B, K, G, Sp, Hp).sum(2).astype(out_dtype)
   return dk, dv
 
 
 # -------------------------------------------------------------------------- custom VJP
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def flash(cfg: KernelConfig, q, k, v, meta: KernelMeta) -> Tuple[jax.Array, jax.Array]:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def flash(cfg: KernelConfig, spec: MaskSpec, q, k, v,
+          meta: KernelMeta) -> Tuple[jax.Array, jax.Array]:
   """Flash attention in the kernel layout, differentiable in q, k, v (and the lse).
 
   Args:
-    cfg: the static configuration.
+    cfg: the static configuration; spec: the static mask description.
     q: [B, N, Tp, Hp]; k, v: [B, K, Sp, Hp].
     meta: the int32 metadata (not differentiated).
 
   Returns:
     o [B, N, Tp, Hp] in q's dtype and lse [B, N, Tp, 1] in the accumulation dtype.
   """
-  return _forward(cfg, q, k, v, meta)
+  return forward(cfg, spec, q, k, v, meta)
 
 
-def _flash_fwd(cfg, q, k, v, meta):
-  o, lse = _forward(cfg, q, k, v, meta)
+def _flash_fwd(cfg, spec, q, k, v, meta):
+  o, lse = forward(cfg, spec, q, k, v, meta)
   return (o, lse), (q, k, v, meta, o, lse)
 
 
-def _flash_bwd(cfg, res, cts):
+def _flash_bwd(cfg, spec, res, cts):
   q, k, v, meta, o, lse = res
   do, dlse = cts
   acc = accum_dtype(q.dtype)
   delta = softmax.backward_delta(do, o, dlse[..., 0], acc)[..., None]  # [B, N, Tp, 1]
-  dq = _backward_dq(cfg, q, k, v, meta, do, lse, delta)
-  dk, dv = _backward_dkv(cfg, q, k, v, meta, do, lse, delta)
+  dq = backward_dq(cfg, spec, q, k, v, meta, do, lse, delta)
+  dk, dv = backward_dkv(cfg, spec, q, k, v, meta, do, lse, delta)
   return dq, dk, dv, jax.tree.map(lambda _: None, meta)
 
 

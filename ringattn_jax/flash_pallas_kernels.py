@@ -10,6 +10,7 @@ need arrive as None and cost nothing:
   q_seg_ref, k_seg_ref   segment ids
   kv_len_ref             [1, 1] valid key length of this batch row (lengths, padding)
   lo_ref, hi_ref         [B, n_blocks] loop bounds; None: visit every block
+  dq_in_ref              dq: an accumulator to add into (ring attention's hops)
 
 Block shapes inside a program (bq/bk the kernel's own blocks, Hp the padded head dim):
 
@@ -149,9 +150,12 @@ def fwd_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref,
 
 
 def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref,
-              q_seg_ref, k_seg_ref, kv_len_ref, lo_ref, hi_ref, dq_ref, *,
+              q_seg_ref, k_seg_ref, kv_len_ref, lo_ref, hi_ref, dq_in_ref, dq_ref, *,
               spec: MaskSpec):
-  """One query block: dq [bq, Hp], summed over the key blocks [lo, hi)."""
+  """One query block: dq [bq, Hp], summed over the key blocks [lo, hi).
+
+  With `dq_in_ref` (an accumulator that `dq_ref` aliases), writes dq_in + dq.
+  """
   nk, bk, _ = k_ref.shape
   acc = accum_dtype(q_ref.dtype)
   q, do = q_ref[...], do_ref[...]  # [bq, Hp]
@@ -170,7 +174,10 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_
     return dq + _dot(ds.astype(k.dtype), k, acc)
 
   dq = lax.fori_loop(*_loop_bounds(lo_ref, hi_ref, nk), body, jnp.zeros(q.shape, acc))
-  dq_ref[...] = (dq * spec.scale).astype(dq_ref.dtype)
+  dq = dq * spec.scale
+  if dq_in_ref is not None:
+    dq = dq_in_ref[...].astype(acc) + dq
+  dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
 def dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_ref,

@@ -6,8 +6,10 @@ K key/value heads travel: GQA/MQA costs no extra communication). At hop h the de
 holds the key/value shard of device (d - h) mod n; it sends that shard on to d + 1 with
 `jax.lax.ppermute` and runs the blockwise kernel on it with the true positions of both
 sides, merging (out, lse) with `softmax.merge_partials`. The kernel is driven through
-`kernel_api.HopKernel` (implemented by `flash_xla`); the rotation itself (sending,
-both directions, bringing dK/dV home) lives in `rotation`.
+`kernel_api.HopKernel`, chosen per call by `impl` and `backend` (`kernel_choice`): the
+XLA kernel (`flash_xla`) or the Pallas kernels (`flash_pallas.HopKernel`: Triton on
+GPU, Mosaic on TPU, the interpreter on CPU); the rotation itself (sending, both
+directions, bringing dK/dV home) lives in `rotation`.
 
 Backward (custom VJP): a second ring. K, V travel as in the forward, and the float32
 dK, dV accumulators travel *with* them, so each hop adds its contribution to the shard
@@ -74,8 +76,10 @@ from jax import lax
 from ringattn_jax import arguments
 from ringattn_jax import vma
 from ringattn_jax import checks
+from ringattn_jax import flash_pallas
 from ringattn_jax import flash_xla
 from ringattn_jax import kernel_api
+from ringattn_jax import kernel_choice
 from ringattn_jax import layouts
 from ringattn_jax import rotation
 from ringattn_jax import schedule
@@ -316,14 +320,39 @@ def auto_head_groups(B: int, S_local: int, K: int, H: int,
              if K % c == 0 and (c == 1 or per_head * (K // c) >= MIN_PASS_ELEMENTS))
 
 
-def _prepare(q, k, v, *, axis_name, layout="contiguous", block_sizes=None,
-             head_groups=None, **mask_kwargs) -> Tuple[_Ring, AttnInputs]:
+IMPLS = ("auto", "xla", "pallas")
+
+
+def hop_kernel(choice: kernel_choice.KernelChoice) -> kernel_api.HopKernel:
+  """The per-hop kernel of a `KernelChoice` (impl "xla" or "pallas")."""
+  if choice.impl == "pallas":
+    return flash_pallas.HopKernel(choice.backend, choice.interpret)
+  return flash_xla
+
+
+def check_kernel_block_sizes(kernel, choice: kernel_choice.KernelChoice, block_sizes):
+  """kernel.check_block_sizes, with the kernel choice in the error message."""
+  try:
+    return kernel.check_block_sizes(block_sizes)
+  except ValueError as e:
+    raise ValueError(f"{e} (the kernel: {choice})") from None
+
+
+def _prepare(q, k, v, *, axis_name, layout="contiguous", impl="auto", backend=None,
+             block_sizes=None, head_groups=None, **mask_kwargs) -> Tuple[_Ring, AttnInputs]:
   """Validates the local arguments and plans the ring (static hops, positions)."""
   arguments.check_mask_keywords("ring_attention", mask_kwargs,
                                 arguments.SEQUENCE_PARALLEL_KEYWORDS)
   layouts.check_layout(layout)
-  kernel = flash_xla
-  block_sizes = kernel.check_block_sizes(block_sizes)
+  choice = kernel_choice.choose(impl, arguments.MaskSpec(), backend, impls=IMPLS)
+  if choice.interpret and vma.union_axes(q, k, v):
+    raise ValueError(
+        "impl='pallas' on CPU runs the Pallas interpreter, which jax 0.10.2 cannot "
+        "lower inside shard_map(check_vma=True): pass check_vma=False to the "
+        "jax.shard_map around ring_attention (sharded_attention does), or use "
+        "impl='xla'.")
+  kernel = hop_kernel(choice)
+  block_sizes = check_kernel_block_sizes(kernel, choice, block_sizes)
   n = lax.axis_size(axis_name)
   d = lax.axis_index(axis_name)
   Tl, Sl = jnp.shape(q)[1], jnp.shape(k)[1]
@@ -338,7 +367,7 @@ def _prepare(q, k, v, *, axis_name, layout="contiguous", block_sizes=None,
   x, spec = arguments.canonicalize(q, k, v, **mask_kwargs)
   B, _, K, H = x.k.shape
   if head_groups is None:
-    head_groups = auto_head_groups(B, Sl, K, H)
+    head_groups = auto_head_groups(B, Sl, K, H, choice.backend)
   elif not checks.is_int(head_groups) or head_groups <= 0 or K % head_groups:
     raise ValueError(f"head_groups must be a positive int dividing the {K} (local) "
                      f"key/value heads; got {head_groups!r}.")
@@ -353,9 +382,9 @@ def _prepare(q, k, v, *, axis_name, layout="contiguous", block_sizes=None,
 
 
 def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
-                   block_sizes: Optional[flash_xla.BlockSizes] = None,
-                   head_groups: Optional[int] = None, return_lse: bool = False,
-                   **mask_kwargs):
+                   impl: str = "auto", backend: Optional[str] = None,
+                   block_sizes=None, head_groups: Optional[int] = None,
+                   return_lse: bool = False, **mask_kwargs):
   """Exact attention over a sequence sharded on mesh axis `axis_name` (inside shard_map).
 
   All array arguments are this device's *local* shards. Differentiable (custom VJP
@@ -368,7 +397,14 @@ def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
     layout: how tokens are laid out over the ring ("contiguous", "zigzag",
       "striped"; see `ringattn_jax.layouts`). The inputs must already be in that order
       (`layouts.permute_to_layout`); the output is in the same order.
-    block_sizes: `flash_xla.BlockSizes` of the per-hop kernel (clamped to Tl/Sl).
+    impl: the kernel every hop runs: "xla", "pallas" (Triton on GPU, Mosaic on TPU,
+      the Pallas interpreter on CPU) or "auto" (Pallas on GPU/TPU, XLA on CPU); see
+      `kernel_choice`. The interpreter needs shard_map(check_vma=False) around the
+      call (a ValueError says so).
+    backend: the platform the kernel is built for ("cpu", "gpu", "tpu"); None (the
+      default): jax.default_backend(). Another platform builds a program to export.
+    block_sizes: the chosen kernel's block sizes (`flash_xla.BlockSizes` or
+      `flash_pallas.BlockSizes`), clamped to Tl/Sl; None for its defaults.
     head_groups: the ring makes this many passes, each over K / head_groups key/value
       heads (and their query heads); must divide K. Memory per device beyond the
       inputs, outputs and (out, lse) shrinks with it; the number of transfers and of
@@ -391,8 +427,9 @@ def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
     out [B, Tl, N, H] in q's dtype (and lse). A query that sees no key gets output 0
     and lse -inf, never NaN; a query that sees a NaN gets NaN, as in the reference.
   """
-  ring, x = _prepare(q, k, v, axis_name=axis_name, layout=layout,
-                     block_sizes=block_sizes, head_groups=head_groups, **mask_kwargs)
+  ring, x = _prepare(q, k, v, axis_name=axis_name, layout=layout, impl=impl,
+                     backend=backend, block_sizes=block_sizes, head_groups=head_groups,
+                     **mask_kwargs)
   aux = dataclasses.replace(x, q=None, k=None, v=None)
   out, lse = _ring_attention(ring, x.q, x.k, x.v, aux)
   return (out, lse) if return_lse else out

@@ -17,6 +17,12 @@ sequence axis `seq_axis` (size n):
 Batch may be sharded over `batch_axes` (default: whichever of "dp", "fsdp" the mesh
 has) and heads over `head_axis` (default "tp" if the mesh has it).
 
+Every strategy runs the kernel that `impl` and `backend` choose (`kernel_choice`) on
+each device: the ring on every hop, allgather and ulysses once over the gathered keys.
+The Pallas interpreter (impl="pallas" on CPU) runs under shard_map(check_vma=False):
+jax 0.10.2's interpreter traces the kernel body while lowering, where the varying-axes
+check rejects it.
+
 Letter legend: B batch, T query length, S key length, N query heads, K key/value heads,
 H head dim; n the size of the sequence axis.
 """
@@ -33,7 +39,9 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ringattn_jax import arguments
+from ringattn_jax import flash_pallas
 from ringattn_jax import flash_xla
+from ringattn_jax import kernel_choice
 from ringattn_jax import layouts
 from ringattn_jax import ring
 
@@ -54,7 +62,8 @@ class _Plan:
   head_axis: Optional[str]
   layout: str
   permuted: bool
-  block_sizes: flash_xla.BlockSizes
+  choice: kernel_choice.KernelChoice
+  block_sizes: Any  # the chosen kernel's BlockSizes
   head_groups: Optional[int]
   spec: arguments.MaskSpec
   has_q_positions: bool
@@ -132,8 +141,8 @@ def _check_shapes(plan: _Plan, x: arguments.AttnInputs):
 def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = "sp",
                       batch_axes: Union[str, Sequence[str], None] = AUTO,
                       head_axis: Optional[str] = AUTO, layout: str = "contiguous",
-                      permuted: bool = False,
-                      block_sizes: Optional[flash_xla.BlockSizes] = None,
+                      permuted: bool = False, impl: str = "auto",
+                      backend: Optional[str] = None, block_sizes=None,
                       head_groups: Optional[int] = None, return_lse: bool = False,
                       **mask_kwargs):
   """Exact attention with the sequence sharded over `mesh` axis `seq_axis`.
@@ -160,7 +169,14 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
       tokens once at the input, see `permute_to_layout`); nothing is permuted here,
       the output stays in layout order, and positions default to the layout's true
       positions.
-    block_sizes: `flash_xla.BlockSizes` of the per-device kernel.
+    impl: the per-device kernel: "xla", "pallas" (Triton on GPU, Mosaic on TPU, the
+      Pallas interpreter on CPU) or "auto" (Pallas on GPU/TPU, XLA on CPU); see
+      `kernel_choice`.
+    backend: the platform the kernel is built for ("cpu", "gpu", "tpu"); None (the
+      default): jax.default_backend(). Another platform builds a program to export
+      with `jax.export`, not to run.
+    block_sizes: the chosen kernel's block sizes (`flash_xla.BlockSizes` or
+      `flash_pallas.BlockSizes`); None for its defaults.
     head_groups: strategy="ring" only: passes of the ring, each over that fraction of
       the (per-device) key/value heads (see `ring_attention`); default automatic.
     return_lse: also return the log-sum-exp [B, T, N] float32.
@@ -184,7 +200,9 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
   arguments.check_mask_keywords("sharded_attention", mask_kwargs,
                                 arguments.SEQUENCE_PARALLEL_KEYWORDS)
   layouts.check_layout(layout)
-  block_sizes = flash_xla.check_block_sizes(block_sizes)
+  choice = kernel_choice.choose(impl, arguments.MaskSpec(), backend, impls=ring.IMPLS)
+  block_sizes = ring.check_kernel_block_sizes(ring.hop_kernel(choice), choice,
+                                              block_sizes)
   if head_groups is not None and strategy != "ring":
     raise ValueError(f"head_groups applies to strategy='ring' only; got strategy="
                      f"{strategy!r}.")
@@ -192,7 +210,7 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
   x, spec = arguments.canonicalize(q, k, v, **mask_kwargs)
   plan = _Plan(mesh=mesh, strategy=strategy, seq_axis=seq_axis, batch_axes=batch_axes,
                head_axis=head_axis, layout=layout, permuted=bool(permuted),
-               block_sizes=block_sizes, head_groups=head_groups, spec=spec,
+               choice=choice, block_sizes=block_sizes, head_groups=head_groups, spec=spec,
                has_q_positions=mask_kwargs.get("q_positions") is not None,
                has_kv_positions=mask_kwargs.get("kv_positions") is not None)
   _check_shapes(plan, x)
@@ -236,8 +254,9 @@ def _sharded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, plan: _Plan):
       out, lse = (_permute_local(plan, a, 1, inverse=True) for a in (out, lse))
     return out, lse
 
+  interpreted = plan.choice.impl == "pallas" and plan.choice.interpret
   out, lse = jax.shard_map(run, mesh=plan.mesh, in_specs=in_specs,
-                           out_specs=(x_spec, lse_spec))(*args)
+                           out_specs=(x_spec, lse_spec), check_vma=not interpreted)(*args)
   return (_relayout(plan, out, x_spec, inverse=True, permute=glob_perm),
           _relayout(plan, lse, lse_spec, inverse=True, permute=glob_perm))
 
@@ -313,7 +332,7 @@ def _ring_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
   return ring.ring_attention(
       q, k, v, axis_name=plan.seq_axis, segment_ids=q_seg, kv_segment_ids=kv_seg,
       q_positions=q_pos, kv_positions=kv_pos, layout=plan.layout,
-      block_sizes=plan.block_sizes, head_groups=plan.head_groups, return_lse=True,
+      impl=plan.choice.impl, backend=plan.choice.backend, block_sizes=plan.block_sizes, head_groups=plan.head_groups, return_lse=True,
       **plan.mask_kwargs())
 
 
@@ -340,6 +359,10 @@ def _attend(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
   x, spec = arguments.canonicalize(
       q, k, v, segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos,
       kv_positions=kv_pos, **plan.mask_kwargs())
+  if plan.choice.impl == "pallas":
+    return flash_pallas.attention(x, spec, plan.block_sizes,
+                                  interpret=plan.choice.interpret,
+                                  backend=plan.choice.backend)
   return flash_xla.attention(x, spec, plan.block_sizes)
 
 

@@ -40,3 +40,10 @@ def cond(pred, true_fn, false_fn, operands, axes: frozenset):
   """`lax.cond` whose branch outputs are both cast to vary over `axes`."""
   return lax.cond(pred, lambda o: vary(true_fn(o), axes),
                   lambda o: vary(false_fn(o), axes), operands)
+
+
+def struct(shape, dtype, axes: frozenset) -> jax.ShapeDtypeStruct:
+  """A ShapeDtypeStruct varying over `axes`: the out_shape of a pallas_call, which
+  shard_map(check_vma=True) requires to say how the output varies."""
+  return jax.ShapeDtypeStruct(
+      shape, dtype, manual_axis_type=jax.sharding.ManualAxisType(varying=axes))
