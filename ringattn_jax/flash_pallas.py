@@ -212,8 +212,10 @@ def _valid_lengths(lengths, B: int, L: int):
 def _to_kernel_layout(a, Lp: int, Hp: int):
   """[B, L, heads, H] -> [B, heads, Lp, Hp], zero-padded."""
   _, L, _, H = a.shape
-  return jnp.pad(jnp.transpose(a, (0, 2, 1, 3)),
-                 ((0, 0), (0, 0), (0, Lp - L), (0, Hp - H)))
+  a = jnp.transpose(a, (0, 2, 1, 3))
+  if (Lp, Hp) == (L, H):
+    return a
+  return jnp.pad(a, ((0, 0), (0, 0), (0, Lp - L), (0, Hp - H)))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "blocks", "interpret", "backend"))

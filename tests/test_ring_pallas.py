@@ -8,6 +8,7 @@ GQA/MQA, packed segments, windows and soft-capping all run through the Pallas ho
 kernel at least once within the suite's time budget.
 """
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -223,3 +224,39 @@ def test_model_config_backend_is_validated():
   with pytest.raises(ValueError, match="backend must be one of"):
     preset("tiny", backend="gpu:0")
   assert preset("tiny", backend="tpu").backend == "tpu"
+
+
+def _loop_primitives(jaxpr, in_loop=False, found=None):
+  """Names of the float-array primitives inside loops (while/scan: the ring's hops),
+  outside Pallas kernels."""
+  found = set() if found is None else found
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      continue
+    if in_loop and any(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in eqn.outvars
+                       if hasattr(v.aval, "dtype")):
+      found.add(eqn.primitive.name)
+    inner = in_loop or eqn.primitive.name in ("while", "scan")
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          _loop_primitives(sub, inner, found)
+  return found
+
+
+def test_ring_hops_make_no_layout_copies():
+  """Inside the ring's loops (forward and backward), q, K, V and dO are never
+  transposed or padded: they keep the kernels' layout for the whole pass."""
+  mesh = mesh_1d(8)
+  sh = NamedSharding(mesh, P(None, "sp"))
+  q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16, sharding=sh)
+  kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16, sharding=sh)
+
+  def loss(q, k, v):
+    return jnp.sum(sharded_attention(q, k, v, mesh=mesh, impl="pallas", backend="gpu",
+                                     layout="zigzag", is_causal=True).astype(jnp.float32))
+
+  prims = _loop_primitives(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv).jaxpr)
+  assert "ppermute" in prims  # K/V (and dK/dV) travel; nothing else moves
+  assert not prims & {"transpose", "pad", "concatenate", "copy", "copy_p"}, prims
