@@ -14,15 +14,17 @@ and an attention method chosen by name (`method`, one of `METHODS`), computed by
 `ringattn_jax.attention`:
 
   "reference"    ringattn_jax.reference_attention (dense; for checking)
-  "flash"        ringattn_jax.flash_attention (one device; `flash_impl` picks the kernel)
+  "flash"        ringattn_jax.flash_attention (one device)
   "dot_product"  jax.nn.dot_product_attention (no logit_softcap)
   "ring", "allgather", "ulysses"
                  ringattn_jax.sharded_attention over `mesh` (the sequence sharded over
                  `seq_axis`, in token `layout`); inputs and outputs stay in the caller's
                  token order, so the rest of the model needs no change.
 
-The word `backend` is reserved for the platform ("cpu", "gpu", "tpu"); `backend=` with
-a method name is still accepted as a deprecated alias of `method=`.
+`flash_impl` picks the kernel of "flash" and of the sequence-parallel methods (every
+ring hop) and `backend` the platform it is built for ("cpu", "gpu", "tpu"; see
+`ringattn_jax.which_kernel`); `backend=` with a method name is still accepted as a
+deprecated alias of `method=`.
 
 This module imports Flax; `import ringattn_jax` does not import this module (nor Flax),
 so the library's functions stay usable without Flax installed.
@@ -44,6 +46,7 @@ from flax import linen as nn
 from flax import nnx
 
 from ringattn_jax import checks
+from ringattn_jax import kernel_choice
 from ringattn_jax import rope as rope_lib
 from ringattn_jax.dispatch import METHODS, attention, is_sequence_parallel
 from ringattn_jax.sharded import AUTO
@@ -92,6 +95,7 @@ class _Settings:
   batch_axes: Any
   head_axis: Any
   flash_impl: str
+  backend: Optional[str]  # the platform
   is_causal: bool
   local_window_size: Any
   logit_softcap: Optional[float]
@@ -120,9 +124,10 @@ class _Settings:
                        f"({num_kv_heads}).")
     if isinstance(batch_axes, list):  # hashable: the settings are static
       batch_axes = tuple(batch_axes)
+    method, backend = _method_and_platform(method, backend)
     s = cls(in_features=in_features, num_heads=num_heads, num_kv_heads=num_kv_heads,
-            head_dim=head_dim, out_features=out_features,
-            method=_method(method, backend), batch_axes=batch_axes, **kw)
+            head_dim=head_dim, out_features=out_features, method=method,
+            backend=backend, batch_axes=batch_axes, **kw)
     if is_sequence_parallel(s.method) and s.mesh is None:
       raise ValueError(f"method={s.method!r} shards the sequence over a mesh: pass "
                        f"mesh=... (with a {s.seq_axis!r} axis).")
@@ -142,13 +147,15 @@ class _Settings:
   def attend(self, q, k, v, segment_ids):
     """`ringattn_jax.attention` by `method`, given only the options that method reads.
 
-    flash_impl is the kernel of "flash"; mesh and layout belong to the
-    sequence-parallel methods. The others ignore them, as they always have here.
+    flash_impl and backend choose the kernel of "flash" and of the sequence-parallel
+    methods; mesh and layout belong to the sequence-parallel methods. The others
+    ignore them, as they always have here.
     """
     sp = is_sequence_parallel(self.method)
+    kernel = sp or self.method == "flash"
     return attention(
-        q, k, v, method=self.method,
-        impl=self.flash_impl if self.method == "flash" else "auto",
+        q, k, v, method=self.method, impl=self.flash_impl if kernel else "auto",
+        backend=self.backend if kernel else None,
         mesh=self.mesh if sp else None, layout=self.layout if sp else "contiguous",
         seq_axis=self.seq_axis, batch_axes=self.batch_axes, head_axis=self.head_axis,
         is_causal=self.is_causal, segment_ids=segment_ids,
@@ -182,21 +189,19 @@ class _Settings:
     return out
 
 
-def _method(method: str, backend: Optional[str]) -> str:
-  """The attention method, from `method` or the deprecated alias `backend`."""
-  if backend is None:
-    return checks.choice("method", method, METHODS)
-  if backend not in METHODS:
-    raise ValueError(f"backend={backend!r}: the attention method is chosen with method= "
-                     f"(one of {METHODS}); backend is reserved for the platform "
-                     "('cpu', 'gpu', 'tpu'), which these modules do not take yet.")
+def _method_and_platform(method: str, backend: Optional[str]):
+  """(method, platform): `backend` names the platform, or (deprecated) the method."""
+  if backend is None or backend not in METHODS:
+    if backend is not None:
+      kernel_choice.canonical_backend(backend)  # a ValueError naming the valid ones
+    return checks.choice("method", method, METHODS), backend
   if method not in ("flash", backend):
     raise ValueError(f"got method={method!r} and backend={backend!r}; pass only "
-                     "method= (backend= is its deprecated alias).")
+                     "method= (backend= with a method name is its deprecated alias).")
   warnings.warn(f"backend={backend!r} is deprecated as the name of the attention method; "
-                f"pass method={backend!r} (backend will name the platform).",
-                DeprecationWarning, stacklevel=4)
-  return backend
+                f"pass method={backend!r} (backend names the platform: 'cpu', 'gpu', "
+                "'tpu').", DeprecationWarning, stacklevel=4)
+  return backend, None
 
 
 def _default_kernel_init(name):
@@ -214,13 +219,15 @@ _DOC_ARGS = """
     out_features: E (default D).
     method: the attention method, one of METHODS: "reference", "flash",
       "dot_product", "ring", "allgather" or "ulysses" (module docstring).
-    backend: deprecated alias of `method` (a method name; warns).
+    backend: the platform the attention kernel is built for ("cpu", "gpu", "tpu";
+      None: the machine's); with a method name, a deprecated alias of `method` (warns).
     mesh: a jax.sharding.Mesh; required by "ring", "allgather" and "ulysses".
     layout: token layout over the ring ("contiguous", "zigzag", "striped"); inputs and
       outputs stay in the caller's order either way.
     seq_axis, batch_axes, head_axis: mesh axes for the sequence, batch and heads (see
       `ringattn_jax.sharded_attention`).
-    flash_impl: the "flash" method's kernel ("auto", "xla", "pallas", "reference").
+    flash_impl: the kernel of "flash" and of the sequence-parallel methods ("auto",
+      "xla", "pallas"; "reference" for "flash" only).
     is_causal, local_window_size, logit_softcap, scale: the mask and logits options of
       `ringattn_jax.flash_attention`.
     use_bias: biases on the four projections.

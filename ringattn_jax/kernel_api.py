@@ -6,8 +6,10 @@ hop copies layouts, the ring never sees the kernel's layouts itself: it asks the
 kernel to convert the queries and keys/values, hands the converted arrays back on
 every hop, and asks the kernel to convert results back at the end of the pass.
 
-A kernel implements `HopKernel` (a module with these functions does: `flash_xla`);
-its layouts implement `BlockLayout`. The ring relies on:
+A kernel implements `HopKernel`: the XLA kernel as a module of these functions
+(`flash_xla`), the Pallas kernels as a frozen dataclass that carries the platform
+(`flash_pallas.HopKernel(backend, interpret)`); either is hashable, since the ring's
+custom VJP specialises on it. Its layouts implement `BlockLayout`. The ring relies on:
 
 - Query-side arrays (queries, dO, outputs, lse, delta, dQ) stay in the kernel's
   query-row layout for the whole pass; the ring merges partial outputs and lse in that

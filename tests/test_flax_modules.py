@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 import ringattn_jax
+from ringattn_jax import flax_modules
 from ringattn_jax.flax_modules import (BACKENDS, LinenMultiHeadAttention,
                                        MultiHeadAttention, RotaryEmbedding)
 from ringattn_jax.rope import apply_rotary, rope_frequencies
@@ -274,7 +275,7 @@ def test_custom_rope_hook_and_bfloat16_compute():
 @pytest.mark.parametrize("kw, match", [
     (dict(method="ringg"), "method must be one of .*; got 'ringg'"),
     (dict(method="ring"), "pass mesh="),
-    (dict(backend="gpu"), "backend='gpu': the attention method is chosen with method="),
+    (dict(backend="gpu0"), r"backend must be one of \('cpu', 'gpu', 'tpu'\)"),
     (dict(method="ring", backend="ulysses"), "pass only method="),
     (dict(num_kv_heads=3), "divisible by num_kv_heads"),
     (dict(num_heads=5), "divisible by num_heads"),
@@ -289,6 +290,24 @@ def test_errors(kw, match):
     LinenMultiHeadAttention(**args).init(jax.random.key(0), jnp.ones((1, 8, D)))
   with pytest.raises(ValueError, match="inputs must be"):
     MultiHeadAttention(D, N, rngs=nnx.Rngs(0))(jnp.ones((1, 8, D + 1)))
+
+
+@pytest.mark.parametrize("method,impl,backend", [
+    ("ring", "pallas", "gpu"), ("flash", "xla", "tpu"), ("reference", "auto", None)])
+def test_kernel_and_platform_reach_the_attention_call(monkeypatch, method, impl, backend):
+  """flash_impl and backend reach "flash" and the sequence-parallel methods."""
+  seen = {}
+
+  def spy(q, k, v, **kw):
+    seen.update(kw)
+    return jnp.zeros(q.shape, q.dtype)
+
+  monkeypatch.setattr(flax_modules, "attention", spy)
+  mesh = Mesh(np.array(jax.devices()[:2]), ("sp",)) if method == "ring" else None
+  kernel = dict(flash_impl=impl, backend=backend) if method != "reference" else {}
+  MultiHeadAttention(D, N, method=method, mesh=mesh, rngs=nnx.Rngs(0), **kernel)(
+      jnp.ones((1, 8, D)))
+  assert (seen["method"], seen["impl"], seen["backend"]) == (method, impl, backend)
 
 
 def test_backend_is_a_deprecated_alias_of_method():
