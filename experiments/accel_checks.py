@@ -291,7 +291,8 @@ def ring_jobs(pool: Executor, quick: bool, pallas_blocks=None) -> List[Job]:
   devices = jax.devices()
   n = len(devices)
   mesh = Mesh(np.asarray(devices), ("sp",))
-  B, T, N, K, H = (2, 8 * n, 4, 2, 16) if quick else (2, max(512, 64 * n), 8, 2, 64)
+  T = 8 * n if quick else 2 * n * max(4, 256 // n)  # a multiple of 2n (zigzag), ~512
+  B, N, K, H = (2, 4, 2, 16) if quick else (2, 8, 2, 64)
   runs = [("zigzag_causal", "zigzag", dict(is_causal=True)),
           ("contiguous_window_segments", "contiguous",
            dict(local_window_size=(T // 4, T // 8), segment_ids=_segments(B, T)))]

@@ -166,7 +166,7 @@ def _train_size(opts: Options):
   """(steps, batch, seq_len): the sequence is a multiple of 2n (zigzag on n devices)."""
   n = len(jax.devices())
   steps = opts.train_steps or (3 if opts.quick else 30)
-  return (steps, 2, 8 * n) if opts.quick else (steps, 8, max(256, 16 * n))
+  return (steps, 2, 8 * n) if opts.quick else (steps, 8, 2 * n * max(8, 128 // n))
 
 
 def _submit_training(pool, opts):
