@@ -163,6 +163,18 @@ def _oracle_runner(qkv, cts, static_kw, arrays) -> Callable[[], Dict]:
   return run
 
 
+class _Lazy:
+  """A compiled thunk's result, computed once, when first asked for (main thread)."""
+
+  def __init__(self, future):
+    self._future, self._done, self._value = future, False, None
+
+  def get(self):
+    if not self._done:
+      self._value, self._done = self._future.result()(), True
+    return self._value
+
+
 def _args(qkv, cts, arrays):
   return tuple(jnp.asarray(a) for a in qkv + cts) + (
       {k: jnp.asarray(v) for k, v in arrays.items()},)
@@ -249,8 +261,8 @@ def kernel_jobs(pool: Executor, quick: bool, pallas_blocks=None,
     if (name, dt) not in oracles:  # one per problem, shared by both kernels
       oracles[name, dt] = _Lazy(submit(pool, functools.partial(
           _oracle_runner, qkv, cts, static_kw, arrays)))
-    fn = functools.partial(flash_attention, impl=impl, block_sizes=blocks_for(
-        impl, pallas_blocks, xla_blocks))
+    fn = functools.partial(flash_attention, impl=impl, block_sizes=(
+        pallas_blocks if impl == "pallas" else xla_blocks))
 
     def build(fn=fn, qkv=qkv, cts=cts, static_kw=static_kw, arrays=arrays, dt=dt,
               precision=None if precision == "default" else precision,
@@ -265,22 +277,6 @@ def kernel_jobs(pool: Executor, quick: bool, pallas_blocks=None,
       meta["informational"] = True
     jobs.append(Job(meta, submit(pool, build)))
   return jobs
-
-
-def blocks_for(impl: str, pallas_blocks, xla_blocks):
-  return pallas_blocks if impl == "pallas" else xla_blocks
-
-
-class _Lazy:
-  """A compiled thunk's result, computed once, when first asked for (main thread)."""
-
-  def __init__(self, future):
-    self._future, self._done, self._value = future, False, None
-
-  def get(self):
-    if not self._done:
-      self._value, self._done = self._future.result()(), True
-    return self._value
 
 
 # --- section 3: the ring and single hops -----------------------------------------------
