@@ -20,9 +20,10 @@ what it measured. The exit status is 1 if any check failed or any section raised
    kernel from the same start; per-step losses agree and decrease (`accel_train`).
 
 --quick: tiny shapes (T <= 64, blocks of 16), the case with every mask feature only,
-a few training steps; on 2 CPU cores with 8 simulated devices it takes about 35 s. The full run is sized to take about 4 minutes on one GPU, compile times
-included. Programs of sections 1, 3 and 4 compile on --workers threads while the
-main thread runs the previous ones (`accel_jobs`).
+a few training steps; on 2 CPU cores with 8 simulated devices it takes about 35 s.
+The full run is sized to take about 4 minutes on one GPU, compile times included.
+Programs of sections 1, 3 and 4 compile on --workers threads while the main thread
+runs the previous ones (`accel_jobs`).
 
 Imports nothing that needs ml_collections (the accelerator machine has none).
 """
