@@ -9,8 +9,12 @@ import math
 from typing import Any, Dict, List
 
 from experiments import bench_lib
+from experiments.accel_checks import ARRAYS, TOLERANCES
 
-ARRAYS = ("out", "lse", "dq", "dk", "dv")
+
+def _tolerances(dtype: str) -> str:
+  out, grad = TOLERANCES[dtype]
+  return f"{dtype} {out:g} (out, lse) / {grad:g} (grads)"
 
 
 def jsonable(x: Any) -> Any:
@@ -93,10 +97,11 @@ def _correctness(sec: Dict[str, Any]) -> List[str]:
   if "cases" not in sec:
     return md
   md += ["Relative error max|got - want| / max|want| of the output, the lse and the "
-         "gradients of a random linear functional of (out, lse). Tolerances: float32 "
-         "1e-5 (out, lse) / 2e-5 (grads); bfloat16 2e-2. `highest`: the XLA kernel's "
-         "float32 case ran under jax.default_matmul_precision('highest'); `default` "
-         "(informational) shows JAX's default precision (TF32 on recent GPUs).", "",
+         "gradients of a random linear functional of (out, lse). Tolerances: "
+         f"{_tolerances('float32')}; {_tolerances('bfloat16')}. `highest`: the XLA "
+         "kernel's float32 case ran under jax.default_matmul_precision('highest'); "
+         "`default` (informational) shows JAX's default precision (TF32 on recent "
+         "GPUs).", "",
          "| case | impl | dtype | precision | shape | mask | out | lse | dq | dk | dv | "
          "result | s |", "|---" * 13 + "|"]
   notes = []
@@ -148,9 +153,9 @@ def _ring(sec: Dict[str, Any]) -> List[str]:
     return md
   md += [f"sharded_attention(strategy='ring', impl='pallas') on a mesh 'sp' of "
          f"{sec['devices']} device(s), float32, vs the float64 reference (tolerances "
-         "1e-5 / 2e-5). per_hop: flash_pallas.HopKernel run shard by shard over the "
-         "keys (true positions), partials merged with softmax.merge_partials, "
-         "backward per shard with the global lse and delta.", "",
+         f"{_tolerances('float32')}). per_hop: flash_pallas.HopKernel run shard by "
+         "shard over the keys (true positions), partials merged with "
+         "softmax.merge_partials, backward per shard with the global lse and delta.", "",
          "| check | devices/shards | layout | shape | mask | out | lse | dq | dk | dv | "
          "result | s |", "|---" * 12 + "|"]
   notes = []

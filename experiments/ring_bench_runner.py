@@ -53,7 +53,7 @@ def seq_sharding(mesh: Mesh) -> NamedSharding:
 
 def sharded_fn(mesh, strategy: str, layout: str, block_sizes) -> Callable:
   return lambda q, k, v: sharded_attention(q, k, v, mesh=mesh, strategy=strategy,
-                                           layout=layout, is_causal=True,
+                                           layout=layout, is_causal=True, impl="xla",
                                            block_sizes=block_sizes)
 
 
@@ -61,7 +61,8 @@ def ring_core_fn(mesh, layout: str, block_sizes) -> Callable:
   """ring_attention under shard_map; inputs are taken to be in `layout` order already."""
   spec = P(None, "sp", None, None)
   local = lambda q, k, v: ring_attention(q, k, v, axis_name="sp", layout=layout,
-                                         is_causal=True, block_sizes=block_sizes)
+                                         is_causal=True, impl="xla",
+                                         block_sizes=block_sizes)
   return jax.shard_map(local, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec)
 
 

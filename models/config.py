@@ -27,7 +27,7 @@ from ringattn_jax import rope
 ATTENTION = ringattn_jax.METHODS
 SEQUENCE_PARALLEL_ATTENTION = ringattn_jax.STRATEGIES
 SINGLE_DEVICE_ATTENTION = tuple(m for m in ATTENTION if m not in SEQUENCE_PARALLEL_ATTENTION)
-FLASH_IMPLS = ("auto", "xla", "pallas")
+FLASH_IMPLS = kernel_choice.SEQUENCE_PARALLEL_IMPLS
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_names",
                   "offload")
 # Intermediate tensors a layer tags with `checkpoint_name`, for the "save_names" and
@@ -52,9 +52,10 @@ class LlamaConfig:
       the sequence-parallel methods on every device and ring hop ("auto" picks
       Pallas on GPU/TPU, XLA on CPU; see ringattn_jax.which_kernel). backend: the
       platform that kernel is built for ("cpu", "gpu", "tpu"; None: the machine's);
-      another platform than the machine's builds a program to export, not to run. layout: token layout for the sequence-parallel
-      attentions ("zigzag"/"striped" balance causal work); tokens are permuted once at
-      the model input and positions carried, not per layer.
+      another platform than the machine's builds a program to export, not to run.
+      layout: token layout for the sequence-parallel attentions ("zigzag"/"striped"
+      balance causal work); tokens are permuted once at the model input and
+      positions carried, not per layer.
     sliding_window: None or a window size (tokens see the previous `sliding_window`).
     remat_policy: one of REMAT_POLICIES; remat_names: the REMAT_NAMES that
       "save_names" keeps or "offload" moves to host memory.

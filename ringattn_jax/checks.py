@@ -110,3 +110,10 @@ def positive_int_fields(obj: Any, names: Collection[str]) -> None:
   for name in names:
     value = positive_int(f"{type(obj).__name__}.{name}", getattr(obj, name))
     object.__setattr__(obj, name, value)
+
+
+def type_name(value: Any) -> str:
+  """`module.QualName` of value's type, for error messages (several classes share a
+  name, e.g. each kernel's BlockSizes)."""
+  t = type(value)
+  return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"

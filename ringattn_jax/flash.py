@@ -9,8 +9,6 @@ from ringattn_jax import flash_xla
 from ringattn_jax import kernel_choice
 from ringattn_jax.reference import reference_attention
 
-IMPLS = kernel_choice.IMPLS
-
 
 def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
                     backend: Optional[str] = None, block_sizes=None,

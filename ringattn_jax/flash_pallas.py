@@ -88,8 +88,8 @@ def check_block_sizes(block_sizes: Optional[BlockSizes], backend: str,
   if block_sizes is None:
     return BlockSizes.get_default(backend)
   if not isinstance(block_sizes, BlockSizes):
-    raise ValueError("block_sizes for impl='pallas' must be flash_pallas.BlockSizes; "
-                     f"got {type(block_sizes).__name__}.")
+    raise ValueError("block_sizes for impl='pallas' must be ringattn_jax.flash_pallas."
+                     f"BlockSizes; got {checks.type_name(block_sizes)}.")
   _check_blocks(block_sizes, backend, interpret)
   return block_sizes
 
@@ -269,6 +269,13 @@ def forward_operands(q, k, v, cfg: KernelConfig):
           _to_kernel_layout(v, cfg.Sp, cfg.Hp))
 
 
+def _check_hop_spec(spec: MaskSpec) -> None:
+  """The hop kernel takes what the ring takes: no bias/mask tensors, no lengths."""
+  if not supports(spec) or spec.has_q_lengths or spec.has_kv_lengths:
+    raise ValueError("flash_pallas.HopKernel takes no dense bias/mask and no sequence "
+                     f"lengths (as ring attention); got {spec}.")
+
+
 @dataclasses.dataclass(frozen=True)
 class HopKernel:
   """The Pallas kernels as the per-hop kernel of ring attention (`kernel_api`).
@@ -305,6 +312,7 @@ class HopKernel:
   def forward_blocks(x: AttnInputs, spec: MaskSpec, cfg: KernelConfig, dtype, qh, kh,
                      vh):
     """(out [B, N, Tp, Hp], lse [B, N, Tp]) of one hop, in the accumulation dtype."""
+    _check_hop_spec(spec)
     meta = _metadata(x, spec, cfg, kernels=("fwd",))
     o, lse = calls.forward(cfg, spec, qh, kh, vh, meta, out_dtype=accum_dtype(dtype))
     return o, lse[..., 0]
@@ -326,6 +334,7 @@ class HopKernel:
                       lse_h, delta_h, kh, vh, dq=None):
     """(dq + this hop's dQ, dK, dV, None), all float32 (float64 for float64)."""
     acc = accum_dtype(dtype)
+    _check_hop_spec(spec)
     meta = _metadata(x, spec, cfg, kernels=("dq", "dkv"))
     dq = jnp.zeros(qh.shape, acc) if dq is None else dq
     dq = calls.backward_dq(cfg, spec, qh, kh, vh, meta, doh, lse_h, delta_h, dq=dq)

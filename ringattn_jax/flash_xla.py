@@ -64,7 +64,7 @@ def check_block_sizes(block_sizes: Optional[BlockSizes]) -> BlockSizes:
     return BlockSizes()
   if not isinstance(block_sizes, BlockSizes):
     raise ValueError("block_sizes for the XLA kernel must be a ringattn_jax.flash_xla."
-                     f"BlockSizes; got {type(block_sizes).__name__}.")
+                     f"BlockSizes; got {checks.type_name(block_sizes)}.")
   return block_sizes
 
 

@@ -29,6 +29,8 @@ import jax
 from ringattn_jax.masking import MaskSpec
 
 IMPLS = ("auto", "xla", "pallas", "reference")
+# The kernels that run on every device of the sequence-parallel functions (and models).
+SEQUENCE_PARALLEL_IMPLS = ("auto", "xla", "pallas")
 BACKENDS = ("cpu", "gpu", "tpu")
 _ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
@@ -129,10 +131,11 @@ def which_kernel(impl: str = "auto", *, backend: Optional[str] = None,
                   interpret: Optional[bool] = None, bias=None, mask=None) -> KernelChoice:
   """Which kernel an attention call with these arguments runs, and why.
 
-  Pass what the call passes: `impl`, `backend` and `interpret` as given to
-  `flash_attention`, `ring_attention` or `sharded_attention` (a model: its
-  `flash_impl` and `backend`), and `bias` / `mask` if the call has dense bias/mask
-  tensors (the arrays, or True). The other mask keywords never change the choice.
+  Pass what the call passes: `impl` and `backend` as given to `flash_attention`,
+  `ring_attention` or `sharded_attention` (a model: its `flash_impl` and `backend`),
+  `interpret` as given to `flash_attention` (the others always take the default), and
+  `bias` / `mask` if the call has dense bias/mask tensors (the arrays, or True). The
+  other mask keywords never change the choice.
 
   Returns:
     A `KernelChoice`: impl ("xla", "pallas" or "reference"), backend, interpret and the

@@ -102,7 +102,7 @@ class _Ring:
   hops_next: int  # hops of the pass sending to d + 1 (including the local hop 0)
   hops_prev: int  # hops of the pass sending to d - 1 (shards d + 1, ..., d + hops_prev)
   spec: MaskSpec
-  kernel: kernel_api.HopKernel  # the per-hop kernel (a module: hashable)
+  kernel: kernel_api.HopKernel  # the per-hop kernel (hashable)
   block_sizes: Any  # the kernel's BlockSizes
   layout: str
   derive_kv_positions: bool  # kv positions from the layout (else they travel)
@@ -320,7 +320,7 @@ def auto_head_groups(B: int, S_local: int, K: int, H: int,
              if K % c == 0 and (c == 1 or per_head * (K // c) >= MIN_PASS_ELEMENTS))
 
 
-IMPLS = ("auto", "xla", "pallas")
+IMPLS = kernel_choice.SEQUENCE_PARALLEL_IMPLS
 
 
 def hop_kernel(choice: kernel_choice.KernelChoice) -> kernel_api.HopKernel:
@@ -335,7 +335,8 @@ def check_kernel_block_sizes(kernel, choice: kernel_choice.KernelChoice, block_s
   try:
     return kernel.check_block_sizes(block_sizes)
   except ValueError as e:
-    raise ValueError(f"{e} (the kernel: {choice})") from None
+    raise ValueError(f"{e} The kernel: {choice}. Pass the kernel's own BlockSizes, or "
+                     "impl= the kernel whose BlockSizes these are.") from None
 
 
 def _prepare(q, k, v, *, axis_name, layout="contiguous", impl="auto", backend=None,
@@ -347,8 +348,8 @@ def _prepare(q, k, v, *, axis_name, layout="contiguous", impl="auto", backend=No
   choice = kernel_choice.choose(impl, arguments.MaskSpec(), backend, impls=IMPLS)
   if choice.interpret and vma.union_axes(q, k, v):
     raise ValueError(
-        "impl='pallas' on CPU runs the Pallas interpreter, which jax 0.10.2 cannot "
-        "lower inside shard_map(check_vma=True): pass check_vma=False to the "
+        "impl='pallas' on CPU runs the Pallas interpreter, which JAX cannot lower "
+        "inside shard_map(check_vma=True): pass check_vma=False to the "
         "jax.shard_map around ring_attention (sharded_attention does), or use "
         "impl='xla'.")
   kernel = hop_kernel(choice)

@@ -20,8 +20,8 @@ has) and heads over `head_axis` (default "tp" if the mesh has it).
 Every strategy runs the kernel that `impl` and `backend` choose (`kernel_choice`) on
 each device: the ring on every hop, allgather and ulysses once over the gathered keys.
 The Pallas interpreter (impl="pallas" on CPU) runs under shard_map(check_vma=False):
-jax 0.10.2's interpreter traces the kernel body while lowering, where the varying-axes
-check rejects it.
+JAX's interpreter (0.10.2) traces the kernel body while lowering, where the
+varying-axes check rejects it.
 
 Letter legend: B batch, T query length, S key length, N query heads, K key/value heads,
 H head dim; n the size of the sequence axis.
@@ -332,7 +332,8 @@ def _ring_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
   return ring.ring_attention(
       q, k, v, axis_name=plan.seq_axis, segment_ids=q_seg, kv_segment_ids=kv_seg,
       q_positions=q_pos, kv_positions=kv_pos, layout=plan.layout,
-      impl=plan.choice.impl, backend=plan.choice.backend, block_sizes=plan.block_sizes, head_groups=plan.head_groups, return_lse=True,
+      impl=plan.choice.impl, backend=plan.choice.backend, block_sizes=plan.block_sizes,
+      head_groups=plan.head_groups, return_lse=True,
       **plan.mask_kwargs())
 
 

@@ -139,6 +139,23 @@ def test_text_and_jsonl_documents(tmp_path):
   assert (np.concatenate(segments) == BOS).sum() == 4
 
 
+def test_load_text_caches_by_file_state_and_tokenizer_name(tmp_path):
+  from experiments.data import text
+  path = tmp_path / "a.txt"
+  path.write_text("one doc")
+  first = text.load_text(str(path), TOK)
+  assert text.load_text(str(path), ByteTokenizer()) is first  # same name: cached
+  assert not first.arrays[0].flags.writeable  # shared, so read-only
+  path.write_text("an edited, longer doc")
+  edited = text.load_text(str(path), TOK)
+  assert edited is not first and TOK.decode(edited.arrays[0]).startswith("an edited")
+
+  class Nameless(ByteTokenizer):
+    name = None  # no name: never cached (an id may be reused by another object)
+
+  assert text.load_text(str(path), Nameless()) is not text.load_text(str(path), Nameless())
+
+
 def test_token_arrays_npy_and_bin_split_at_eos(tmp_path):
   stream = np.array([BOS, 1, 2, EOS, BOS, 3, EOS, BOS, 4, 5, 6], np.uint16)
   np.save(tmp_path / "t.npy", stream)

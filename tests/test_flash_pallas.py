@@ -170,7 +170,7 @@ def test_bad_arguments():
   x, spec = _canonical()
   with pytest.raises(ValueError, match="compile for GPU or TPU"):
     flash_pallas.attention(x, spec, None, interpret=False, backend="cpu")
-  with pytest.raises(ValueError, match="must be flash_pallas.BlockSizes"):
+  with pytest.raises(ValueError, match="must be ringattn_jax.flash_pallas.BlockSizes; got tuple"):
     flash_pallas.attention(x, spec, (16, 16), interpret=None, backend="cpu")
 
 

@@ -17,7 +17,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import ringattn_jax
 from helpers import check_against_reference, make_qkv
-from ringattn_jax import flash_pallas, flash_xla
+from ringattn_jax import arguments, flash_pallas, flash_xla
 from ringattn_jax.ring import ring_attention, ring_hop_counts
 from ringattn_jax.sharded import sharded_attention
 
@@ -60,7 +60,8 @@ CASES = {
     # A two-sided window on 4 devices: passes in both directions, hops skipped.
     "ring-striped-gqa-window": ("ring", 4, "striped", "gqa", None,
                                 dict(local_window_size=(5, 3))),
-    # allgather runs the same single-device Pallas call on the gathered keys.
+    "allgather-striped-mqa-causal": ("allgather", 2, "striped", "mqa", None,
+                                     dict(is_causal=True)),
     "ulysses-contiguous-mha-everything": (
         "ulysses", 2, "contiguous", "mha", None,
         dict(is_causal=True, local_window_size=(12, 0), logit_softcap=3.0,
@@ -79,8 +80,9 @@ def test_interpreted_pallas_matches_oracle(name, no_xla_kernel):
   check_against_reference(pallas_sharded(mesh_1d(n), **fixed), q, k, v, **kwargs)
 
 
-def test_pallas_skips_the_same_hops_as_xla():
-  """Hop skipping and the static early stop do not depend on the kernel."""
+def test_hop_skipping_with_the_pallas_kernel():
+  """The ring driving the Pallas kernel skips (and stops after) the hops it does with
+  the XLA kernel: the plumbing of impl through the ring's plan."""
   n, Tl = 4, 8
   q, k, v, _ = make_qkv(0, 1, n * Tl, n * Tl, 2, 1, 8)
   spec = P(None, "sp")
@@ -125,8 +127,8 @@ def test_sharded_ring_lowers_with_pallas_kernels(platform, no_xla_kernel):
   mesh = mesh_1d(8)
   B, Tg, N, K, H = 1, 1024, 4, 2, 128
 
-  def loss(q, k, v):
-    out = sharded_attention(q, k, v, mesh=mesh, impl="pallas", layout="zigzag",
+  def loss(q, k, v):  # impl="auto": Pallas on the target platform
+    out = sharded_attention(q, k, v, mesh=mesh, layout="zigzag",
                             backend=_BACKEND[platform], is_causal=True)
     return jnp.sum(out.astype(jnp.float32))
 
@@ -197,7 +199,8 @@ def test_flash_attention_pallas_with_mask_names_the_feature():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(impl="reference"), r"impl must be one of \('auto', 'xla', 'pallas'\)"),
     (dict(impl="pallas", block_sizes=flash_xla.BlockSizes()),
-     r"must be flash_pallas.BlockSizes.*the kernel: pallas \(interpreted\) on cpu"),
+     r"must be ringattn_jax.flash_pallas.BlockSizes; got ringattn_jax.flash_xla.BlockSizes"
+     r".*The kernel: pallas \(interpreted\) on cpu.*or impl="),
     (dict(block_sizes=BS8), r"must be a ringattn_jax.flash_xla.BlockSizes.*impl='auto' "
      "on CPU"),
     (dict(backend="npu"), "backend must be one of"),
@@ -215,6 +218,15 @@ def test_interpreter_in_a_vma_checked_shard_map_is_a_clear_error():
                      out_specs=P(None, "sp"))
   with pytest.raises(ValueError, match="check_vma=False"):
     fn(q, k, v)
+
+
+def test_hop_kernel_rejects_what_the_ring_does_not_take():
+  q, k, v, _ = make_qkv(0, 1, 16, 16, 2, 2, 8)
+  x, spec = arguments.canonicalize(q, k, v, key_value_seq_lengths=[9])
+  hop = flash_pallas.HopKernel("cpu", True)
+  layout = hop.forward_layout(x, BS8)
+  with pytest.raises(ValueError, match="no dense bias/mask and no sequence lengths"):
+    hop.forward_blocks(x, spec, layout, q.dtype, *hop.forward_operands(q, k, v, layout))
 
 
 def test_model_config_backend_is_validated():

@@ -160,10 +160,10 @@ _MAX_STORES = 4
 
 def _store_key(files: Sequence[str], tokenizer, *options) -> tuple:
   """The files (with size and mtime, so an edited file is read again), the tokenizer
-  (class and name: a tokenizer file's path, or "byte") and the reading options."""
+  (class and name: a tokenizer file's path, or "byte") and the reading options.
+  Only tokenizers with a `name` are cached (an id could be reused by a new object)."""
   stats = tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files)
-  return (stats, type(tokenizer).__name__, getattr(tokenizer, "name", id(tokenizer)),
-          options)
+  return (stats, type(tokenizer).__name__, tokenizer.name, options)
 
 
 def load_text(path: PathSpec, tokenizer, *, text_field: str = "text",
@@ -184,7 +184,9 @@ def load_text(path: PathSpec, tokenizer, *, text_field: str = "text",
     FileNotFoundError / ValueError: see module docstring.
   """
   files = resolve_paths(path, TEXT_EXTENSIONS + JSONL_EXTENSIONS)
-  key = _store_key(files, tokenizer, text_field, doc_separator, add_bos, add_eos)
+  key = None
+  if getattr(tokenizer, "name", None) is not None:
+    key = _store_key(files, tokenizer, text_field, doc_separator, add_bos, add_eos)
   if key in _STORES:
     _STORES.move_to_end(key)
     return _STORES[key]
@@ -203,9 +205,10 @@ def load_text(path: PathSpec, tokenizer, *, text_field: str = "text",
                      doc_len=lens, sources=tuple(files))
   for a in (flat, store.doc_array, store.doc_start, lens):
     a.setflags(write=False)  # shared through the cache
-  _STORES[key] = store
-  while len(_STORES) > _MAX_STORES:
-    _STORES.popitem(last=False)
+  if key is not None:
+    _STORES[key] = store
+    while len(_STORES) > _MAX_STORES:
+      _STORES.popitem(last=False)
   return store
 
 
