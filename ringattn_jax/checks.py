@@ -116,4 +116,6 @@ def type_name(value: Any) -> str:
   """`module.QualName` of value's type, for error messages (several classes share a
   name, e.g. each kernel's BlockSizes)."""
   t = type(value)
-  return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
+  if t.__module__ == "builtins":
+    return t.__qualname__
+  return f"{t.__module__}.{t.__qualname__}"
