@@ -6,7 +6,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 from experiments import bench_lib
 from experiments.accel_checks import ARRAYS, TOLERANCES
@@ -61,6 +61,18 @@ def _err_note(rec: Dict[str, Any]) -> List[str]:
           f"`{rec['error'][:300]}`"] if rec.get("error") else []
 
 
+def _error_table(rows, lead: Callable[[Dict[str, Any]], List[str]]) -> List[str]:
+  """Table rows `| lead cells | shape | mask | errors | result | s |` of checked
+  records, then the notes of those that raised."""
+  md, notes = [], []
+  for r in rows:
+    cells = lead(r) + [_shape(r["shape"]), r["mask"], _error_rows(r), _mark(r),
+                       f"{r.get('seconds', 0):.1f}"]
+    md.append("| " + " | ".join(str(c) for c in cells) + " |")
+    notes += _err_note(r)
+  return md + (["", "Errors:"] + notes if notes else [])
+
+
 def markdown(report: Dict[str, Any]) -> List[str]:
   env, secs = report["env"], report["sections"]
   md = [f"# Accelerator check: {report.get('verdict', 'incomplete')}", "",
@@ -104,13 +116,8 @@ def _correctness(sec: Dict[str, Any]) -> List[str]:
          "GPUs).", "",
          "| case | impl | dtype | precision | shape | mask | out | lse | dq | dk | dv | "
          "result | s |", "|---" * 13 + "|"]
-  notes = []
-  for r in sec["cases"]:
-    md.append(f"| {r['case']} | {r['impl']} | {r['dtype']} | {r['matmul_precision']} | "
-              f"{_shape(r['shape'])} | {r['mask']} | {_error_rows(r)} | {_mark(r)} | "
-              f"{r.get('seconds', 0):.1f} |")
-    notes += _err_note(r)
-  return md + (["", "Errors:"] + notes if notes else [])
+  return md + _error_table(sec["cases"], lambda r: [
+      r["case"], r["impl"], r["dtype"], r["matmul_precision"]])
 
 
 def _speed(sec: Dict[str, Any]) -> List[str]:
@@ -158,15 +165,10 @@ def _ring(sec: Dict[str, Any]) -> List[str]:
          "softmax.merge_partials, backward per shard with the global lse and delta.", "",
          "| check | devices/shards | layout | shape | mask | out | lse | dq | dk | dv | "
          "result | s |", "|---" * 12 + "|"]
-  notes = []
   rows = list(sec["cases"]) + ([sec["per_hop"]] if sec.get("per_hop") else [])
-  for r in rows:
-    md.append(f"| {r['name']} | {r.get('devices', r.get('shards'))} | "
-              f"{r.get('layout', r.get('shard_positions', '-'))} | {_shape(r['shape'])} "
-              f"| {r['mask']} | {_error_rows(r)} | {_mark(r)} | "
-              f"{r.get('seconds', 0):.1f} |")
-    notes += _err_note(r)
-  return md + (["", "Errors:"] + notes if notes else [])
+  return md + _error_table(rows, lambda r: [
+      r["name"], r.get("devices", r.get("shards")),
+      r.get("layout", r.get("shard_positions", "-"))])
 
 
 def _training(sec: Dict[str, Any]) -> List[str]:
