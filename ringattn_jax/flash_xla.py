@@ -115,6 +115,10 @@ class BlockLayout:
     a = jnp.moveaxis(a, (1, 3, 4, 2), (0, 2, 3, 4))
     return a.reshape((self.nq, self.B, self.K, self.G * self.bq) + rest)
 
+  def q_rows_t(self, a):
+    """[B, T, N, H] -> transposed query rows [nq, B, K, H, G*bq]."""
+    return jnp.swapaxes(self.q_rows(a), -1, -2)
+
   def rows_to_seq(self, a):
     """Query rows [nq, B, K, G*bq, ...] -> [B, T, N, ...] (padded rows dropped)."""
     rest = a.shape[4:]
@@ -357,14 +361,23 @@ def forward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, kh,
 def backward_operands(q, k, v, lse, delta, dout, g: BlockLayout):
   """Backward inputs in the backward kernel's layout (16-bit floats as uint16 bits).
 
-  Returns (qh, doh, lse_h, delta_h) as query rows [nq, B, K, G*bq, ...] and
-  (kh, vh) as key blocks [nk, B, K, bk, H]. lse_h holds +inf where lse is -inf (rows
-  that see nothing), so that their p = exp(s - lse) = 0.
+  Returns (qh, doh, lse_h, delta_h, qth, doth): query rows [nq, B, K, G*bq, ...]
+  and, for the dK/dV matmuls, q and dO transposed [nq, B, K, H, G*bq]; and (kh, vh) as
+  key blocks [nk, B, K, bk, H]. lse_h holds +inf where lse is -inf (rows that see
+  nothing), so that their p = exp(s - lse) = 0.
+
+  Why the transposed copies: dK = dS^T Q and dV = P^T dO contract the query rows,
+  which are the *leading* axis of dS and P. XLA:CPU runs a bf16 dot whose left
+  operand contracts a non-minor axis by converting both operands to f32 (no bf16
+  matmul), and f32 ones more slowly too; computing dK^T = Q^T dS and dV^T = dO^T P
+  instead contracts the minor axis of the left operand. The copies are made once per
+  pass (hop-independent), the [H, bk] results transposed once per key block.
   """
   acc = accum_dtype(q.dtype)
-  rows = (g.q_rows(_bits(q)), g.q_rows(_bits(dout.astype(q.dtype))),
+  qb, dob = _bits(q), _bits(dout.astype(q.dtype))
+  rows = (g.q_rows(qb), g.q_rows(dob),
           g.q_rows(jnp.where(lse == -jnp.inf, jnp.inf, lse).astype(acc)),
-          g.q_rows(delta.astype(acc)))
+          g.q_rows(delta.astype(acc)), g.q_rows_t(qb), g.q_rows_t(dob))
   return rows, (g.kv_blocks(_bits(k)), g.kv_blocks(_bits(v)))
 
 
@@ -388,7 +401,7 @@ def backward(x: AttnInputs, spec: MaskSpec, block_sizes: BlockSizes, lse, delta,
 
 
 def backward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, doh, lse_h,
-                    delta_h, kh, vh, dq=None):
+                    delta_h, qth, doth, kh, vh, dq=None):
   """The backward kernel on operands already in its layout (`backward_operands`).
 
   `x` supplies positions, segment ids, lengths, bias and mask (its q, k, v are not
@@ -400,7 +413,7 @@ def backward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, do
     float32, float64 for float64) and dbias with the canonical bias shape (or None).
   """
   acc, dt = accum_dtype(dtype), dtype
-  axes = vma.union_axes(x, qh, doh, lse_h, delta_h, kh, vh, dq)
+  axes = vma.union_axes(x, qh, doh, lse_h, delta_h, qth, doth, kh, vh, dq)
   blocks = _Blocks(x, spec, g)
   _, q_sched = blocks.schedule()
   R = g.G * g.bq
@@ -412,12 +425,13 @@ def backward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, do
     kb, vb = _unbits(kb, dt), _unbits(vb, dt)
 
     def body(i, c, use_positions):
-      dk, dv, dq, dbias = c
+      dkt, dvt, dq, dbias = c  # dK^T, dV^T [B, K, H, bk]
       qb, dob = _unbits(qh[i], dt), _unbits(doh[i], dt)
       s, tanh, _ = _scores(spec, blocks, qb, kb, i, j, acc, use_positions)
       s = s.reshape(g.B, g.K, R, g.bk)
       p = jnp.exp(s - lse_h[i][..., None])
-      dv = dv + jnp.einsum("BKRC,BKRH->BKCH", p.astype(dt), dob, preferred_element_type=acc)
+      dvt = dvt + jnp.einsum("BKHR,BKRC->BKHC", _unbits(doth[i], dt), p.astype(dt),
+                             preferred_element_type=acc)
       dp = jnp.einsum("BKRH,BKCH->BKRC", dob, vb, preferred_element_type=acc)
       ds = p * (dp - delta_h[i][..., None])  # d loss / d (logits after bias)
       if dbias is not None:
@@ -426,12 +440,13 @@ def backward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, do
         ds = ds * (1.0 - jnp.square(tanh.reshape(ds.shape)))
       ds = (ds * spec.scale).astype(dt)
       dq = dq.at[i].add(jnp.einsum("BKRC,BKCH->BKRH", ds, kb, preferred_element_type=acc))
-      dk = dk + jnp.einsum("BKRC,BKRH->BKCH", ds, qb, preferred_element_type=acc)
-      return dk, dv, dq, dbias
+      dkt = dkt + jnp.einsum("BKHR,BKRC->BKHC", _unbits(qth[i], dt), ds,
+                             preferred_element_type=acc)
+      return dkt, dvt, dq, dbias
 
-    zeros_kv = vma.vary(jnp.zeros((g.B, g.K, g.bk, g.H), acc), axes)
-    dk, dv, dq, dbias = _segmented_loop(sched, body, (zeros_kv, zeros_kv, dq, dbias))
-    return (dq, dbias), (dk, dv)
+    zeros_kv = vma.vary(jnp.zeros((g.B, g.K, g.H, g.bk), acc), axes)
+    dkt, dvt, dq, dbias = _segmented_loop(sched, body, (zeros_kv, zeros_kv, dq, dbias))
+    return (dq, dbias), (jnp.swapaxes(dkt, -1, -2), jnp.swapaxes(dvt, -1, -2))
 
   dq0 = vma.vary(jnp.zeros(qh.shape, acc) if dq is None else dq.astype(acc), axes)
   dbias0 = None if bias is None else vma.vary(jnp.zeros(bias.shape, acc), axes)

@@ -62,8 +62,11 @@ class HopKernel(Protocol):
     """One hop forward: (out, lse) in query-row layout, accumulation dtype."""
 
   def backward_operands(self, q, k, v, lse, delta, dout, layout: BlockLayout):
-    """((qh, doh, lse_h, delta_h) as query rows, (kh, vh) as key blocks)."""
+    """(rows, (kh, vh)): rows, the query-side operands, a tuple that starts
+    (qh, doh, lse_h, delta_h) in query-row layout (a kernel may append more, e.g.
+    transposed copies); kh, vh as key blocks."""
 
   def backward_blocks(self, x: AttnInputs, spec: MaskSpec, layout: BlockLayout, dtype,
-                      qh, doh, lse_h, delta_h, kh, vh, dq: Optional[jax.Array] = None):
-    """One hop backward: (dq + this hop's dQ, dK, dV, dbias), layouts as the operands."""
+                      *rows_kh_vh, dq: Optional[jax.Array] = None):
+    """One hop backward on (*rows, kh, vh): (dq + this hop's dQ, dK, dV, dbias), dQ in
+    the layout of rows[0], dK, dV in that of kh."""

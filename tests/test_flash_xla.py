@@ -1,5 +1,6 @@
 """flash_attention(impl="xla") against the float64 oracle: outputs and gradients."""
 import functools
+import re
 
 import hypothesis
 import hypothesis.strategies as st
@@ -149,3 +150,33 @@ def test_masked_blocks_are_skipped():
   assert visited == 4 * 5 // 2 and unmasked == 4 * 3 // 2  # lower triangle; its interior
   (lo, _, _, hi), _ = schedule.block_schedule(MaskSpec(window=(16, 0)), pos, pos, 16, 16)
   np.testing.assert_array_equal(hi - lo, [1, 2, 2, 2])
+
+
+def _dot_operand_dtypes(hlo_text):
+  """[(dot name, operand dtypes)] of every dot in compiled HLO text; operand dtypes
+  resolved within each computation (instruction names are local to it)."""
+  dots, types = [], {}
+  for line in hlo_text.splitlines():
+    if line.endswith("{") and not line.startswith(" "):
+      types = {}  # a new computation
+    m = re.match(r"\s*(?:ROOT )?%(\S+) = (\w+)\[", line)
+    if not m:
+      continue
+    types[m.group(1)] = m.group(2)
+    d = re.search(r" dot\(%([^,]+), %([^)]+)\)", line)
+    if d:
+      dots.append((m.group(1), [types.get(d.group(1)), types.get(d.group(2))]))
+  return dots
+
+
+def test_bf16_backward_matmuls_stay_bf16():
+  """Every matmul of the bf16 forward+backward takes bf16 operands: XLA:CPU converts
+  both operands of a dot whose left operand contracts a non-minor axis to float32 (the
+  slow path), so the kernel arranges each dot the other way (dK^T = Q^T dS, ...)."""
+  q, k, v, _ = make_qkv(0, 1, 256, 256, 4, 2, 64, dtype=jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(xla(BlockSizes(64, 128, 128, 64))(
+      q, k, v, is_causal=True).astype(jnp.float32))
+  text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(q, k, v).compile().as_text()
+  dots = _dot_operand_dtypes(text)
+  assert len(dots) >= 5, dots  # s and o (forward); s, dp, dv, dq, dk (backward)
+  assert all(types == ["bf16", "bf16"] for _, types in dots), dots
