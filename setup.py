@@ -10,6 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["ringattn_jax*", "models*", "experiments*", "configs*"]),
+    # Tuned block-size tables (ringattn_jax.tuning) ship with the package.
+    package_data={"ringattn_jax": ["tuned/*.json"]},
     install_requires=[
         "jax>=0.10.2",
         "flax>=0.12.8",

@@ -38,6 +38,10 @@ import numpy as np
 
 from ringattn_jax import flash_attention
 from ringattn_jax import flash_xla
+from ringattn_jax import kernel_choice
+from ringattn_jax import machine as machine_lib
+from ringattn_jax import tuning
+from ringattn_jax.arguments import MaskSpec
 from ringattn_jax.cpu_devices import add_serial_execution_flag
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,8 +104,12 @@ def attention_flops(B, N, T, S, H, causal: bool, backward: bool) -> float:
 
 
 def xla_block_sizes(block_q: Optional[int] = None,
-                    block_k: Optional[int] = None) -> flash_xla.BlockSizes:
-  """flash_xla's default block sizes, with block_q(_bwd) / block_k(_bwd) overridden."""
+                    block_k: Optional[int] = None) -> Optional[flash_xla.BlockSizes]:
+  """flash_xla's default block sizes with block_q(_bwd) / block_k(_bwd) overridden;
+  None when neither is given: the kernels then use the machine's tuned table
+  (`ringattn_jax.tuning`), which `environment` names."""
+  if not block_q and not block_k:
+    return None
   bs = flash_xla.BlockSizes()
   if block_q:
     bs = dataclasses.replace(bs, block_q=block_q, block_q_bwd=block_q)
@@ -211,10 +219,16 @@ def run_worker(module: str, args: Sequence[str], tag: str,
 
 
 def environment(**device_fields) -> Dict[str, Any]:
-  """The backend, `device_fields` (each script describes its devices), the CPU count,
-  the jax version and the machine: the start of every results file's `env`."""
-  return dict(backend=jax.default_backend(), **device_fields, cpu_count=os.cpu_count(),
-              jax=jax.__version__, machine=platform.machine())
+  """The backend, `device_fields` (each script describes its devices), the CPU (vendor,
+  model, instruction sets) and its count, the jax version, the machine and the tuned
+  block-size table the kernels use: the start of every results file's `env`, so that
+  results from different machines are never mixed up."""
+  backend = jax.default_backend()
+  return dict(backend=backend, **device_fields,
+              cpu=machine_lib.cpu_machine().describe(), cpu_count=os.cpu_count(),
+              jax=jax.__version__, machine=platform.machine(),
+              block_table=tuning.table_in_use(kernel_choice.choose(
+                  "auto", MaskSpec(), backend)))
 
 
 def write_results(prefix: str, payload: Any, md_lines: Sequence[str]) -> None:
@@ -224,6 +238,11 @@ def write_results(prefix: str, payload: Any, md_lines: Sequence[str]) -> None:
     json.dump(payload, f, indent=1)
   with open(prefix + ".md", "w", encoding="utf-8") as f:
     f.write("\n".join(md_lines) + "\n")
+
+
+def asdict_or_none(obj) -> Optional[Dict[str, Any]]:
+  """dataclasses.asdict, or None for None (block sizes left to the tables)."""
+  return None if obj is None else dataclasses.asdict(obj)
 
 
 def fmt(x, spec: str) -> str:

@@ -28,6 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from experiments import bench_lib
+from ringattn_jax import kernel_choice
+from ringattn_jax import tuning
+from ringattn_jax.arguments import MaskSpec
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("preset", "full", ["full", "quick"],
@@ -62,6 +65,7 @@ class Row:
   fwd_tflops: Optional[float]
   fwd_bwd_ms: Optional[float]
   fwd_bwd_tflops: Optional[float]
+  blocks: str = "-"  # the block sizes the kernel ran with (flash impls)
 
 
 def available_impls(requested: List[str]) -> List[str]:
@@ -78,6 +82,17 @@ def xla_block_sizes():
 def _block_sizes(impl: str):
   """--xla_block_q/k for the XLA kernel; every other impl takes its defaults."""
   return xla_block_sizes() if impl == "xla" else None
+
+
+def blocks_used(impl: str, dtype, T: int, causal: bool) -> str:
+  """The block sizes `impl` runs at this shape (flags, else the tuned table, else the
+  kernel's defaults), compactly: "256x512/512x256" (forward q x k / backward ...)."""
+  if impl == "dense":
+    return "-"
+  choice = kernel_choice.choose(impl, MaskSpec(is_causal=causal))
+  bs = tuning.resolve(choice, _block_sizes(impl), dtype, T, T, FLAGS.head_dim, 1, causal)
+  return "/".join("x".join(str(getattr(bs, f)) for f in fields)
+                  for fields in tuning.PASS_FIELDS[choice.impl].values())
 
 
 def run_speed(seq_lens, dtypes, causals, impls) -> List[Row]:
@@ -101,7 +116,8 @@ def run_speed(seq_lens, dtypes, causals, impls) -> List[Row]:
           fl = lambda bwd, t: None if t is None else bench_lib.attention_flops(
               B, N, T, T, H, causal, bwd) / t / 1e12
           row = Row(impl, dtype_name, causal, T, t_f * 1e3, fl(False, t_f),
-                    None if t_fb is None else t_fb * 1e3, fl(True, t_fb))
+                    None if t_fb is None else t_fb * 1e3, fl(True, t_fb),
+                    blocks_used(impl, dtype, T, causal))
           print(_fmt_row(row), flush=True)
           rows.append(row)
   return rows
@@ -125,7 +141,7 @@ def _fmt_row(r: Row) -> str:
   f = bench_lib.fmt
   return (f"| {r.impl:6s} | {r.dtype:8s} | {str(r.causal):5s} | {r.T:6d} | "
           f"{f(r.fwd_ms, '9.1f')} | {f(r.fwd_tflops, '6.3f')} | "
-          f"{f(r.fwd_bwd_ms, '9.1f')} | {f(r.fwd_bwd_tflops, '6.3f')} |")
+          f"{f(r.fwd_bwd_ms, '9.1f')} | {f(r.fwd_bwd_tflops, '6.3f')} | {r.blocks} |")
 
 
 def summarize(rows: List[Row], matmul: Dict[str, float]) -> List[str]:
@@ -154,9 +170,16 @@ def summarize(rows: List[Row], matmul: Dict[str, float]) -> List[str]:
     for causal in (False, True):
       a, b = by.get(("xla", "float32", causal, T)), by.get(("xla", "bfloat16", causal, T))
       if a and b:
-        lines.append(f"T={T} causal={causal}: bf16 speed-up over f32 {a.fwd_ms / b.fwd_ms:.2f}x"
-                     + (f" fwd, {a.fwd_bwd_ms / b.fwd_bwd_ms:.2f}x fwd+bwd"
-                        if a.fwd_bwd_ms and b.fwd_bwd_ms else " fwd"))
+        line = f"T={T} causal={causal}: bf16 speed-up over f32 {a.fwd_ms / b.fwd_ms:.2f}x"
+        if a.fwd_bwd_ms and b.fwd_bwd_ms:
+          line += f" fwd, {a.fwd_bwd_ms / b.fwd_bwd_ms:.2f}x fwd+bwd"
+          if "float32" in matmul and "bfloat16" in matmul:
+            mm = matmul["bfloat16"] / matmul["float32"]
+            line += (f"; the machine's bf16/f32 matmul ratio {mm:.2f}x, so fwd+bwd gets "
+                     f"{a.fwd_bwd_ms / b.fwd_bwd_ms / mm:.0%} of it (target >= 80%)")
+        else:
+          line += " fwd"
+        lines.append(line)
   return lines
 
 
@@ -169,12 +192,13 @@ def main(argv):
   impls = available_impls(FLAGS.impls)
   B, N, H = FLAGS.batch, FLAGS.heads, FLAGS.head_dim
   env = bench_lib.environment(devices=str(jax.devices()[0].device_kind))
-  env.update(B=B, N=N, H=H, xla_block_sizes=dataclasses.asdict(xla_block_sizes()))
+  env.update(B=B, N=N, H=H, xla_block_sizes=bench_lib.asdict_or_none(xla_block_sizes()))
   print(f"# attention benchmark on {env}")
   matmul = {dt: bench_lib.matmul_throughput(jnp.dtype(dt)) for dt in FLAGS.dtypes}
   for dt, v in matmul.items():
     print(f"matmul 4096^3 {dt} (f32 accumulation): {v / 1e12:.3f} TFLOP/s")
-  print("| impl   | dtype    | causal|      T |    fwd ms | TFLOP/s | fwd+bwd ms | TFLOP/s |")
+  print("| impl   | dtype    | causal|      T |    fwd ms | TFLOP/s | fwd+bwd ms | TFLOP/s "
+        "| blocks |")
   rows = run_speed(seq_lens, FLAGS.dtypes, causals, impls)
   mem = run_memory(mem_lens, [i for i in impls if i != "pallas"])
   summary = summarize(rows, matmul)
@@ -186,8 +210,8 @@ def main(argv):
 def write_results(out_dir, env, matmul, rows, mem, summary):
   md = [f"# Attention benchmark\n", f"Environment: `{json.dumps(env)}`\n"]
   md += [f"- matmul 4096^3 {dt}: {v / 1e12:.3f} TFLOP/s" for dt, v in matmul.items()]
-  md += ["", "| impl | dtype | causal | T | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s |",
-         "|---|---|---|---|---|---|---|---|"]
+  md += ["", "| impl | dtype | causal | T | fwd ms | fwd TFLOP/s | fwd+bwd ms | "
+         "fwd+bwd TFLOP/s | blocks (fwd q x k / bwd) |", "|---|---|---|---|---|---|---|---|---|"]
   md += [_fmt_row(r) for r in rows]
   md += ["", "Compiled temp memory of forward+backward (causal, float32):", "",
          "| impl | T | temp MiB |", "|---|---|---|"]

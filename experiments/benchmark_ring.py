@@ -216,7 +216,7 @@ def main(argv):
   env = bench_lib.environment(device_kind=str(jax.devices()[0].device_kind),
                               devices=len(jax.devices()))
   env.update(preset=FLAGS.preset, xla_flags=os.environ.get("XLA_FLAGS", ""),
-             xla_block_sizes=dataclasses.asdict(xla_block_sizes()),
+             xla_block_sizes=bench_lib.asdict_or_none(xla_block_sizes()),
              **dataclasses.asdict(cfg), sections=sections)
   bench_lib.log(f"# ring benchmark on {env}")
   run = Runner(cfg, xla_block_sizes())

@@ -7,6 +7,7 @@ from ringattn_jax import arguments
 from ringattn_jax import flash_pallas
 from ringattn_jax import flash_xla
 from ringattn_jax import kernel_choice
+from ringattn_jax import tuning
 from ringattn_jax.reference import reference_attention
 
 
@@ -35,7 +36,8 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
       default) means jax.default_backend(). Another platform than the machine's builds
       a program to export (`jax.export`), not to run.
     block_sizes: the chosen kernel's BlockSizes (flash_xla.BlockSizes or
-      flash_pallas.BlockSizes); None for defaults.
+      flash_pallas.BlockSizes). None (the default): the machine's tuned table for this
+      shape and dtype, else the kernel's defaults (`ringattn_jax.tuning`).
     interpret: Pallas only: force the interpreter on (True) or off (False); default:
       interpret exactly when the backend is CPU.
     return_lse: also return the log-sum-exp of the logits, [B, T, N] float32.
@@ -65,6 +67,9 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
       raise ValueError("block_sizes has no meaning for impl='reference'.")
     return reference_attention(q, k, v, bias, mask, return_lse=return_lse,
                                **mask_kwargs)
+  block_sizes = tuning.resolve(choice, block_sizes, x.q.dtype, x.q.shape[1],
+                               x.k.shape[1], x.q.shape[3], x.q.shape[2] // x.k.shape[2],
+                               spec.is_causal)
   if choice.impl == "xla":
     out, lse = flash_xla.attention(x, spec, block_sizes)
   else:

@@ -45,6 +45,19 @@ def shard_multiple(layout: str, n: int) -> int:
   return 2 * n if layout == "zigzag" and n > 1 else n
 
 
+def contiguous_run(layout: str, n: int, L_local: int) -> int:
+  """Length of the runs of consecutive true positions in a local shard of L_local.
+
+  contiguous: the whole shard; zigzag: each of its two chunks; striped: 1 (on one
+  device every layout is contiguous). A kernel block that straddles two runs spans
+  distant positions, so causal/window masks can never skip it whole.
+  """
+  check_layout(layout)
+  if n == 1 or layout == "contiguous":
+    return L_local
+  return L_local // 2 if layout == "zigzag" else 1
+
+
 def check_length(name: str, T: int, layout: str, n: int, axis_desc: str = "") -> None:
   """Raises a ValueError unless T splits evenly under `layout` on n devices."""
   m = shard_multiple(layout, n)

@@ -84,6 +84,7 @@ from ringattn_jax import layouts
 from ringattn_jax import rotation
 from ringattn_jax import schedule
 from ringattn_jax import softmax
+from ringattn_jax import tuning
 from ringattn_jax.arguments import AttnInputs, MaskSpec, accum_dtype
 
 
@@ -91,6 +92,12 @@ from ringattn_jax.arguments import AttnInputs, MaskSpec, accum_dtype
 # pass's K (or V) shard at >= this many elements per device (512 tokens x 128 dims);
 # smaller passes would only add per-pass overhead to memory that does not matter.
 MIN_PASS_ELEMENTS = 1 << 16
+
+# With a causal or window mask and default (or tuned) block sizes, blocks are capped at
+# the layout's run of consecutive positions (`layouts.contiguous_run`: half a zigzag
+# shard), when that run is at least this long: a block straddling two runs can never be
+# skipped, and on the zigzag ring about a third of such blocks' work is masked out.
+MIN_RUN_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,7 +360,8 @@ def _prepare(q, k, v, *, axis_name, layout="contiguous", impl="auto", backend=No
         "jax.shard_map around ring_attention (sharded_attention does), or use "
         "impl='xla'.")
   kernel = hop_kernel(choice)
-  block_sizes = check_kernel_block_sizes(kernel, choice, block_sizes)
+  if block_sizes is not None:
+    block_sizes = check_kernel_block_sizes(kernel, choice, block_sizes)
   n = lax.axis_size(axis_name)
   d = lax.axis_index(axis_name)
   Tl, Sl = jnp.shape(q)[1], jnp.shape(k)[1]
@@ -367,6 +375,10 @@ def _prepare(q, k, v, *, axis_name, layout="contiguous", impl="auto", backend=No
     mask_kwargs["kv_positions"] = layouts.local_positions(layout, n, Sl, d)
   x, spec = arguments.canonicalize(q, k, v, **mask_kwargs)
   B, _, K, H = x.k.shape
+  run = min(layouts.contiguous_run(layout, n, Tl), layouts.contiguous_run(layout, n, Sl))
+  block_sizes = tuning.resolve(
+      choice, block_sizes, x.q.dtype, Tl, Sl, H, x.q.shape[2] // K, spec.is_causal,
+      max_block=run if spec.uses_positions and run >= MIN_RUN_BLOCK else None)
   if head_groups is None:
     head_groups = auto_head_groups(B, Sl, K, H, choice.backend)
   elif not checks.is_int(head_groups) or head_groups <= 0 or K % head_groups:
@@ -405,7 +417,10 @@ def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
     backend: the platform the kernel is built for ("cpu", "gpu", "tpu"); None (the
       default): jax.default_backend(). Another platform builds a program to export.
     block_sizes: the chosen kernel's block sizes (`flash_xla.BlockSizes` or
-      `flash_pallas.BlockSizes`), clamped to Tl/Sl; None for its defaults.
+      `flash_pallas.BlockSizes`), clamped to Tl/Sl. None (the default): the machine's
+      tuned table for the local shapes, else the kernel's defaults (`tuning`); with a
+      causal or window mask capped at the layout's run of consecutive positions (half
+      a zigzag shard; `MIN_RUN_BLOCK`).
     head_groups: the ring makes this many passes, each over K / head_groups key/value
       heads (and their query heads); must divide K. Memory per device beyond the
       inputs, outputs and (out, lse) shrinks with it; the number of transfers and of

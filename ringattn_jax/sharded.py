@@ -44,6 +44,7 @@ from ringattn_jax import flash_xla
 from ringattn_jax import kernel_choice
 from ringattn_jax import layouts
 from ringattn_jax import ring
+from ringattn_jax import tuning
 
 STRATEGIES = ("ring", "allgather", "ulysses")
 DEFAULT_BATCH_AXES = ("dp", "fsdp")
@@ -176,7 +177,9 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
       default): jax.default_backend(). Another platform builds a program to export
       with `jax.export`, not to run.
     block_sizes: the chosen kernel's block sizes (`flash_xla.BlockSizes` or
-      `flash_pallas.BlockSizes`); None for its defaults.
+      `flash_pallas.BlockSizes`). None: the machine's tuned table for the shapes each
+      device's kernel sees, else the kernel's defaults (`ringattn_jax.tuning`; the
+      ring also caps them at its layout's runs, see `ring_attention`).
     head_groups: strategy="ring" only: passes of the ring, each over that fraction of
       the (per-device) key/value heads (see `ring_attention`); default automatic.
     return_lse: also return the log-sum-exp [B, T, N] float32.
@@ -201,8 +204,9 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
                                 arguments.SEQUENCE_PARALLEL_KEYWORDS)
   layouts.check_layout(layout)
   choice = kernel_choice.choose(impl, arguments.MaskSpec(), backend, impls=ring.IMPLS)
-  block_sizes = ring.check_kernel_block_sizes(ring.hop_kernel(choice), choice,
-                                              block_sizes)
+  if block_sizes is not None:
+    block_sizes = ring.check_kernel_block_sizes(ring.hop_kernel(choice), choice,
+                                                block_sizes)
   if head_groups is not None and strategy != "ring":
     raise ValueError(f"head_groups applies to strategy='ring' only; got strategy="
                      f"{strategy!r}.")
@@ -360,11 +364,14 @@ def _attend(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
   x, spec = arguments.canonicalize(
       q, k, v, segment_ids=q_seg, kv_segment_ids=kv_seg, q_positions=q_pos,
       kv_positions=kv_pos, **plan.mask_kwargs())
+  block_sizes = tuning.resolve(plan.choice, plan.block_sizes, x.q.dtype, x.q.shape[1],
+                               x.k.shape[1], x.q.shape[3],
+                               x.q.shape[2] // x.k.shape[2], spec.is_causal)
   if plan.choice.impl == "pallas":
-    return flash_pallas.attention(x, spec, plan.block_sizes,
+    return flash_pallas.attention(x, spec, block_sizes,
                                   interpret=plan.choice.interpret,
                                   backend=plan.choice.backend)
-  return flash_xla.attention(x, spec, plan.block_sizes)
+  return flash_xla.attention(x, spec, block_sizes)
 
 
 def _allgather_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):

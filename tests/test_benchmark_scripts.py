@@ -12,6 +12,9 @@ import sys
 
 import pytest
 
+from ringattn_jax import machine
+from ringattn_jax import tuning
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -36,6 +39,31 @@ def test_benchmark_attention_quick(tmp_path):
   assert {(m["impl"], m["T"]) for m in res["memory"]} == {("dense", 256), ("xla", 256)}
   md = (tmp_path / "attention_benchmark.md").read_text()
   assert "| xla    | float32  | True  |    256 |" in md
+  # Results name the CPU and the block sizes each row ran with (this suite turns the
+  # tuned tables off: the kernel's defaults, clamped to T by the kernel).
+  assert res["env"]["cpu"].startswith("cpu: ")
+  assert res["env"]["block_table"] == "none: the xla kernel's defaults"
+  assert [r["blocks"] for r in res["rows"] if r["impl"] == "xla"] == ["256x512/512x256"]
+
+
+@pytest.mark.slow
+def test_tune_kernels_quick(tmp_path):
+  out = tmp_path / "table.json"
+  _run("experiments.tune_kernels", "--quick", f"--out={out}")
+  table = tuning.load_table(str(out))
+  assert table.kernel == "xla" and table.machine == machine.current("cpu")
+  assert [(e.pass_, e.T, e.H, e.causal) for e in table.entries] == [
+      ("backward", 256, 32, True), ("forward", 256, 32, True)]
+  for e in table.entries:
+    assert 0 < e.ms <= e.default_ms
+  # A second run merges into the same file; one for another machine is refused.
+  data = json.loads(out.read_text())
+  data["machine"]["model"] = "another CPU"
+  out.write_text(json.dumps(data))
+  proc = subprocess.run([sys.executable, "-m", "experiments.tune_kernels", "--quick",
+                         f"--out={out}"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=180)
+  assert proc.returncode != 0 and "not this machine" in proc.stderr + proc.stdout
 
 
 @pytest.mark.slow

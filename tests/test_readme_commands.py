@@ -30,6 +30,7 @@ ELSEWHERE = {
     "experiments.benchmark_attention": "tests/test_benchmark_scripts.py",
     "experiments.benchmark_ring": "tests/test_benchmark_scripts.py",
     "experiments.accelerator_check": "tests/test_accelerator_check.py (--quick)",
+    "experiments.tune_kernels": "tests/test_benchmark_scripts.py (--quick)",
     "make test": "the test suite itself",
     "make clean": "deletes .venv: never run by the tests",
 }

@@ -270,3 +270,47 @@ def test_ring_hops_make_no_layout_copies():
   prims = _loop_primitives(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv).jaxpr)
   assert "ppermute" in prims  # K/V (and dK/dV) travel; nothing else moves
   assert not prims & {"transpose", "pad", "concatenate", "copy", "copy_p"}, prims
+
+
+def _loop_eqns(jaxpr, names, in_loop=False, found=None):
+  """(primitive, input avals) of the `names` primitives inside loops."""
+  found = [] if found is None else found
+  for eqn in jaxpr.eqns:
+    if in_loop and eqn.primitive.name in names:
+      found.append((eqn.primitive.name, [v.aval for v in eqn.invars]))
+    inner = in_loop or eqn.primitive.name in ("while", "scan")
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        sub = getattr(sub, "jaxpr", sub)
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          _loop_eqns(sub, names, inner, found)
+  return found
+
+
+def test_ring_hops_make_no_layout_copies_xla():
+  """The XLA kernel on the ring: inside the hop loops nothing is padded, and the only
+  transposes are of this hop's float32 dK^T / dV^T blocks [B, K, H, bk] (the backward
+  computes them transposed so that every matmul takes the fast path): q, K, V, dO and
+  their transposed copies keep their layout for the whole pass."""
+  mesh = mesh_1d(8)
+  sh = NamedSharding(mesh, P(None, "sp"))
+  q = jax.ShapeDtypeStruct((1, 1024, 4, 64), jnp.bfloat16, sharding=sh)
+  kv = jax.ShapeDtypeStruct((1, 1024, 2, 64), jnp.bfloat16, sharding=sh)
+
+  def loss(q, k, v):
+    return jnp.sum(sharded_attention(q, k, v, mesh=mesh, impl="xla", layout="zigzag",
+                                     is_causal=True).astype(jnp.float32))
+
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv).jaxpr
+  found = _loop_eqns(jaxpr, {"transpose", "pad", "concatenate", "ppermute"})
+  assert any(name == "ppermute" for name, _ in found)
+  # Integer metadata (this hop's true key positions) may be built per hop; data may
+  # not (bf16 data moves as uint16 bits).
+  data = lambda a: jnp.issubdtype(a.dtype, jnp.floating) or a.dtype == jnp.uint16
+  moved = [(name, avals) for name, avals in found
+           if name != "ppermute" and any(data(a) for a in avals)]
+  assert moved, "the backward transposes its dK^T/dV^T blocks"
+  for name, avals in moved:
+    assert name == "transpose", (name, avals)
+    (a,) = avals
+    assert a.dtype == jnp.float32 and a.shape[-2] == 64 and a.ndim == 4, a
