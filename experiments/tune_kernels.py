@@ -6,7 +6,9 @@ block sizes of the kernel the backend runs (the XLA kernel on CPU; Pallas on GPU
 first the forward pass over the forward candidates, then forward+backward over the
 backward candidates with the forward's best blocks fixed. Each pass's fastest
 candidate (median of `--repeats` runs after a warm-up, `block_until_ready`) becomes a
-table entry, with its time and the defaults' time. The table is keyed on this machine
+table entry, with its time and the defaults' time; the defaults stay unless a
+candidate beats them by `--min_gain` (timing noise would otherwise pick at random).
+Run it on an otherwise idle machine. The table is keyed on this machine
 (`ringattn_jax.machine`: CPU vendor, model and instruction sets; GPU/TPU device
 kind) and read by `ringattn_jax.tuning` whenever no block sizes are passed.
 
@@ -46,19 +48,28 @@ from ringattn_jax import tuning
 from ringattn_jax.arguments import MaskSpec
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("seq_lens", ["512", "2048", "8192"], "T (= S) values to tune at.")
-flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Input dtypes.")
-flags.DEFINE_list("causal", ["true", "false"], "Causal settings.")
-flags.DEFINE_list("passes", list(tuning.PASSES), "Passes to tune.")
-flags.DEFINE_integer("batch", 1, "B.")
-flags.DEFINE_integer("heads", 8, "N.")
-flags.DEFINE_integer("kv_heads", None, "K (default N).")
-flags.DEFINE_integer("head_dim", 128, "H.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per candidate (median).")
-flags.DEFINE_float("budget_s", None, "Stop starting new candidates after this long.")
-flags.DEFINE_string("out", None, "Table file (default: ringattn_jax/tuned/<machine>.json).")
-flags.DEFINE_bool("merge", True, "Keep the out file's entries for shapes not re-tuned.")
-flags.DEFINE_bool("quick", False, "T=256, H=32, float32, causal only, 1 repeat.")
+
+
+def define_flags() -> None:
+  """The command line's flags (defined only when run as a script, so that other
+  entry points, e.g. the accelerator check, can import `tune_entries`)."""
+  flags.DEFINE_list("seq_lens", ["512", "2048", "8192"], "T (= S) values to tune at.")
+  flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Input dtypes.")
+  flags.DEFINE_list("causal", ["true", "false"], "Causal settings.")
+  flags.DEFINE_list("passes", list(tuning.PASSES), "Passes to tune.")
+  flags.DEFINE_integer("batch", 1, "B.")
+  flags.DEFINE_integer("heads", 8, "N.")
+  flags.DEFINE_integer("kv_heads", None, "K (default N).")
+  flags.DEFINE_integer("head_dim", 128, "H.")
+  flags.DEFINE_integer("repeats", 3, "Timed runs per candidate (median).")
+  flags.DEFINE_float("budget_s", None, "Stop starting new candidates after this long.")
+  flags.DEFINE_string("out", None, "Table file (default: ringattn_jax/tuned/<machine>.json).")
+  flags.DEFINE_bool("merge", True, "Keep the out file's entries for shapes not re-tuned.")
+  flags.DEFINE_bool("quick", False, "T=256, H=32, float32, causal only, 1 repeat.")
+  flags.DEFINE_float("min_gain", 0.05,
+                     "A candidate replaces the defaults only if this much faster (a guard "
+                     "against timing noise: about +-10% run to run on a shared VM).")
+
 
 # Candidate blocks per kernel and pass: each tuple is a candidate's pass fields (in
 # `tuning.PASS_FIELDS` order). Pallas backward: (a, b) = dq (block_q, block_k) and
@@ -103,6 +114,7 @@ class Tuner:
   H: int
   repeats: int
   deadline: Optional[float]
+  min_gain: float = 0.0
 
   def time_ms(self, blocks, dtype, T: int, causal: bool, backward: bool) -> float:
     shape = lambda n: (self.B, T, n, self.H)
@@ -140,7 +152,16 @@ class Tuner:
           bench_lib.log(f"    {cand}: failed ({type(e).__name__}: {str(e)[:100]})")
           continue
         bench_lib.log(f"    {cand}: {ms:.1f} ms")
-        top = min(top, (ms, cand))
+        if ms < top[0] and ms * (1 + self.min_gain) < default_ms:
+          top = (ms, cand)
+      # The defaults again, last: the first program a process times often runs slower
+      # (cold caches, thread pools), which would credit the candidates with a gain.
+      again = self.time_ms(best, dtype, T, causal, backward)
+      bench_lib.log(f"    defaults again: {again:.1f} ms")
+      default_ms = min(default_ms, again)
+      default_blocks = tuple(getattr(best, f) for f in fields)
+      if top[0] * (1 + self.min_gain) >= default_ms:
+        top = (default_ms, default_blocks)
       best = dataclasses.replace(best, **dict(zip(fields, top[1])))
       G = self.N // self.K
       entries.append(tuning.Entry(dtype, pass_, causal, T, T, self.H, G,
@@ -157,6 +178,43 @@ def merge(old: Optional[tuning.Table], new: List[tuning.Entry]) -> List[tuning.E
   return sorted(kept + new, key=lambda e: (e.dtype, e.pass_, not e.causal, e.T, e.H))
 
 
+def tune_entries(choice: kernel_choice.KernelChoice, seq_lens, dtypes, causals, *,
+                 passes=tuning.PASSES, B: int = 1, N: int = 8, K: Optional[int] = None,
+                 H: int = 128, repeats: int = 3, budget_s: Optional[float] = None,
+                 min_gain: float = 0.05) -> List[tuning.Entry]:
+  """Tunes `choice`'s kernel at every (causal, dtype, T); the table's entries."""
+  deadline = None if budget_s is None else time.monotonic() + budget_s
+  tuner = Tuner(choice, B, N, K or N, H, repeats, deadline, min_gain)
+  entries = []
+  for causal, dtype, T in itertools.product(causals, dtypes, seq_lens):
+    if tuner.out_of_time():
+      break
+    entries += tuner.tune(dtype, T, causal, passes)
+  return entries
+
+
+def existing_table(out: str, choice, machine) -> Optional[tuning.Table]:
+  """`out`'s table if it exists (exits if it is another kernel's or machine's)."""
+  old = tuning.load_table(out) if os.path.exists(out) else None
+  if old is not None and (old.kernel, old.machine) != (choice.impl, machine):
+    raise SystemExit(f"{out} holds a table for {old.kernel} on {old.machine.describe()},"
+                     " not this machine: pass another --out or --nomerge.")
+  return old
+
+
+def write_table(out: str, choice: kernel_choice.KernelChoice, machine, entries,
+                merge_old: bool = True, command: str = "") -> tuning.Table:
+  """Writes (merging into `out`'s entries for the same machine) and returns the table."""
+  old = existing_table(out, choice, machine) if merge_old else None
+  table = tuning.Table(choice.impl, machine, tuple(merge(old, entries)), out,
+                       jax.__version__, command)
+  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+  with open(out, "w", encoding="utf-8") as f:
+    json.dump(table.to_json(), f, indent=1)
+    f.write("\n")
+  return table
+
+
 def main(argv):
   del argv
   backend = jax.default_backend()
@@ -169,34 +227,26 @@ def main(argv):
     dtypes, H, repeats = FLAGS.dtypes, FLAGS.head_dim, FLAGS.repeats
     causals = [c.lower() in ("1", "true", "yes") for c in FLAGS.causal]
   out = FLAGS.out or default_out(choice.impl, machine)
+  if FLAGS.merge:
+    existing_table(out, choice, machine)  # before spending time on tuning
   bench_lib.log(f"# tuning the {choice.impl} kernel on {machine.describe()}\n"
                 f"# jax {jax.__version__}; writing {out}")
-  deadline = None if FLAGS.budget_s is None else time.monotonic() + FLAGS.budget_s
-  tuner = Tuner(choice, FLAGS.batch, FLAGS.heads, FLAGS.kv_heads or FLAGS.heads, H,
-                repeats, deadline)
-  entries = []
-  for causal, dtype, T in itertools.product(causals, dtypes, seq_lens):
-    if tuner.out_of_time():
-      break
-    entries += tuner.tune(dtype, T, causal, FLAGS.passes)
-  old = tuning.load_table(out) if FLAGS.merge and os.path.exists(out) else None
-  if old is not None and (old.kernel, old.machine) != (choice.impl, machine):
-    raise SystemExit(f"{out} holds a table for {old.kernel} on {old.machine.describe()},"
-                     " not this machine: pass another --out or --nomerge.")
-  table = tuning.Table(choice.impl, machine, tuple(merge(old, entries)), out,
-                       jax.__version__, "python -m experiments.tune_kernels "
-                       + " ".join(sys.argv[1:]))
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, "w", encoding="utf-8") as f:
-    json.dump(table.to_json(), f, indent=1)
-    f.write("\n")
+  entries = tune_entries(choice, seq_lens, dtypes, causals, passes=FLAGS.passes,
+                         B=FLAGS.batch, N=FLAGS.heads, K=FLAGS.kv_heads, H=H,
+                         repeats=repeats, budget_s=FLAGS.budget_s, min_gain=FLAGS.min_gain)
+  table = write_table(out, choice, machine, entries, FLAGS.merge,
+                      "python -m experiments.tune_kernels " + " ".join(sys.argv[1:]))
   for e in entries:
-    gain = e.default_ms / e.ms if e.ms else float("nan")
-    bench_lib.log(f"{e.dtype:9s} {e.pass_:8s} causal={e.causal!s:5s} T={e.T:6d}: "
-                  f"{dict(e.blocks)} {e.ms:.1f} ms (defaults {e.default_ms:.1f} ms, "
-                  f"{gain:.2f}x)")
+    bench_lib.log(describe_entry(e))
   bench_lib.log(f"wrote {out} ({len(table.entries)} entries)")
 
 
+def describe_entry(e: tuning.Entry) -> str:
+  gain = e.default_ms / e.ms if e.ms else float("nan")
+  return (f"{e.dtype:9s} {e.pass_:8s} causal={e.causal!s:5s} T={e.T:6d}: "
+          f"{dict(e.blocks)} {e.ms:.1f} ms (defaults {e.default_ms:.1f} ms, {gain:.2f}x)")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
