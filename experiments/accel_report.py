@@ -88,7 +88,8 @@ def markdown(report: Dict[str, Any]) -> List[str]:
   md += [""] + _correctness(secs.get("correctness", {})) + [""]
   md += _speed(secs.get("speed", {})) + [""]
   md += _ring(secs.get("ring", {})) + [""]
-  md += _training(secs.get("training", {}))
+  md += _training(secs.get("training", {})) + [""]
+  md += _tuning(secs.get("tuning", {}))
   return md
 
 
@@ -196,3 +197,16 @@ def _training(sec: Dict[str, Any]) -> List[str]:
     md += [f"| {i + 1} | {x:.5f} | {y:.5f} | {x - y:+.2e} |"
            for i, (x, y) in enumerate(zip(a, b))]
   return md + (["", "Errors:"] + notes if notes else [])
+
+
+def _tuning(sec: Dict[str, Any]) -> List[str]:
+  md = _header("5. Tuning: block sizes of the default kernel on this machine", sec)
+  if "entries" not in sec:
+    return md
+  md += [f"Table written to `{sec['table']}` (commit it to ringattn_jax/tuned/ to make "
+         "it this machine's default).", "",
+         "| dtype | pass | causal | T | H | blocks | ms | defaults ms |",
+         "|---|---|---|---|---|---|---|---|"]
+  md += [f"| {e['dtype']} | {e['pass']} | {e['causal']} | {e['T']} | {e['H']} | "
+         f"{e['blocks']} | {e['ms']} | {e['default_ms']} |" for e in sec["entries"]]
+  return md

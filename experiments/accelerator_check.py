@@ -18,6 +18,11 @@ what it measured. The exit status is 1 if any check failed or any section raised
    and the Pallas HopKernel driven hop by hop over 4 key shards (`accel_checks`).
 4. training: the tiny LLaMA with ring attention trained with the Pallas and the XLA
    kernel from the same start; per-step losses agree and decrease (`accel_train`).
+5. tuning: block sizes of the Pallas kernels timed at a few shapes
+   (`tune_kernels.tune_entries`, within --tune_budget_s), written as this machine's
+   table to DIR/<kernel>_<backend>_<device kind>.json: commit it to
+   ringattn_jax/tuned/ to make it the default there. Off with --quick and on CPU
+   unless --tune=on; it runs last, alone.
 
 --quick: tiny shapes (T <= 64, blocks of 16), the case with every mask feature only,
 a few training steps; on 2 CPU cores with 8 simulated devices it takes about 35 s.
@@ -50,12 +55,14 @@ from experiments import accel_report
 from experiments import accel_speed
 from experiments import accel_train
 from experiments import bench_lib
+from experiments import tune_kernels
 from ringattn_jax import flash_pallas
 from ringattn_jax import flash_xla
+from ringattn_jax import machine as machine_lib
 from ringattn_jax import simulate_cpu_devices
 from ringattn_jax import which_kernel
 
-SECTIONS_ORDER = ("correctness", "speed", "ring", "training")
+SECTIONS_ORDER = ("correctness", "speed", "ring", "training", "tuning")
 RESULTS_NAME = "accelerator_check"
 
 
@@ -75,14 +82,19 @@ class Options:
   speed_budget_s: float = 150.0
   train_steps: Optional[int] = None  # None: 30, or 3 with quick
   train_dtype: str = "bfloat16"
+  tune: str = "auto"  # like speed
+  tune_lens: Sequence[int] = (2048, 8192)
+  tune_budget_s: float = 120.0
   workers: Optional[int] = None  # None: 2 on CPU, 4 elsewhere; 0: compile in order
 
   def __post_init__(self):
     unknown = sorted(set(self.sections) - set(SECTIONS_ORDER))
     if unknown:
       raise ValueError(f"sections must be drawn from {SECTIONS_ORDER}; got {unknown}.")
-    if self.speed not in ("auto", "on", "off"):
-      raise ValueError(f"speed must be 'auto', 'on' or 'off'; got {self.speed!r}.")
+    for name in ("speed", "tune"):
+      if getattr(self, name) not in ("auto", "on", "off"):
+        raise ValueError(f"{name} must be 'auto', 'on' or 'off'; got "
+                         f"{getattr(self, name)!r}.")
     if self.train_dtype not in ("float32", "bfloat16"):
       raise ValueError("train_dtype must be 'float32' or 'bfloat16'; got "
                        f"{self.train_dtype!r}.")
@@ -107,6 +119,11 @@ def define_flags() -> None:
   flags.DEFINE_integer("train_steps", None, "Training steps (default 30; 3 quick).")
   flags.DEFINE_enum("train_dtype", d.train_dtype, ["float32", "bfloat16"],
                     "Compute dtype of the training check.")
+  flags.DEFINE_enum("tune", d.tune, ["auto", "on", "off"],
+                    "Block-size tuning; auto: on unless --quick or on CPU.")
+  flags.DEFINE_list("tune_lens", [str(t) for t in d.tune_lens], "Tuning lengths T.")
+  flags.DEFINE_float("tune_budget_s", d.tune_budget_s,
+                     "Candidates starting after this many seconds are skipped.")
   flags.DEFINE_integer("workers", None, "Compile threads (default 2 on CPU, else 4; "
                        "0 compiles each program when submitted).")
 
@@ -186,10 +203,32 @@ def _finish_training(jobs, opts):
               else "failed", runs=runs, comparison=comparison)
 
 
-def _speed_on(opts: Options) -> bool:
-  if opts.speed != "auto":
-    return opts.speed == "on"
+def _on(setting: str, opts: Options) -> bool:
+  if setting != "auto":
+    return setting == "on"
   return not opts.quick and jax.default_backend() != "cpu"
+
+
+def _speed_on(opts: Options) -> bool:
+  return _on(opts.speed, opts)
+
+
+def _finish_tuning(_, opts):
+  if not _on(opts.tune, opts):
+    return dict(status="skipped", reason="--quick or CPU (pass --tune=on to run it)")
+  choice = which_kernel("auto")
+  entries = tune_kernels.tune_entries(
+      choice, opts.tune_lens, ("bfloat16",), (True,), N=opts.speed_heads,
+      H=opts.speed_head_dim, repeats=opts.speed_repeats, budget_s=opts.tune_budget_s)
+  machine = machine_lib.current(choice.backend)
+  out = os.path.join(opts.out_dir, os.path.basename(
+      tune_kernels.default_out(choice.impl, machine)))
+  tune_kernels.write_table(out, choice, machine, entries, merge_old=False,
+                           command="python -m experiments.accelerator_check")
+  for e in entries:
+    log("  " + tune_kernels.describe_entry(e))
+  return dict(status="passed" if entries else "failed", table=out,
+              entries=[e.to_json() for e in entries])
 
 
 def _finish_speed(_, opts):
@@ -209,24 +248,14 @@ SECTIONS: Dict[str, tuple] = {
     "speed": (lambda pool, opts: None, _finish_speed),
     "ring": (_submit_ring, _finish_ring),
     "training": (_submit_training, _finish_training),
+    "tuning": (lambda pool, opts: None, _finish_tuning),
 }
-# The speed sweep runs last: alone (no compiles in the background) and after the
-# checks, whose results are written first.
-RUN_ORDER = ("correctness", "ring", "training", "speed")
+# The speed sweep and the tuning run last: alone (no compiles in the background) and
+# after the checks, whose results are written first.
+RUN_ORDER = ("correctness", "ring", "training", "speed", "tuning")
 
 
 # --- environment and the run ---------------------------------------------------------
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def environment() -> Dict[str, Any]:
@@ -234,8 +263,8 @@ def environment() -> Dict[str, Any]:
   devices = jax.devices()
   return bench_lib.environment(
       device_kind=devices[0].device_kind, device_count=len(devices),
-      cpu_model=_cpu_model(), jaxlib=jaxlib.__version__, flax=flax.__version__,
-      optax=optax.__version__, python=platform.python_version(),
+      cpu_model=machine_lib.cpu_machine().model, jaxlib=jaxlib.__version__,
+      flax=flax.__version__, optax=optax.__version__, python=platform.python_version(),
       xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
@@ -273,7 +302,7 @@ def run(opts: Options) -> int:
     if name not in opts.sections:
       report["sections"][name] = dict(status="skipped", reason="not in --sections")
       continue
-    if name == "speed":
+    if name in ("speed", "tuning"):
       pool.shutdown(wait=True)  # no compiles left in the background while timing
     log(f"## {name}")
     ts = time.perf_counter()
@@ -327,7 +356,9 @@ def main(argv):
                  speed_heads=f.speed_heads, speed_head_dim=f.speed_head_dim,
                  speed_repeats=f.speed_repeats, speed_xla_max_len=f.speed_xla_max_len,
                  speed_budget_s=f.speed_budget_s, train_steps=f.train_steps,
-                 train_dtype=f.train_dtype, workers=f.workers)
+                 train_dtype=f.train_dtype, tune=f.tune,
+                 tune_lens=tuple(int(t) for t in f.tune_lens),
+                 tune_budget_s=f.tune_budget_s, workers=f.workers)
   sys.exit(run(opts))
 
 

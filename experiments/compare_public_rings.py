@@ -10,7 +10,7 @@ warm-up call, then the median of `--repeats` calls, each `block_until_ready`) of
 
 on a 1-D mesh "sp" of 8 simulated CPU devices, B=1, N=8, causal, inputs in natural
 token order placed with NamedSharding P(None, "sp", None, None). Each row prints ours
-ms, theirs ms and theirs/ours (the issue's target: >= 2.0 against every implementation
+ms, theirs ms and theirs/ours (the project's target: >= 2.0 against every implementation
 at every shape) and the largest difference of their gradients from ours (relative to
 max |ours|); at the smallest T of each (H, dtype) also their forward output's max abs
 difference from ours, which shows they compute the same (causal) attention.
@@ -330,24 +330,6 @@ def run_shape(T, H, dtype, mesh, loaded, repeats, smallest) -> List[Dict[str, An
 # --- results ---------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-  """The CPU, from ringattn_jax.machine when present, else /proc/cpuinfo."""
-  try:
-    from ringattn_jax import machine  # pylint: disable=import-outside-toplevel
-    return machine.cpu_machine().describe()
-  except ImportError:
-    pass
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  import platform  # pylint: disable=import-outside-toplevel
-  return platform.processor() or platform.machine()
-
-
 def dep_versions() -> Dict[str, str]:
   out = {}
   for dep in ("einops", "jaxtyping", "beartype", "flax", "chex"):
@@ -443,7 +425,7 @@ def main(argv):
     publics.append(rec)
   env = bench_lib.environment(device_kind=str(jax.devices()[0].device_kind),
                               devices=len(jax.devices()))
-  env.update(cpu=cpu_model(), xla_flags=os.environ.get("XLA_FLAGS", ""),
+  env.update(xla_flags=os.environ.get("XLA_FLAGS", ""),
              heads=FLAGS.heads, repeats=repeats, seq_lens=seq_lens, head_dims=head_dims,
              dtypes=dtypes, chunk=FLAGS.chunk, quick=FLAGS.quick, deps=dep_versions())
   bench_lib.log(f"# public ring comparison on {env['cpu']}, jax {env['jax']}")

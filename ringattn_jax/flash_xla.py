@@ -143,8 +143,6 @@ def _layout(x: AttnInputs, bq: int, bk: int) -> BlockLayout:
   return BlockLayout(B, T, S, N, K, H, min(bq, T), min(bk, S))
 
 
-
-
 def _pad_axis(a, axis, new_len, mode="constant"):
   pad = new_len - a.shape[axis]
   if pad == 0:
@@ -366,12 +364,10 @@ def backward_operands(q, k, v, lse, delta, dout, g: BlockLayout):
   key blocks [nk, B, K, bk, H]. lse_h holds +inf where lse is -inf (rows that see
   nothing), so that their p = exp(s - lse) = 0.
 
-  Why the transposed copies: dK = dS^T Q and dV = P^T dO contract the query rows,
-  which are the *leading* axis of dS and P. XLA:CPU runs a bf16 dot whose left
-  operand contracts a non-minor axis by converting both operands to f32 (no bf16
-  matmul), and f32 ones more slowly too; computing dK^T = Q^T dS and dV^T = dO^T P
-  instead contracts the minor axis of the left operand. The copies are made once per
-  pass (hop-independent), the [H, bk] results transposed once per key block.
+  Why the transposed copies: dK = dS^T Q and dV = P^T dO contract the leading axis
+  of dS and P, and XLA:CPU runs a bf16 dot whose left operand contracts a non-minor
+  axis in f32 (it converts both operands). dK^T = Q^T dS and dV^T = dO^T P do not.
+  The copies are made once per pass; the [H, bk] results transposed per key block.
   """
   acc = accum_dtype(q.dtype)
   qb, dob = _bits(q), _bits(dout.astype(q.dtype))

@@ -68,8 +68,11 @@ class Machine:
         isinstance(d["isa"], list) and all(isinstance(f, str) for f in d["isa"])):
       raise ValueError(f"{where}: backend, vendor and model must be strings and isa a "
                        f"list of strings; got {d!r}.")
-    return cls(kernel_choice.canonical_backend(d["backend"]), d["vendor"], d["model"],
-               tuple(sorted(d["isa"])))
+    try:
+      backend = kernel_choice.canonical_backend(d["backend"])
+    except ValueError as e:
+      raise ValueError(f"{where}: {e}") from None
+    return cls(backend, d["vendor"], d["model"], tuple(sorted(d["isa"])))
 
 
 def parse_cpuinfo(text: str) -> Machine:

@@ -375,10 +375,10 @@ def _prepare(q, k, v, *, axis_name, layout="contiguous", impl="auto", backend=No
     mask_kwargs["kv_positions"] = layouts.local_positions(layout, n, Sl, d)
   x, spec = arguments.canonicalize(q, k, v, **mask_kwargs)
   B, _, K, H = x.k.shape
-  run = min(layouts.contiguous_run(layout, n, Tl), layouts.contiguous_run(layout, n, Sl))
+  runs = (layouts.contiguous_run(layout, n, Tl), layouts.contiguous_run(layout, n, Sl))
   block_sizes = tuning.resolve(
       choice, block_sizes, x.q.dtype, Tl, Sl, H, x.q.shape[2] // K, spec.is_causal,
-      max_block=run if spec.uses_positions and run >= MIN_RUN_BLOCK else None)
+      max_blocks=runs if spec.uses_positions and min(runs) >= MIN_RUN_BLOCK else None)
   if head_groups is None:
     head_groups = auto_head_groups(B, Sl, K, H, choice.backend)
   elif not checks.is_int(head_groups) or head_groups <= 0 or K % head_groups:

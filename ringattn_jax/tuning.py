@@ -12,11 +12,13 @@ Which block sizes a call runs with (`resolve`):
    T, S, H and G (query heads per key/value head), plus 1 for a causal mismatch;
 3. else (no table for this machine, or none for this dtype) the kernel's defaults.
 An entry whose block sizes do not fit the call (a Pallas block the backend's compiler
-rejects; an XLA block that would pad a length the defaults tile exactly) is not used:
-the defaults are, with a `TableMisfitWarning`. Numerics never depend on block sizes.
+rejects; an XLA block that would pad a length more than the defaults do) is not used:
+the defaults are, with a `TableMisfitWarning`. Block sizes change the order of the
+sums (rounding), never the answer: every size is exact against the reference.
 
-Tables are matched to machines by backend, vendor and instruction sets (the model name
-breaks ties): a table tuned on one EPYC serves another EPYC of the same generation.
+Shipped tables are matched to machines: on CPU by vendor and instruction sets (the
+model name breaks ties; a table tuned on a Zen 3 EPYC serves any AMD CPU with exactly
+its ISA flags), on GPU/TPU by device kind.
 The environment variable `RINGATTN_JAX_BLOCK_TABLE` replaces the shipped tables: a
 table file or a folder of them (used for their kernel and backend whatever machine
 they were tuned on), or "none" for the kernels' defaults everywhere. It is read when a
@@ -122,6 +124,11 @@ def _entry_from_json(kernel: str, d: Any, where: str) -> Entry:
       raise ValueError(f"{where}: {key} must be a positive int; got {d[key]!r}.")
   if not isinstance(d["causal"], bool):
     raise ValueError(f"{where}: causal must be true or false; got {d['causal']!r}.")
+  for key in ("ms", "default_ms"):
+    if d.get(key) is not None and (isinstance(d[key], bool) or
+                                   not isinstance(d[key], (int, float))):
+      raise ValueError(f"{where}: {key} must be a number (milliseconds) or null; got "
+                       f"{d[key]!r}.")
   fields = PASS_FIELDS[kernel][d["pass"]]
   blocks = d["blocks"]
   if not isinstance(blocks, dict) or set(blocks) != set(fields) or not all(
@@ -185,9 +192,10 @@ def find_table(kernel: str, machine: Optional[machine_lib.Machine],
   """The table for `kernel` on `machine`, or None.
 
   `where`: a table file or folder; default: $RINGATTN_JAX_BLOCK_TABLE if set, else
-  the shipped tables. Shipped tables must match the machine's backend, vendor and
-  instruction sets (an exact model match preferred); tables named by the environment
-  variable or `where` need only the same kernel and backend.
+  the shipped tables. Shipped tables must match the machine (`_same_class`: on CPU
+  vendor and instruction sets, an exact model preferred; on GPU/TPU the device kind);
+  tables named by the environment variable or `where` need only the same kernel and
+  backend (the best-matching one is used).
   """
   named_by = "table" if where is not None else ENV_VAR
   explicit = where is not None or bool(os.environ.get(ENV_VAR))
@@ -197,12 +205,22 @@ def find_table(kernel: str, machine: Optional[machine_lib.Machine],
   tables = [t for t in map(load_table, _table_files(where, named_by))
             if t.kernel == kernel and t.machine.backend == machine.backend]
   if not explicit:
-    tables = [t for t in tables if (t.machine.vendor, t.machine.isa) ==
-              (machine.vendor, machine.isa)]
+    tables = [t for t in tables if _same_class(t.machine, machine)]
   if not tables:
     return None
-  return max(tables, key=lambda t: (t.machine == machine,
+  return max(tables, key=lambda t: (t.machine == machine, _same_class(t.machine, machine),
                                     t.machine.model == machine.model))
+
+
+def _same_class(a: machine_lib.Machine, b: machine_lib.Machine) -> bool:
+  """Whether a table tuned on `a` is used on `b` by default: on CPU the same vendor and
+  instruction sets (a table tuned on one Zen 3 EPYC serves other AVX2-only AMD CPUs);
+  on GPU/TPU the same device kind (an H200's blocks may not fit an A100)."""
+  if a.backend != b.backend:
+    return False
+  if a.backend == "cpu":
+    return (a.vendor, a.isa) == (b.vendor, b.isa)
+  return a.model == b.model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -247,10 +265,10 @@ def _pallas_misfit(bs, backend: str, interpret: bool) -> Optional[str]:
 
 
 def default_block_sizes(choice: kernel_choice.KernelChoice):
-  """The kernel's own defaults (no table)."""
+  """The kernel's own defaults (no table), as the kernel itself resolves None."""
   if choice.impl == "pallas":
-    return flash_pallas.BlockSizes.get_default(choice.backend)
-  return flash_xla.BlockSizes()
+    return flash_pallas.check_block_sizes(None, choice.backend, choice.interpret)
+  return flash_xla.check_block_sizes(None)
 
 
 def tuned_block_sizes(choice: kernel_choice.KernelChoice, problem: Problem, *,
@@ -287,7 +305,7 @@ def tuned_block_sizes(choice: kernel_choice.KernelChoice, problem: Problem, *,
   if misfit:
     warnings.warn(f"Tuned block sizes from {found.describe()} do not fit {problem}: "
                   f"{misfit}; using the kernel's defaults {defaults}.",
-                  TableMisfitWarning, stacklevel=3)
+                  TableMisfitWarning, stacklevel=4)
     return defaults, f"defaults (the tuned entry did not fit: {misfit})"
   return bs, f"{found.describe()}: {'; '.join(sources)}"
 
@@ -301,20 +319,23 @@ def table_in_use(choice: kernel_choice.KernelChoice) -> str:
 
 
 def resolve(choice: kernel_choice.KernelChoice, block_sizes, dtype, T: int, S: int,
-            H: int, G: int, causal: bool, max_block: Optional[int] = None):
+            H: int, G: int, causal: bool,
+            max_blocks: Optional[Tuple[int, int]] = None):
   """The block sizes a call runs with (see the module doc).
 
   `block_sizes` given: returned as is (the caller checks its type). Otherwise the tuned
-  or default sizes for the problem, each block capped at `max_block` when given (the
-  ring passes the run of consecutive positions of its layout: a block straddling two
-  runs of a zigzag shard can never be skipped).
+  or default sizes for the problem; with `max_blocks` = (q cap, k cap), every query
+  block (`block_q*`) capped at the first and every key block at the second (the ring
+  passes the runs of consecutive positions of its layout: a block straddling two runs
+  of a zigzag shard can never be skipped).
   """
   if block_sizes is not None:
     return block_sizes
   problem = Problem(str(jnp.dtype(dtype)), int(T), int(S), int(H), int(G), bool(causal))
   bs, _ = tuned_block_sizes(choice, problem)
-  if max_block:
-    capped = dataclasses.replace(bs, **{f.name: min(getattr(bs, f.name), max_block)
+  if max_blocks:
+    cap = lambda name: max_blocks[0] if name.startswith("block_q") else max_blocks[1]
+    capped = dataclasses.replace(bs, **{f.name: min(getattr(bs, f.name), cap(f.name))
                                         for f in dataclasses.fields(bs)})
     if choice.impl != "pallas" or not _pallas_misfit(capped, choice.backend,
                                                      choice.interpret):

@@ -8,14 +8,18 @@ import pytest
 
 from experiments import accel_checks
 from experiments import accelerator_check as ac
+from ringattn_jax import machine
+from ringattn_jax import tuning
 
-SECTIONS = {"correctness", "speed", "ring", "training"}
+SECTIONS = {"correctness", "speed", "ring", "training", "tuning"}
 
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
   out = tmp_path_factory.mktemp("accelerator_check")
-  status = ac.run(ac.Options(quick=True, out_dir=str(out)))
+  # Tuning forced on (on CPU it is off by default): one tiny shape of the XLA kernel.
+  status = ac.run(ac.Options(quick=True, out_dir=str(out), tune="on", tune_lens=(64,),
+                             speed_head_dim=32, speed_repeats=1))
   report = json.loads((out / "accelerator_check.json").read_text())
   return status, report, (out / "accelerator_check.md").read_text()
 
@@ -26,12 +30,26 @@ def test_quick_check_passes_every_section(quick):
   secs = report["sections"]
   assert set(secs) == SECTIONS
   assert {n: s["status"] for n, s in secs.items()} == dict(
-      correctness="passed", speed="skipped", ring="passed", training="passed")
+      correctness="passed", speed="skipped", ring="passed", training="passed",
+      tuning="passed")
   assert report["env"]["backend"] == "cpu" and report["env"]["device_count"] == 8
   assert report["which_kernel"]["pallas"]["interpret"] is True
   assert md.startswith("# Accelerator check: PASSED")
-  for title in ("## 1. Correctness", "## 2. Speed", "## 3. Ring", "## 4. Training"):
+  for title in ("## 1. Correctness", "## 2. Speed", "## 3. Ring", "## 4. Training",
+                "## 5. Tuning"):
     assert title in md
+
+
+def test_tuning_section_writes_this_machines_table(quick):
+  """The table written (here on CPU: the XLA kernel, one tiny shape) is one that
+  ringattn_jax.tuning reads, keyed on this machine."""
+  sec = quick[1]["sections"]["tuning"]
+  table = tuning.load_table(sec["table"])
+  assert table.kernel == "xla" and table.machine == machine.current("cpu")
+  assert {(e.pass_, e.T, e.H, e.dtype) for e in table.entries} == {
+      ("forward", 64, 32, "bfloat16"), ("backward", 64, 32, "bfloat16")}
+  assert ("## 5. Tuning: block sizes of the default kernel on this machine: passed"
+          in quick[2])
 
 
 def test_quick_correctness_covers_both_kernels_and_dtypes(quick):

@@ -236,55 +236,45 @@ def test_model_config_backend_is_validated():
   assert preset("tiny", backend="tpu").backend == "tpu"
 
 
-def _loop_primitives(jaxpr, in_loop=False, found=None):
-  """Names of the float-array primitives inside loops (while/scan: the ring's hops),
-  outside Pallas kernels."""
-  found = set() if found is None else found
+def _loop_eqns(jaxpr, in_loop=False, found=None):
+  """The equations inside loops (while/scan: the ring's hops), outside Pallas kernels."""
+  found = [] if found is None else found
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "pallas_call":
       continue
-    if in_loop and any(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in eqn.outvars
-                       if hasattr(v.aval, "dtype")):
-      found.add(eqn.primitive.name)
+    if in_loop:
+      found.append(eqn)
     inner = in_loop or eqn.primitive.name in ("while", "scan")
     for param in eqn.params.values():
       for sub in param if isinstance(param, (tuple, list)) else (param,):
         sub = getattr(sub, "jaxpr", sub)
         if isinstance(sub, jax.extend.core.Jaxpr):
-          _loop_primitives(sub, inner, found)
+          _loop_eqns(sub, inner, found)
   return found
+
+
+def _ring_grad_loop_eqns(impl, H, **kwargs):
+  """_loop_eqns of the gradient of a zigzag causal bf16 ring (sp=8, T=1024, GQA 4:2)."""
+  mesh = mesh_1d(8)
+  sh = NamedSharding(mesh, P(None, "sp"))
+  q = jax.ShapeDtypeStruct((1, 1024, 4, H), jnp.bfloat16, sharding=sh)
+  kv = jax.ShapeDtypeStruct((1, 1024, 2, H), jnp.bfloat16, sharding=sh)
+
+  def loss(q, k, v):
+    return jnp.sum(sharded_attention(q, k, v, mesh=mesh, impl=impl, layout="zigzag",
+                                     is_causal=True, **kwargs).astype(jnp.float32))
+
+  return _loop_eqns(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv).jaxpr)
 
 
 def test_ring_hops_make_no_layout_copies():
   """Inside the ring's loops (forward and backward), q, K, V and dO are never
   transposed or padded: they keep the kernels' layout for the whole pass."""
-  mesh = mesh_1d(8)
-  sh = NamedSharding(mesh, P(None, "sp"))
-  q = jax.ShapeDtypeStruct((1, 1024, 4, 128), jnp.bfloat16, sharding=sh)
-  kv = jax.ShapeDtypeStruct((1, 1024, 2, 128), jnp.bfloat16, sharding=sh)
-
-  def loss(q, k, v):
-    return jnp.sum(sharded_attention(q, k, v, mesh=mesh, impl="pallas", backend="gpu",
-                                     layout="zigzag", is_causal=True).astype(jnp.float32))
-
-  prims = _loop_primitives(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv).jaxpr)
+  prims = {e.primitive.name for e in _ring_grad_loop_eqns("pallas", 128, backend="gpu")
+           if any(jnp.issubdtype(v.aval.dtype, jnp.floating) for v in e.outvars
+                  if hasattr(v.aval, "dtype"))}
   assert "ppermute" in prims  # K/V (and dK/dV) travel; nothing else moves
   assert not prims & {"transpose", "pad", "concatenate", "copy", "copy_p"}, prims
-
-
-def _loop_eqns(jaxpr, names, in_loop=False, found=None):
-  """(primitive, input avals) of the `names` primitives inside loops."""
-  found = [] if found is None else found
-  for eqn in jaxpr.eqns:
-    if in_loop and eqn.primitive.name in names:
-      found.append((eqn.primitive.name, [v.aval for v in eqn.invars]))
-    inner = in_loop or eqn.primitive.name in ("while", "scan")
-    for param in eqn.params.values():
-      for sub in param if isinstance(param, (tuple, list)) else (param,):
-        sub = getattr(sub, "jaxpr", sub)
-        if isinstance(sub, jax.extend.core.Jaxpr):
-          _loop_eqns(sub, names, inner, found)
-  return found
 
 
 def test_ring_hops_make_no_layout_copies_xla():
@@ -292,25 +282,17 @@ def test_ring_hops_make_no_layout_copies_xla():
   transposes are of this hop's float32 dK^T / dV^T blocks [B, K, H, bk] (the backward
   computes them transposed so that every matmul takes the fast path): q, K, V, dO and
   their transposed copies keep their layout for the whole pass."""
-  mesh = mesh_1d(8)
-  sh = NamedSharding(mesh, P(None, "sp"))
-  q = jax.ShapeDtypeStruct((1, 1024, 4, 64), jnp.bfloat16, sharding=sh)
-  kv = jax.ShapeDtypeStruct((1, 1024, 2, 64), jnp.bfloat16, sharding=sh)
-
-  def loss(q, k, v):
-    return jnp.sum(sharded_attention(q, k, v, mesh=mesh, impl="xla", layout="zigzag",
-                                     is_causal=True).astype(jnp.float32))
-
-  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, kv, kv).jaxpr
-  found = _loop_eqns(jaxpr, {"transpose", "pad", "concatenate", "ppermute"})
-  assert any(name == "ppermute" for name, _ in found)
+  eqns = _ring_grad_loop_eqns("xla", 32)
+  assert any(e.primitive.name == "ppermute" for e in eqns)
   # Integer metadata (this hop's true key positions) may be built per hop; data may
   # not (bf16 data moves as uint16 bits).
   data = lambda a: jnp.issubdtype(a.dtype, jnp.floating) or a.dtype == jnp.uint16
-  moved = [(name, avals) for name, avals in found
-           if name != "ppermute" and any(data(a) for a in avals)]
+  moved = [(e.primitive.name, [v.aval for v in e.invars]) for e in eqns
+           if e.primitive.name in ("transpose", "pad", "concatenate")
+           and any(data(v.aval) for v in e.invars)]
   assert moved, "the backward transposes its dK^T/dV^T blocks"
   for name, avals in moved:
     assert name == "transpose", (name, avals)
     (a,) = avals
-    assert a.dtype == jnp.float32 and a.shape[-2] == 64 and a.ndim == 4, a
+    # [B, K, H, bk]: H = 32; bk = 64, half a zigzag shard of 128 tokens.
+    assert a.dtype == jnp.float32 and a.ndim == 4 and a.shape[-2:] == (32, 64), a

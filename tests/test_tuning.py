@@ -144,6 +144,11 @@ def test_misfits_fall_back_to_defaults_with_a_warning(tmp_path):
     ({"entries": [_entry("float32", "forward", True, 0, {"block_q": 1, "block_k": 1})]},
      "T must be a positive int"),
     ({"machine": {"backend": "cpu"}}, "machine must be an object with keys"),
+    ({"machine": {"backend": "npu", "vendor": "", "model": "", "isa": []}},
+     "machine: backend must be one of"),
+    ({"entries": [dict(_entry("float32", "forward", True, 64,
+                              {"block_q": 16, "block_k": 16}), ms="fast")]},
+     "ms must be a number"),
 ])
 def test_malformed_tables_name_the_file(tmp_path, change, match):
   d = {"format": 1, "kernel": "xla", "machine": AMD.to_json(), "entries": []}
@@ -161,14 +166,57 @@ def test_env_var_naming_a_missing_file_is_an_error(monkeypatch):
     tuning.find_table("xla", AMD)
 
 
-def test_ring_caps_blocks_at_the_layout_run():
+def test_ring_caps_blocks_at_the_layout_run(monkeypatch):
   assert [layouts.contiguous_run(l, 4, 64) for l in layouts.LAYOUTS] == [64, 32, 1]
   assert layouts.contiguous_run("zigzag", 1, 64) == 64
-  bs = tuning.resolve(XLA_CHOICE, None, jnp.float32, 512, 512, 128, 1, True, max_block=256)
-  assert bs == flash_xla.BlockSizes(256, 256, 256, 256)
+  bs = tuning.resolve(XLA_CHOICE, None, jnp.float32, 512, 512, 128, 1, True,
+                      max_blocks=(256, 128))
+  assert bs == flash_xla.BlockSizes(block_q=256, block_k=128, block_q_bwd=256,
+                                    block_k_bwd=128)
   given = flash_xla.BlockSizes(512, 512, 512, 512)
   assert tuning.resolve(XLA_CHOICE, given, jnp.float32, 512, 512, 128, 1, True,
-                        max_block=256) is given
+                        max_blocks=(256, 256)) is given
+  # What the ring runs (traced, not compiled): 8 devices, T=1024, shards of 128 tokens.
+  seen = []
+  for name in ("forward_layout", "backward_layout"):
+    real = getattr(flash_xla, name)
+    monkeypatch.setattr(flash_xla, name, lambda x, bs, real=real: seen.append(bs)
+                        or real(x, bs))
+  mesh = Mesh(np.array(jax.devices()), ("sp",))
+  q = jnp.zeros((1, 1024, 2, 8))
+
+  def blocks(**kw):
+    seen.clear()
+    loss = lambda q: jnp.sum(sharded_attention(q, q, q, mesh=mesh, impl="xla", **kw))
+    jax.make_jaxpr(jax.grad(loss))(q)
+    return set(seen)
+
+  # Zigzag runs of 64 tokens (= ring.MIN_RUN_BLOCK): causal and window masks cap.
+  capped = {flash_xla.BlockSizes(64, 64, 64, 64)}
+  assert blocks(layout="zigzag", is_causal=True) == capped
+  assert blocks(layout="zigzag", local_window_size=(100, 0)) == capped
+  # No positional mask, or runs too short to skip (striped): the defaults.
+  assert blocks(layout="zigzag") == {flash_xla.BlockSizes()}
+  assert blocks(layout="striped", is_causal=True) == {flash_xla.BlockSizes()}
+  # Contiguous: the run is the shard (what the kernel clamps to anyway).
+  assert blocks(layout="contiguous", is_causal=True) == {
+      flash_xla.BlockSizes(128, 128, 128, 128)}
+
+
+def test_accelerator_tables_match_by_device_kind(tmp_path, monkeypatch):
+  """A GPU table serves its own device kind only (an H200's blocks may not fit an
+  A100), unless the environment variable names it."""
+  monkeypatch.delenv(tuning.ENV_VAR)
+  h200 = machine_lib.accelerator_machine("gpu", ["NVIDIA H200"])
+  a100 = machine_lib.accelerator_machine("gpu", ["NVIDIA A100-SXM4-80GB"])
+  path = write_table(tmp_path / "h200.json", h200, [
+      _entry("bfloat16", "forward", True, 2048, {"block_q": 128, "block_k": 64})],
+      "pallas")
+  monkeypatch.setattr(tuning, "SHIPPED_DIR", str(tmp_path))
+  assert tuning.find_table("pallas", h200).path == path
+  assert tuning.find_table("pallas", a100) is None
+  monkeypatch.setenv(tuning.ENV_VAR, str(tmp_path))
+  assert tuning.find_table("pallas", a100).path == path
 
 
 def test_tuned_blocks_give_the_reference_answers(tmp_path, monkeypatch):
