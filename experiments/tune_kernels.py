@@ -89,9 +89,11 @@ CANDIDATES = {("xla", "cpu"): _XLA, ("pallas", "gpu"): _pallas((32, 64, 128)),
               ("pallas", "tpu"): _pallas((128, 256, 512))}
 
 
-def candidates(kernel: str, backend: str, pass_: str, T: int) -> List[tuple]:
-  """Candidates that differ once clamped to T (a block >= T means "all of T")."""
-  seen, out = set(), []
+def candidates(kernel: str, backend: str, pass_: str, T: int,
+               exclude: tuple = ()) -> List[tuple]:
+  """Candidates that differ once clamped to T (a block >= T means "all of T"), other
+  than `exclude` (the defaults, timed separately)."""
+  seen, out = {tuple(min(b, T) for b in exclude)}, []
   for c in CANDIDATES[(kernel, backend)][pass_]:
     clamped = tuple(min(b, T) for b in c)
     if clamped not in seen:
@@ -144,10 +146,7 @@ class Tuner:
                     f"{[getattr(best, f) for f in fields]} {default_ms:.1f} ms")
       default_blocks = tuple(getattr(best, f) for f in fields)
       top = (default_ms, default_blocks)
-      clamped_defaults = tuple(min(b, T) for b in default_blocks)
-      for cand in candidates(kernel, backend, pass_, T):
-        if tuple(min(b, T) for b in cand) == clamped_defaults:
-          continue  # the defaults themselves: timed first and last
+      for cand in candidates(kernel, backend, pass_, T, exclude=default_blocks):
 
         if self.out_of_time():
           bench_lib.log("  (budget spent)")
