@@ -3,6 +3,7 @@
 Import has no side effects: the backend (and with it the kernel) is chosen per call.
 Arrays are [batch, seq, heads, head_dim], as in jax.nn.dot_product_attention.
 """
+from ringattn_jax.block_sparse import block_sparse_attention, block_sparse_hop_counts
 from ringattn_jax.cpu_devices import simulate_cpu_devices
 from ringattn_jax.flash import flash_attention
 from ringattn_jax.kernel_choice import KernelChoice
@@ -22,6 +23,7 @@ from ringattn_jax.schedule import work_per_device
 
 __all__ = [
     "KernelChoice", "LAYOUTS", "METHODS", "STRATEGIES", "attention", "flash_attention",
+    "block_sparse_attention", "block_sparse_hop_counts",
     "layout_positions", "permute_to_layout", "reference_attention", "ring_attention",
     "ring_hop_counts", "sharded_attention", "simulate_cpu_devices",
     "unpermute_from_layout", "which_kernel", "work_per_device",
