@@ -232,7 +232,8 @@ def _unrows(x, c, K):
   return x.reshape(B, c, n // c, K, N // K).transpose(0, 3, 1, 4, 2)
 
 
-def forward(cfg: SparseConfig, q, kb, vb, kseg, slots: Slots, q_pos, q_seg):
+def forward(cfg: SparseConfig, q, kb, vb, kseg, slots: Slots, q_pos, q_seg,
+            out_dtype=None):
   """Exact softmax attention of every query block over its valid slots.
 
   Args:
@@ -243,10 +244,11 @@ def forward(cfg: SparseConfig, q, kb, vb, kseg, slots: Slots, q_pos, q_seg):
     slots: `Slots` [B, K, nq, kk], `local` indexing the nk blocks.
     q_pos: [T] int32 true query positions (used when causal).
     q_seg: [B, T] int32 query segment ids, or None.
+    out_dtype: the dtype of out (default: the accumulation dtype, for merging).
 
   Returns:
-    (out [B, T, N, H], lse [B, T, N]), both float32 (float64 for float64 inputs);
-    rows that see no key: (0, -inf).
+    (out [B, T, N, H], lse [B, T, N]) in float32 (float64 for float64 inputs; out in
+    `out_dtype` if given); rows that see no key: (0, -inf).
   """
   B, T, N, H = q.shape
   K = kb.shape[1]
@@ -264,10 +266,11 @@ def forward(cfg: SparseConfig, q, kb, vb, kseg, slots: Slots, q_pos, q_seg):
     o = jnp.einsum("BKcGqjs,BKcjsH->BcqKGH", p.astype(vb.dtype), ch.v,
                    preferred_element_type=acc)
     o = (o * inv.transpose(0, 2, 4, 1, 3)[..., None]).reshape(B, n, N, H)
+    o = o.astype(out.dtype)
     return (lax.dynamic_update_slice_in_dim(out, o, t * n, 1),
             lax.dynamic_update_slice_in_dim(lse, _rows(lse_c, B, n), t * n, 1))
 
-  init = (jnp.zeros((B, T, N, H), acc), jnp.zeros((B, T, N), acc))
+  init = (jnp.zeros((B, T, N, H), out_dtype or acc), jnp.zeros((B, T, N), acc))
   init = jax.tree.map(lambda a: _vary_like(a, q, kb, slots.valid), init)
   return _loop(T // n, body, init)
 
@@ -283,14 +286,15 @@ def backward(cfg: SparseConfig, q, kb, vb, kseg, slots: Slots, q_pos, q_seg, lse
     cfg, q, kb, vb, kseg, slots, q_pos, q_seg: as in `forward`.
     lse, delta: [B, T, N] in the accumulation dtype.
     dout: [B, T, N, H] the output's cotangent.
-    dq: [B, T, N, H]; dkb, dvb: [B, K, nk, b, H] accumulators (accumulation dtype).
+    dq: [B, T, N, H] accumulator (the accumulation dtype, or q's dtype for a single
+      call); dkb, dvb: [B, K, nk, b, H] accumulators (accumulation dtype).
 
   Returns:
     (dq, dkb, dvb) with this call's contributions added.
   """
   B, T, N, H = q.shape
   K = kb.shape[1]
-  acc = dq.dtype
+  acc = dkb.dtype
   c = _step(cfg, T, kb.shape[2])
   n = c * cfg.block_size
   bi, ki = jnp.arange(B)[:, None, None, None], jnp.arange(K)[None, :, None, None]
@@ -311,8 +315,8 @@ def backward(cfg: SparseConfig, q, kb, vb, kseg, slots: Slots, q_pos, q_seg, lse
                       preferred_element_type=acc).reshape(B, n, N, H)
     dk = jnp.einsum("BKcGqjs,BcqKGH->BKcjsH", ds.astype(q.dtype), ch.q,
                     preferred_element_type=acc)
-    dq = lax.dynamic_update_slice_in_dim(
-        dq, lax.dynamic_slice_in_dim(dq, t * n, n, 1) + dq_c, t * n, 1)
+    dq_c = lax.dynamic_slice_in_dim(dq, t * n, n, 1).astype(acc) + dq_c
+    dq = lax.dynamic_update_slice_in_dim(dq, dq_c.astype(dq.dtype), t * n, 1)
     return (dq, dkb.at[bi, ki, ch.local].add(dk), dvb.at[bi, ki, ch.local].add(dv))
 
   return _loop(T // n, body, (dq, dkb, dvb))
@@ -343,8 +347,8 @@ def _attend_fwd(cfg, q, k, v, aux):
   slots, q_pos, seg = aux
   b = cfg.block_size
   kseg = None if seg is None else seg.reshape(seg.shape[0], -1, b)
-  out, lse = forward(cfg, q, to_blocks(k, b), to_blocks(v, b), kseg, slots, q_pos, seg)
-  out = out.astype(q.dtype)
+  out, lse = forward(cfg, q, to_blocks(k, b), to_blocks(v, b), kseg, slots, q_pos, seg,
+                     out_dtype=q.dtype)
   return (out, lse), (q, k, v, aux, out, lse)
 
 
@@ -358,9 +362,10 @@ def _attend_bwd(cfg, res, cts):
   kseg = None if seg is None else seg.reshape(seg.shape[0], -1, b)
   delta = softmax.backward_delta(dout, out, dlse, acc)
   zeros = lambda a: jnp.zeros(a.shape, acc)
+  # Each query block's dq is complete after its one step: kept in q's dtype.
   dq, dkb, dvb = backward(cfg, q, kb, vb, kseg, slots, q_pos, seg, lse, delta, dout,
-                          zeros(q), zeros(kb), zeros(vb))
-  return (dq.astype(q.dtype), from_blocks(dkb).astype(k.dtype),
+                          jnp.zeros(q.shape, q.dtype), zeros(kb), zeros(vb))
+  return (dq, from_blocks(dkb).astype(k.dtype),
           from_blocks(dvb).astype(v.dtype), jax.tree.map(lambda _: None, aux))
 
 

@@ -1,8 +1,8 @@
 """Sequence-parallel block-sparse attention: the selection everywhere, K/V on a ring.
 
 `block_sparse_attention(..., mesh=mesh)` shards the sequence over the mesh axis
-`seq_axis` (n devices) in a token layout ("contiguous" or "zigzag", `layouts`; the
-global arrays are permuted into layout order and back here). Each device holds T / n
+`seq_axis` (n devices) in a token layout ("contiguous" or "zigzag", `layouts`; tokens are
+permuted into layout order and back here). Each device holds T / n
 queries and keys; every block of `block_size` tokens lies inside one run of
 consecutive true positions, so it is a true block with a true index.
 
@@ -22,7 +22,8 @@ consecutive true positions, so it is a true block with a true index.
    the global lse and delta, so the parts add up to the exact gradient. dQ stays local.
 
 Memory per device is O(T / n) (plus the [B, K, nq / n, kk] selection and the tiny
-gathered means); the layout permutation is a global gather outside the shard_map.
+gathered means). The zigzag permutation runs inside the shard_map (two half-shard
+ppermutes each way), so inputs and outputs stay sharded in the caller's order.
 Each computed hop costs O((T / n) * min(kk, T / (n b)) * b) per head: a static bound
 on the kept blocks a shard can hold for a query block, so a device whose kept blocks
 are spread over many shards does more work than on one device; the skipped hops cost
@@ -42,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ringattn_jax import block_sparse_blocks as blocks
 from ringattn_jax import layouts
@@ -118,19 +119,54 @@ def hop_counts(q, k, v, seg, *, cfg: SparseConfig, mesh, layout: str, seq_axis):
 
 @functools.partial(jax.jit, static_argnames=("ring", "mesh", "counts"))
 def _sharded(q, k, v, seg, *, ring: _Ring, mesh, counts: bool):
-  s = ring.axis_name
-  x_spec, ids_spec = P(None, s), P(None, s)
-  perm = lambda a: None if a is None else layouts.permute_to_layout(a, ring.layout,
-                                                                    ring.n)
-  args = tuple(perm(a) for a in (q, k, v, seg))
-  in_specs = (x_spec,) * 3 + (None if seg is None else ids_spec,)
-  local = functools.partial(_counts_local if counts else _local, ring)
-  out_specs = (P(s), P(s)) if counts else (x_spec, x_spec)
-  res = jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                      check_vma=True)(*args)
-  if counts:
-    return res
-  return tuple(layouts.unpermute_from_layout(a, ring.layout, ring.n) for a in res)
+  spec = P(None, ring.axis_name)
+  local = _counts_local if counts else _local
+
+  def run(q, k, v, seg):
+    to_layout = lambda a: None if a is None else _zigzag(ring, a)
+    res = local(ring, *(to_layout(a) for a in (q, k, v, seg)))
+    return res if counts else tuple(_zigzag(ring, a, inverse=True) for a in res)
+
+  out_specs = (P(ring.axis_name),) * 2 if counts else (spec, spec)
+  args = tuple(None if a is None else _place(mesh, a, spec) for a in (q, k, v, seg))
+  return jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3 + (
+      None if seg is None else spec,), out_specs=out_specs, check_vma=True)(*args)
+
+
+def _place(mesh, a, spec):
+  """`a` sharded as `spec` on `mesh` (Explicit mesh axes need a reshard)."""
+  sharding = NamedSharding(mesh, spec)
+  if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
+    return jax.sharding.reshard(a, sharding)
+  return lax.with_sharding_constraint(a, sharding)
+
+
+def _zigzag(ring: _Ring, a, *, inverse: bool = False):
+  """Inside shard_map: this device's shard of the caller's order -> its zigzag shard
+  along axis 1 (or back, if `inverse`); the identity for other layouts.
+
+  Device j holds caller chunks 2j and 2j + 1 (of 2n); device i's zigzag shard is
+  chunks i and 2n - 1 - i. Even chunks travel with one ppermute, odd ones with
+  another: T / n tokens per device, no gather of the sequence.
+  """
+  n, name = ring.n, ring.axis_name
+  if ring.layout != "zigzag" or n == 1:
+    return a
+  dest = lambda c: c if c < n else 2 * n - 1 - c
+  perm_even = [(j, dest(2 * j)) for j in range(n)]
+  perm_odd = [(j, dest(2 * j + 1)) for j in range(n)]
+  swap = lambda perm: [(t, f) for f, t in perm]
+  half = a.shape[1] // 2
+  first, second = a[:, :half], a[:, half:]
+  even = lax.axis_index(name) % 2 == 0  # the even chunk comes first on even devices
+  if not inverse:
+    e, o = lax.ppermute(first, name, perm_even), lax.ppermute(second, name, perm_odd)
+    first, second = jnp.where(even, e, o), jnp.where(even, o, e)
+  else:
+    e, o = jnp.where(even, first, second), jnp.where(even, second, first)
+    first = lax.ppermute(e, name, swap(perm_even))
+    second = lax.ppermute(o, name, swap(perm_odd))
+  return jnp.concatenate([first, second], axis=1)
 
 
 def _aux(ring: _Ring, q, k, seg):

@@ -98,11 +98,10 @@ def check(q, k, v, *, mesh=None, layout="contiguous", segment_ids=None, **sel):
   return errs
 
 
-CASES = {  # a covering set: each feature at least once, MHA, GQA and MQA
+CASES = {  # a covering set, with test_bfloat16_...: each feature, MHA, GQA and MQA
     # Early query blocks have fewer remaining candidates than top_k: all kept.
     "causal_segments_gqa_sinks": dict(heads=(4, 2), top_k=3, local_blocks=2,
                                       num_sink_tokens=10, segments=True),
-    "causal_top_k_over_candidates_mqa": dict(heads=(4, 1), top_k=20),
     "noncausal": dict(heads=(4, 4), top_k=2, local_blocks=2, is_causal=False,
                       num_sink_tokens=1),
     # local_blocks=0, top_k=0: only the sink block is kept; with segments the rows of
@@ -121,9 +120,11 @@ def test_single_device(name):
   check(q, k, v, segment_ids=seg, block_size=BS, **c)
 
 
-def test_bfloat16():
-  q, k, v, _ = make_qkv(1, 2, T, T, 4, 2, 8, dtype=jnp.bfloat16)
-  check(q, k, v, segment_ids=SEG, block_size=BS, top_k=2, num_sink_tokens=4)
+def test_bfloat16_mqa_top_k_over_candidates():
+  """top_k beyond every query block's candidates: all of them are kept (and the
+  bfloat16 selection cannot differ from the float64 one by rounding)."""
+  q, k, v, _ = make_qkv(1, 2, T, T, 4, 1, 8, dtype=jnp.bfloat16)
+  check(q, k, v, segment_ids=SEG, block_size=BS, top_k=20, num_sink_tokens=4)
 
 
 def test_selection_ties_and_order():
@@ -132,7 +133,7 @@ def test_selection_ties_and_order():
   k = jnp.tile(k[:, :BS], (1, T // BS, 1, 1))  # every key block alike: all scores tie
   k = k.at[:, 5 * BS:6 * BS].multiply(3.0)  # except block 5 (3x the score)
   sel = dict(block_size=BS, top_k=2, local_blocks=1)
-  ids, valid = selected_blocks(q, k, **sel)
+  ids, valid = jax.jit(lambda q, k: selected_blocks(q, k, **sel))(q, k)
   keep = np_keep(q, k, **sel)
   got = np.zeros_like(keep)
   ids, valid = np.asarray(ids), np.asarray(valid)
@@ -151,13 +152,17 @@ def mesh8():
   return Mesh(np.array(jax.devices()[:8]), ("sp",))
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-def test_mesh_equals_single_device(layout):
-  """8 devices against the oracle built from the one-device selection (np_keep)."""
-  Tm = 128  # zigzag: 16 half-shards of 8 tokens
-  q, k, v, _ = make_qkv(3, 2, Tm, Tm, 4, 2, 8)
-  seg = np.array([[0] * 50 + [1] * 78, [2] * 128])
-  check(q, k, v, mesh=mesh8(), layout=layout, segment_ids=seg, block_size=BS,
+@pytest.mark.parametrize("layout, block_size", [("contiguous", 8), ("zigzag", 4)])
+def test_mesh_equals_single_device(layout, block_size):
+  """8 devices against the oracle built from the one-device selection (np_keep).
+
+  T=64 on 8 devices: 1 block per device (contiguous) or 2 (zigzag, blocks of half a
+  shard), fewer than the kept slots, so each hop packs its slots first.
+  """
+  q, k, v, _ = make_qkv(3, 2, T, T, 4, 2, 8)
+  # Explicit mesh axes (jax.make_mesh's default) for zigzag, Auto for contiguous.
+  mesh = jax.make_mesh((8,), ("sp",)) if layout == "zigzag" else mesh8()
+  check(q, k, v, mesh=mesh, layout=layout, segment_ids=SEG, block_size=block_size,
         top_k=3, local_blocks=1, num_sink_tokens=5)
 
 
