@@ -12,10 +12,19 @@ from jax.sharding import Mesh
 
 from helpers import TOL, make_qkv, rel_err
 from ringattn_jax import block_sparse_attention, reference_attention
+from ringattn_jax import block_sparse_blocks
 from ringattn_jax.block_sparse import block_sparse_hop_counts, selected_blocks
 
 T, BS = 64, 8
 SEG = np.array([[0] * 20 + [1] * 30 + [2] * 14, [3] * 40 + [4] * 24])
+
+
+@pytest.fixture
+def small_steps(monkeypatch):
+  """Loop steps of a few query blocks (attention) and 2 (selection), so that the
+  loops of these short sequences run several steps."""
+  monkeypatch.setattr(block_sparse_blocks, "STEP_PAIRS", 1 << 9)
+  monkeypatch.setattr(block_sparse_blocks, "SELECT_PAIRS", 16)
 
 
 def np_keep(q, k, *, block_size, top_k, local_blocks=1, is_causal=True,
@@ -112,7 +121,7 @@ CASES = {  # a covering set, with test_bfloat16_...: each feature, MHA, GQA and 
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_single_device(name):
+def test_single_device(name, small_steps):
   c = dict(CASES[name])
   N, K = c.pop("heads")
   seg = SEG if c.pop("segments", False) else None
@@ -120,7 +129,7 @@ def test_single_device(name):
   check(q, k, v, segment_ids=seg, block_size=BS, **c)
 
 
-def test_bfloat16_mqa_top_k_over_candidates():
+def test_bfloat16_mqa_top_k_over_candidates(small_steps):
   """top_k beyond every query block's candidates: all of them are kept (and the
   bfloat16 selection cannot differ from the float64 one by rounding)."""
   q, k, v, _ = make_qkv(1, 2, T, T, 4, 1, 8, dtype=jnp.bfloat16)
@@ -153,7 +162,7 @@ def mesh8():
 
 
 @pytest.mark.parametrize("layout, block_size", [("contiguous", 8), ("zigzag", 4)])
-def test_mesh_equals_single_device(layout, block_size):
+def test_mesh_equals_single_device(layout, block_size, small_steps):
   """8 devices against the oracle built from the one-device selection (np_keep).
 
   T=64 on 8 devices: 1 block per device (contiguous) or 2 (zigzag, blocks of half a
