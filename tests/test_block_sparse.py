@@ -129,7 +129,7 @@ def test_single_device(name, small_steps):
   check(q, k, v, segment_ids=seg, block_size=BS, **c)
 
 
-def test_bfloat16_mqa_top_k_over_candidates(small_steps):
+def test_bfloat16_mqa_top_k_over_candidates():
   """top_k beyond every query block's candidates: all of them are kept (and the
   bfloat16 selection cannot differ from the float64 one by rounding)."""
   q, k, v, _ = make_qkv(1, 2, T, T, 4, 1, 8, dtype=jnp.bfloat16)
@@ -162,7 +162,7 @@ def mesh8():
 
 
 @pytest.mark.parametrize("layout, block_size", [("contiguous", 8), ("zigzag", 4)])
-def test_mesh_equals_single_device(layout, block_size, small_steps):
+def test_mesh_equals_single_device(layout, block_size):
   """8 devices against the oracle built from the one-device selection (np_keep).
 
   T=64 on 8 devices: 1 block per device (contiguous) or 2 (zigzag, blocks of half a
