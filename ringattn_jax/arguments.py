@@ -37,6 +37,10 @@ class AttnInputs:
       (both or neither).
     q_positions: [T] int32, kv_positions: [S] int32 (shared by the batch); always set.
     q_lengths, kv_lengths: [B] int32 valid lengths, or None.
+    sink_logits: [N] float learned sink logits (one extra logit per query head in
+      every softmax denominator), or None. Kernels never see it: the attention
+      functions take it off (`take_sink_logits`) and apply it to the kernel's
+      (out, lse) with `softmax.add_sink_logits`.
   """
 
   q: jax.Array
@@ -50,6 +54,12 @@ class AttnInputs:
   kv_positions: Optional[jax.Array] = None
   q_lengths: Optional[jax.Array] = None
   kv_lengths: Optional[jax.Array] = None
+  sink_logits: Optional[jax.Array] = None
+
+
+def take_sink_logits(x: AttnInputs) -> Tuple[AttnInputs, Optional[jax.Array]]:
+  """(x without its sink logits, the sink logits [N] or None)."""
+  return dataclasses.replace(x, sink_logits=None), x.sink_logits
 
 
 def normalize_window(local_window_size: WindowArg) -> Window:
@@ -122,6 +132,9 @@ MASK_KEYWORDS = {
     "kv_positions": None,
     "q_offset": 0,
     "kv_offset": 0,
+    "num_sink_tokens": 0,
+    "sink_logits": None,
+    "attention_chunk_size": None,
 }
 
 # The mask keywords of the sequence-parallel functions (ring_attention,
@@ -129,7 +142,8 @@ MASK_KEYWORDS = {
 # sharded along the sequence.
 SEQUENCE_PARALLEL_KEYWORDS = ("scale", "is_causal", "segment_ids", "kv_segment_ids",
                               "local_window_size", "logit_softcap", "q_positions",
-                              "kv_positions")
+                              "kv_positions", "num_sink_tokens", "sink_logits",
+                              "attention_chunk_size")
 
 
 def check_mask_keywords(fn: str, mask_kwargs, allowed=tuple(MASK_KEYWORDS)) -> None:
@@ -194,8 +208,27 @@ def _static_spec(kw, H: int, **has) -> MaskSpec:
     logit_softcap = float(logit_softcap)
   if not isinstance(is_causal, (bool, np.bool_)):
     raise ValueError(f"is_causal must be a Python bool; got {is_causal!r}.")
+  sinks = checks.integer("num_sink_tokens", kw["num_sink_tokens"], minimum=0,
+                         what="(keys at positions < num_sink_tokens escape the window)")
+  chunk = checks.positive_int("attention_chunk_size", kw["attention_chunk_size"],
+                              optional=True)
   return MaskSpec(is_causal=bool(is_causal), window=normalize_window(
-      kw["local_window_size"]), logit_softcap=logit_softcap, scale=float(scale), **has)
+      kw["local_window_size"]), logit_softcap=logit_softcap, scale=float(scale),
+      sinks=sinks, chunk_size=chunk, **has)
+
+
+def check_sink_logits(sink_logits, N: int) -> Optional[jax.Array]:
+  """sink_logits: None or a floating [N] array (one logit per query head)."""
+  if sink_logits is None:
+    return None
+  x = jnp.asarray(sink_logits)
+  if x.shape != (N,):
+    raise ValueError(f"sink_logits must have shape [N]=[{N}] (one logit per query head); "
+                     f"got shape {x.shape}.")
+  if x.dtype not in _FLOAT_DTYPES:
+    raise ValueError(f"sink_logits must be float16/bfloat16/float32/float64; got "
+                     f"{x.dtype}.")
+  return x
 
 
 def _check_dense(bias, mask, full):
@@ -255,14 +288,16 @@ def canonicalize(q, k, v, bias=None, mask=None, **mask_kwargs
       q=q, k=k, v=v, bias=bias, mask=mask, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
       q_positions=_positions("q_positions", kw["q_positions"], kw["q_offset"], T),
       kv_positions=_positions("kv_positions", kw["kv_positions"], kw["kv_offset"], S),
-      q_lengths=lengths[0], kv_lengths=lengths[1])
+      q_lengths=lengths[0], kv_lengths=lengths[1],
+      sink_logits=check_sink_logits(kw["sink_logits"], N))
   return inputs, spec
 
 
 def spec_keywords(spec: MaskSpec) -> dict:
   """The static mask keywords that `canonicalize` turns into `spec` (its inverse)."""
   return dict(is_causal=spec.is_causal, local_window_size=spec.window,
-              logit_softcap=spec.logit_softcap, scale=spec.scale)
+              logit_softcap=spec.logit_softcap, scale=spec.scale,
+              num_sink_tokens=spec.sinks, attention_chunk_size=spec.chunk_size)
 
 
 def accum_dtype(dtype) -> jnp.dtype:

@@ -7,6 +7,7 @@ from ringattn_jax import arguments
 from ringattn_jax import flash_pallas
 from ringattn_jax import flash_xla
 from ringattn_jax import kernel_choice
+from ringattn_jax import softmax
 from ringattn_jax import tuning
 from ringattn_jax.reference import reference_attention
 
@@ -53,6 +54,16 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
       query_seq_lengths / key_value_seq_lengths: [B] ints: valid prefix lengths.
       q_positions / kv_positions: [T] / [S] int positions used by causal and window masks
         (default arange); q_offset / kv_offset (int scalars, may be traced) are added.
+      num_sink_tokens: s >= 0: keys at positions < s are seen whatever the window
+        (StreamingLLM's attention sinks; the causal, chunk and segment rules still
+        apply, so with packed sequences they are the first document's first s
+        tokens). No effect without a window.
+      sink_logits: [N] float: a learned logit per query head that joins every softmax
+        denominator as a key with value zero (gpt-oss), in the units of the final
+        logits (not scaled, not soft-capped). Differentiable.
+      attention_chunk_size: c >= 1: a query sees only keys of its own chunk
+        [m * c, (m + 1) * c) of positions (Llama 4's chunked attention; combine with
+        is_causal for causal chunks).
 
   Returns:
     [B, T, N, H] in q's dtype, and the lse if `return_lse`. A query that sees no key
@@ -70,9 +81,12 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
   block_sizes = tuning.resolve(choice, block_sizes, x.q.dtype, x.q.shape[1],
                                x.k.shape[1], x.q.shape[3], x.q.shape[2] // x.k.shape[2],
                                spec.is_causal)
+  x, sink_logits = arguments.take_sink_logits(x)
   if choice.impl == "xla":
     out, lse = flash_xla.attention(x, spec, block_sizes)
   else:
     out, lse = flash_pallas.attention(x, spec, block_sizes, interpret=choice.interpret,
                                       backend=choice.backend)
+  if sink_logits is not None:
+    out, lse = softmax.add_sink_logits(out, lse, sink_logits)
   return (out, lse) if return_lse else out

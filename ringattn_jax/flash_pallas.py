@@ -10,7 +10,8 @@ sequences and the head dim, lays out the int32 metadata and the loop bounds, and
 
 Padding: T and S pad to a multiple of every block that tiles them (padded keys are
 masked by the key-length mask, padded query rows sliced off); H pads to a power of two
-on GPU (Triton). Loop bounds come from `schedule.block_ranges` (causal/window), cut
+on GPU (Triton). Loop bounds come from `schedule.block_ranges` (causal/window/chunk,
+and the sink prefix with attention sinks), cut
 further by the valid lengths, so hidden blocks are never touched.
 
 A query that sees no key gets output 0 and lse -inf.
@@ -157,17 +158,19 @@ def _loop_ranges(spec: MaskSpec, q_pos, k_pos, bq: int, bk: int, q_valid,
     q_lo, q_hi [B, Sp/bk] (query blocks of each key block: dkv); blocks holding no
     valid query or key get empty ranges.
   """
-  kv_lo, kv_hi, q_lo, q_hi = schedule.block_ranges(spec, q_pos, k_pos, bq, bk)
+  kv_lo, kv_hi, q_lo, q_hi, kv_pre = schedule.block_ranges(spec, q_pos, k_pos, bq, bk)
   nq, nk = kv_lo.shape[0], q_lo.shape[0]
   nq_valid = -(-q_valid // bq)  # [B]: query blocks holding a valid (kept) row
   nk_valid = -(-kv_valid // bk)  # [B]: key blocks holding a valid key
   kv_hi = jnp.minimum(kv_hi[None, :], nk_valid[:, None])
   kv_hi = jnp.where(jnp.arange(nq)[None, :] < nq_valid[:, None], kv_hi, 0)
-  kv_lo = jnp.minimum(kv_lo[None, :], kv_hi)
+  # The sink prefix [0, pre) and [lo, hi) stay disjoint when hi is cut.
+  kv_pre = jnp.minimum(kv_pre[None, :], kv_hi)
+  kv_lo = jnp.clip(kv_lo[None, :], kv_pre, kv_hi)
   q_hi = jnp.minimum(q_hi[None, :], nq_valid[:, None])
   q_hi = jnp.where(jnp.arange(nk)[None, :] < nk_valid[:, None], q_hi, 0)
   q_lo = jnp.minimum(q_lo[None, :], q_hi)
-  return schedule.BlockRanges(kv_lo, kv_hi, q_lo, q_hi)
+  return schedule.BlockRanges(kv_lo, kv_hi, q_lo, q_hi, kv_pre)
 
 
 def _metadata(x: AttnInputs, spec: MaskSpec, cfg: KernelConfig, q_valid=None,
@@ -192,12 +195,13 @@ def _metadata(x: AttnInputs, spec: MaskSpec, cfg: KernelConfig, q_valid=None,
     meta["kv_len"] = kv_valid
   if spec.uses_positions or has_kv_valid or spec.has_q_lengths or Tp != T:
     ranges = lambda bq, bk: _loop_ranges(spec, q_pos, k_pos, bq, bk, q_valid, kv_valid)
+    pre = lambda r: r.kv_pre if spec.has_sinks else None
     if "fwd" in kernels:
       r = ranges(cfg.bq, cfg.bk)
-      meta["fwd"] = LoopBounds(r.kv_lo, r.kv_hi)
+      meta["fwd"] = LoopBounds(r.kv_lo, r.kv_hi, pre(r))
     if "dq" in kernels:
       r = ranges(cfg.bq_dq, cfg.bk_dq)
-      meta["dq"] = LoopBounds(r.kv_lo, r.kv_hi)
+      meta["dq"] = LoopBounds(r.kv_lo, r.kv_hi, pre(r))
     if "dkv" in kernels:
       r = ranges(cfg.bq_dkv, cfg.bk_dkv)
       meta["dkv"] = LoopBounds(r.q_lo, r.q_hi)

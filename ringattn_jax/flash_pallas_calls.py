@@ -94,10 +94,12 @@ class KernelConfig:
 
 
 class LoopBounds(NamedTuple):
-  """A kernel's loop bounds: program (b, i) visits blocks [lo[b, i], hi[b, i])."""
+  """A kernel's loop bounds: program (b, i) visits blocks [lo[b, i], hi[b, i]), and
+  first [0, pre[b, i]) if `pre` is given (the sink prefix, see `schedule.Schedule`)."""
 
   lo: jax.Array
   hi: jax.Array
+  pre: Optional[jax.Array] = None
 
 
 class KernelMeta(NamedTuple):
@@ -260,7 +262,9 @@ def _len_and_bounds(cfg: KernelConfig, kv_len, bounds: Optional[LoopBounds]):
     whole = pl.BlockSpec(memory_space=pltpu.SMEM)  # read as scalars
   else:
     whole = pl.BlockSpec()
-  return len_in, (bounds.lo, whole), (bounds.hi, whole)
+  # With a sink prefix the kernel reads (pre, lo) stacked as its lo input [2, B, n].
+  lo = bounds.lo if bounds.pre is None else jnp.stack([bounds.pre, bounds.lo])
+  return len_in, (lo, whole), (bounds.hi, whole)
 
 
 # ---------------------------------------------------------------------- the three calls

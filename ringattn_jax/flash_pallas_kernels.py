@@ -91,12 +91,19 @@ def _key_block_visible(spec: MaskSpec, j, bk: int, q_pos, q_seg, kv_len, k_pos_r
                   kv_len)
 
 
-def _loop_bounds(lo_ref, hi_ref, n_blocks: int):
-  """The blocks [lo, hi) this program visits: its entries of the bounds arrays."""
+def _block_loop(lo_ref, hi_ref, n_blocks: int, body, init, prefix: bool = False):
+  """fori_loop of `body` over the blocks this program visits: [lo, hi) from its
+  entries of the bounds arrays (all blocks without them). With `prefix`, lo_ref holds
+  (pre, lo) stacked [2, B, n] and the sink prefix [0, pre) runs first."""
   if lo_ref is None:
-    return 0, n_blocks
+    return lax.fori_loop(0, n_blocks, body, init)
   b, i = pl.program_id(0), pl.program_id(2)
-  return lo_ref[b, i], hi_ref[b, i]
+  if prefix:
+    init = lax.fori_loop(0, lo_ref[0, b, i], body, init)
+    lo = lo_ref[1, b, i]
+  else:
+    lo = lo_ref[b, i]
+  return lax.fori_loop(lo, hi_ref[b, i], body, init)
 
 
 def _backward_lse(lse):
@@ -143,7 +150,7 @@ def fwd_kernel(q_ref, k_ref, v_ref, q_pos_ref, k_pos_ref, q_seg_ref, k_seg_ref,
   bq, hp = q.shape
   init = (jnp.full((bq, 1), _NEG_INF, acc), jnp.zeros((bq, 1), acc),
           jnp.zeros((bq, hp), acc))
-  m, l, o = lax.fori_loop(*_loop_bounds(lo_ref, hi_ref, nk), body, init)
+  m, l, o = _block_loop(lo_ref, hi_ref, nk, body, init, prefix=spec.has_sinks)
   seen = l != 0.0  # not `l > 0`: a NaN sum must reach out and lse
   o_ref[...] = (o / jnp.where(seen, l, 1.0)).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), _NEG_INF)
@@ -173,7 +180,8 @@ def dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos_
     ds = _dlogits(p, _dot(do, v, acc, trans_b=True), delta, t)  # [bq, bk]
     return dq + _dot(ds.astype(k.dtype), k, acc)
 
-  dq = lax.fori_loop(*_loop_bounds(lo_ref, hi_ref, nk), body, jnp.zeros(q.shape, acc))
+  dq = _block_loop(lo_ref, hi_ref, nk, body, jnp.zeros(q.shape, acc),
+                   prefix=spec.has_sinks)
   dq = dq * spec.scale
   if dq_in_ref is not None:
     dq = dq_in_ref[...].astype(acc) + dq
@@ -208,6 +216,6 @@ def dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, q_pos_ref, k_pos
     return dk, dv
 
   zeros = jnp.zeros(k.shape, acc)
-  dk, dv = lax.fori_loop(*_loop_bounds(lo_ref, hi_ref, nq), body, (zeros, zeros))
+  dk, dv = _block_loop(lo_ref, hi_ref, nq, body, (zeros, zeros))
   dk_ref[...] = (dk * spec.scale).astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)

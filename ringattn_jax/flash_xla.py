@@ -235,10 +235,13 @@ class _Blocks:
                                    self.g.bk)
 
 
-def _segmented_loop(sched, body, carry):
-  """Runs body(idx, carry, use_positions) over [lo, hi), unmasked on [flo, fhi)."""
-  lo, flo, fhi, hi = sched
+def _segmented_loop(sched, body, carry, sinks: bool = False):
+  """Runs body(idx, carry, use_positions) over [lo, hi), unmasked on [flo, fhi); with
+  `sinks`, first masked over the sink prefix [0, pre)."""
+  pre, lo, flo, fhi, hi = sched
   masked = lambda j, c: body(j, c, True)
+  if sinks:
+    carry = lax.fori_loop(0, pre, masked, carry)
   carry = lax.fori_loop(lo, flo, masked, carry)
   carry = lax.fori_loop(flo, fhi, lambda j, c: body(j, c, False), carry)
   return lax.fori_loop(fhi, hi, masked, carry)
@@ -345,7 +348,7 @@ def forward_blocks(x: AttnInputs, spec: MaskSpec, g: BlockLayout, dtype, qh, kh,
 
     init = vma.vary((jnp.full((g.B, g.K, R), -jnp.inf, acc), jnp.zeros((g.B, g.K, R), acc),
                       jnp.zeros((g.B, g.K, R, g.H), acc)), axes)
-    m, l, o = _segmented_loop(sched, body, init)
+    m, l, o = _segmented_loop(sched, body, init, sinks=spec.has_sinks)
     seen = l != 0  # not `l > 0`: a NaN sum must reach out and lse
     out = jnp.where(seen[..., None], o / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)

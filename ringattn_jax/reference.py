@@ -26,7 +26,8 @@ def reference_attention(q, k, v, bias=None, mask=None, *, return_lse: bool = Fal
       (float64 for float64 inputs); -inf for a query that sees no key.
     **mask_kwargs: scale, is_causal, segment_ids, kv_segment_ids, local_window_size,
       logit_softcap, query_seq_lengths, key_value_seq_lengths, q_positions,
-      kv_positions, q_offset, kv_offset (see `flash_attention`).
+      kv_positions, q_offset, kv_offset, num_sink_tokens, sink_logits,
+      attention_chunk_size (see `flash_attention`).
 
   Returns:
     [B, T, N, H] in q's dtype (and the lse if asked). A query that sees no key gets
@@ -55,7 +56,12 @@ def reference_attention(q, k, v, bias=None, mask=None, *, return_lse: bool = Fal
     visible = visible & (kp <= qp)
   if spec.window is not None:
     left, right = spec.window
-    visible = visible & (kp >= qp - left) & (kp <= qp + right)
+    in_window = (kp >= qp - left) & (kp <= qp + right)
+    is_sink = kp < spec.sinks  # attention sinks escape the window, nothing else
+    visible = visible & (in_window | is_sink)
+  if spec.chunk_size is not None:
+    c = spec.chunk_size
+    visible = visible & (jnp.floor_divide(kp, c) == jnp.floor_divide(qp, c))
   if x.q_segment_ids is not None:
     visible = visible & (x.q_segment_ids[:, None, :, None] ==
                          x.kv_segment_ids[:, None, None, :])
@@ -69,6 +75,14 @@ def reference_attention(q, k, v, bias=None, mask=None, *, return_lse: bool = Fal
     visible = visible & x.mask
 
   logits = jnp.where(visible, logits, -jnp.inf)
+  if x.sink_logits is not None:
+    # The sink: one more logit per head in every row's softmax, with value zero.
+    sink = jnp.broadcast_to(x.sink_logits.astype(acc)[None, :, None, None],
+                            (B, N, T, 1))
+    logits = jnp.concatenate([logits, sink], axis=-1)
+    visible = jnp.concatenate([jnp.broadcast_to(visible, (B, N, T, S)),
+                               jnp.ones((B, N, T, 1), jnp.bool_)], axis=-1)
+    vf = jnp.concatenate([vf, jnp.zeros((B, 1, N, H), acc)], axis=1)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
   p = jnp.where(visible, jnp.exp(logits - row_max), 0.0)

@@ -81,6 +81,7 @@ from ringattn_jax import flash_xla
 from ringattn_jax import kernel_api
 from ringattn_jax import kernel_choice
 from ringattn_jax import layouts
+from ringattn_jax import ring_sinks
 from ringattn_jax import rotation
 from ringattn_jax import schedule
 from ringattn_jax import softmax
@@ -114,6 +115,7 @@ class _Ring:
   layout: str
   derive_kv_positions: bool  # kv positions from the layout (else they travel)
   head_groups: int  # passes of the ring, each over K / head_groups key/value heads
+  sinks: Optional[ring_sinks.SinkPlan] = None  # sink keys gathered apart (`ring_sinks`)
 
   @property
   def hops(self) -> int:
@@ -374,6 +376,10 @@ def _prepare(q, k, v, *, axis_name, layout="contiguous", impl="auto", backend=No
   if derive_kv:
     mask_kwargs["kv_positions"] = layouts.local_positions(layout, n, Sl, d)
   x, spec = arguments.canonicalize(q, k, v, **mask_kwargs)
+  sinks = None
+  if spec.has_sinks and derive_q and derive_kv:  # the rotation skips hops as for a window
+    sinks = ring_sinks.plan(choice, block_sizes, spec, layout, n, x)
+    spec = spec.split_sinks()[0]
   B, _, K, H = x.k.shape
   runs = (layouts.contiguous_run(layout, n, Tl), layouts.contiguous_run(layout, n, Sl))
   block_sizes = tuning.resolve(
@@ -390,8 +396,21 @@ def _prepare(q, k, v, *, axis_name, layout="contiguous", impl="auto", backend=No
   ring = _Ring(axis_name=axis_name, n=n, hops_next=plan.hops_next,
                hops_prev=plan.hops_prev, spec=spec, kernel=kernel,
                block_sizes=block_sizes, layout=layout, derive_kv_positions=derive_kv,
-               head_groups=int(head_groups))
+               head_groups=int(head_groups), sinks=sinks)
   return ring, x
+
+
+def _attention(ring: _Ring, x: AttnInputs):
+  """(out, lse) of the ring, its sink part and the sink logits (differentiable)."""
+  x, sink_logits = arguments.take_sink_logits(x)
+  aux = dataclasses.replace(x, q=None, k=None, v=None)
+  out, lse = _ring_attention(ring, x.q, x.k, x.v, aux)
+  if ring.sinks is not None:
+    out, lse = ring_sinks.merge(out, lse, *ring_sinks.attend_sinks(
+        ring.sinks, ring.axis_name, ring.n, ring.layout, x))
+  if sink_logits is not None:
+    out, lse = softmax.add_sink_logits(out, lse, sink_logits)
+  return out, lse
 
 
 def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
@@ -429,8 +448,11 @@ def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
       K shard (1 for small shards); on GPU/TPU 1.
     return_lse: also return the log-sum-exp [B, Tl, N] float32.
     **mask_kwargs: the mask keywords of `arguments.SEQUENCE_PARALLEL_KEYWORDS`:
-      is_causal, local_window_size, logit_softcap, scale: as in `flash_attention`,
-        judged on true (global) token positions.
+      is_causal, local_window_size, logit_softcap, scale, attention_chunk_size,
+        num_sink_tokens: as in `flash_attention`, judged on true (global) token
+        positions. With sinks and a window the sink keys are gathered once
+        (`ring_sinks`) and the rotation stops as for the window alone.
+      sink_logits: [N] learned sink logits (replicated), as in `flash_attention`.
       segment_ids: [B, Tl] local query segment ids (packed sequences);
         kv_segment_ids: [B, Sl] local key segment ids (default: segment_ids). They
         travel with the keys.
@@ -446,8 +468,7 @@ def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
   ring, x = _prepare(q, k, v, axis_name=axis_name, layout=layout, impl=impl,
                      backend=backend, block_sizes=block_sizes, head_groups=head_groups,
                      **mask_kwargs)
-  aux = dataclasses.replace(x, q=None, k=None, v=None)
-  out, lse = _ring_attention(ring, x.q, x.k, x.v, aux)
+  out, lse = _attention(ring, x)
   return (out, lse) if return_lse else out
 
 
@@ -458,10 +479,14 @@ def ring_hop_counts(q, k, v, *, axis_name, dout=None, **kwargs):
   int32, ring_hops int) where ring_hops is the static number of key/value shards the
   ring visits, over both directions (ring_hops - 1 ppermutes of K/V per head group and
   per forward or backward ring). Backward hops are counted with `dout` (default ones).
+  With attention sinks and a window, the gathered sink keys count as one more hop
+  computed (their all-gather is not a ppermute).
   """
   kwargs.pop("return_lse", None)
   ring, x = _prepare(q, k, v, axis_name=axis_name, **kwargs)
+  x, _ = arguments.take_sink_logits(x)
   out, lse, fwd = _ring_forward(ring, x)
   dout = jnp.ones_like(out) if dout is None else dout
   *_, bwd = _ring_backward(ring, x, out, lse, dout, jnp.zeros_like(lse))
-  return fwd, bwd, ring.hops
+  extra = int(ring.sinks is not None)
+  return fwd + extra, bwd + extra, ring.hops

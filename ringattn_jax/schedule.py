@@ -37,8 +37,11 @@ class BlockRanges(NamedTuple):
   """Which blocks meet which, for T/bq query blocks and S/bk key blocks.
 
   Attributes:
-    kv_lo, kv_hi: [nq] int32: query block i visits key blocks [kv_lo[i], kv_hi[i]).
+    kv_lo, kv_hi: [nq] int32: query block i visits key blocks [kv_lo[i], kv_hi[i]),
+      and before them [0, kv_pre[i]), its sink blocks (see `Schedule.pre`);
+      kv_pre <= kv_lo.
     q_lo, q_hi: [nk] int32: key block j is visited by query blocks [q_lo[j], q_hi[j]).
+    kv_pre: [nq] int32 (zeros without sinks).
   Empty ranges have lo == hi.
   """
 
@@ -46,15 +49,20 @@ class BlockRanges(NamedTuple):
   kv_hi: jax.Array
   q_lo: jax.Array
   q_hi: jax.Array
+  kv_pre: jax.Array
 
 
 class Schedule(NamedTuple):
-  """The blocks one row of blocks visits: [lo, hi), of which [flo, fhi) are fully
-  visible under the position (causal/window) mask; lo <= flo <= fhi <= hi.
+  """The blocks one row of blocks visits: [0, pre) and [lo, hi), of which [flo, fhi)
+  are fully visible under the position (causal/window/chunk) mask;
+  pre <= lo <= flo <= fhi <= hi.
 
-  Each field is [rows] int32 (one entry per query block, or per key block).
+  `pre` is the prefix of blocks holding attention sinks that a window would not reach
+  (0 without sinks): the rows' windows then skip the blocks between the sinks and the
+  window. Each field is [rows] int32 (one entry per query block, or per key block).
   """
 
+  pre: jax.Array
   lo: jax.Array
   flo: jax.Array
   fhi: jax.Array
@@ -91,6 +99,13 @@ def _block_bounds(spec: MaskSpec, q_pos, k_pos, block_q: int, block_k: int):
   return vis, full
 
 
+def _sink_blocks(spec: MaskSpec, q_pos, k_pos, block_q: int, block_k: int):
+  """[nq, nk] bool: blocks a query block may see through its sinks (None: no sinks)."""
+  if not spec.has_sinks:
+    return None
+  return _block_bounds(spec.split_sinks()[1], q_pos, k_pos, block_q, block_k)[0]
+
+
 def _first_last(v):
   """v: [M, L] bool -> (first true, one past last true) per row; (0, 0) if none."""
   L = v.shape[1]
@@ -101,10 +116,18 @@ def _first_last(v):
           jnp.where(any_, hi, 0).astype(jnp.int32))
 
 
-def _schedule(vis, full) -> Schedule:
-  lo, hi = _first_last(vis)
+def _schedule(vis, full, sink_vis=None) -> Schedule:
+  """The Schedule of each row of `vis` / `full` [rows, L]; with `sink_vis`, the blocks
+  up to a row's last sink block form its prefix and the rest its [lo, hi)."""
   L = vis.shape[1]
   idx = jnp.arange(L)[None, :]
+  pre = jnp.zeros((vis.shape[0],), jnp.int32)
+  if sink_vis is not None:
+    pre = _first_last(sink_vis)[1]
+    vis, full = vis & (idx >= pre[:, None]), full & (idx >= pre[:, None])
+  lo, hi = _first_last(vis)
+  lo = jnp.maximum(lo, pre)
+  hi = jnp.maximum(hi, lo)
   flo = jnp.where(full.any(1), jnp.argmax(full, axis=1), hi).astype(jnp.int32)
   # The unmasked run stops at the first block after flo that is not fully visible
   # (positions need not be monotone, so full blocks need not be contiguous).
@@ -112,7 +135,7 @@ def _schedule(vis, full) -> Schedule:
   fhi = jnp.where(broken.any(1), jnp.argmax(broken, axis=1), L).astype(jnp.int32)
   flo = jnp.clip(flo, lo, hi)
   fhi = jnp.clip(fhi, flo, hi)
-  return Schedule(lo, flo, fhi, hi)
+  return Schedule(pre, lo, flo, fhi, hi)
 
 
 def block_ranges(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array, block_q: int,
@@ -123,9 +146,9 @@ def block_ranges(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array, block_q: in
     q_pos: [T] with T % block_q == 0; k_pos: [S] with S % block_k == 0.
   """
   vis, _ = _block_bounds(spec, q_pos, k_pos, block_q, block_k)
-  kv_lo, kv_hi = _first_last(vis)
+  kv = _schedule(vis, vis, _sink_blocks(spec, q_pos, k_pos, block_q, block_k))
   q_lo, q_hi = _first_last(vis.T)
-  return BlockRanges(kv_lo, kv_hi, q_lo, q_hi)
+  return BlockRanges(kv.lo, kv.hi, q_lo, q_hi, kv.pre)
 
 
 def block_schedule(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array, block_q: int,
@@ -134,16 +157,17 @@ def block_schedule(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array, block_q: 
 
   Returns:
     (kv_sched, q_sched): the forward visits, for query block i, key blocks
-    [kv_sched.lo[i], kv_sched.hi[i]); the backward, for key block j, query blocks
-    [q_sched.lo[j], q_sched.hi[j]).
+    [0, kv_sched.pre[i]) and [kv_sched.lo[i], kv_sched.hi[i]); the backward, for key
+    block j, query blocks [q_sched.lo[j], q_sched.hi[j]) (its `pre` is 0).
   """
   if not spec.uses_positions:
     nq, nk = q_pos.shape[0] // block_q, k_pos.shape[0] // block_k
-    every = lambda rows, cols: Schedule(*(jnp.zeros((rows,), jnp.int32),) * 2,
+    every = lambda rows, cols: Schedule(*(jnp.zeros((rows,), jnp.int32),) * 3,
                                         *(jnp.full((rows,), cols, jnp.int32),) * 2)
     return every(nq, nk), every(nk, nq)
   vis, full = _block_bounds(spec, q_pos, k_pos, block_q, block_k)
-  return _schedule(vis, full), _schedule(vis.T, full.T)
+  sink_vis = _sink_blocks(spec, q_pos, k_pos, block_q, block_k)
+  return _schedule(vis, full, sink_vis), _schedule(vis.T, full.T)
 
 
 def hop_visible(x: AttnInputs, spec: MaskSpec) -> jax.Array:
@@ -243,7 +267,7 @@ def work_per_device(T: int, n: int, layout: str, block: int, is_causal: bool = F
   @jax.jit
   def tiles(qp, kp):
     r = block_ranges(spec, qp, kp, bq, bk)
-    return jnp.sum(r.kv_hi - r.kv_lo)
+    return jnp.sum(r.kv_hi - r.kv_lo + r.kv_pre)
 
   per = jax.vmap(jax.vmap(tiles))(
       jnp.asarray(np.broadcast_to(qpos[:, None], (n, n, T // n))),

@@ -44,6 +44,7 @@ from ringattn_jax import flash_xla
 from ringattn_jax import kernel_choice
 from ringattn_jax import layouts
 from ringattn_jax import ring
+from ringattn_jax import softmax
 from ringattn_jax import tuning
 
 STRATEGIES = ("ring", "allgather", "ulysses")
@@ -185,7 +186,10 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
     return_lse: also return the log-sum-exp [B, T, N] float32.
     **mask_kwargs: the mask keywords of `arguments.SEQUENCE_PARALLEL_KEYWORDS`:
       is_causal, segment_ids [B, T], kv_segment_ids [B, S], local_window_size,
-        logit_softcap, scale: as in `flash_attention`.
+        logit_softcap, scale, num_sink_tokens, attention_chunk_size: as in
+        `flash_attention` (the ring gathers sink keys once, see `ring_attention`).
+      sink_logits: [N] global learned sink logits, as in `flash_attention`; applied to
+        the global (out, lse), so its gradient is the sum over every device's rows.
       q_positions, kv_positions: [T] / [S] int positions for causal/window (default
         arange), in the caller's order.
 
@@ -225,6 +229,8 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
   out, lse = _sharded(x.q, x.k, x.v, x.q_segment_ids, x.kv_segment_ids,
                       x.q_positions if plan.has_q_positions else None,
                       x.kv_positions if plan.has_kv_positions else None, plan=plan)
+  if x.sink_logits is not None:
+    out, lse = softmax.add_sink_logits(out, lse, x.sink_logits)
   return (out, lse) if return_lse else out
 
 

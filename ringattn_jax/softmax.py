@@ -68,6 +68,28 @@ def merge_partials(o, lse, o_part, lse_part) -> Tuple[jax.Array, jax.Array]:
   return o, lse
 
 
+def add_sink_logits(out, lse, sink_logits) -> Tuple[jax.Array, jax.Array]:
+  """Joins a learned sink logit per head to every softmax denominator (gpt-oss).
+
+  The sink is a key whose logit is `sink_logits[n]` (in the units of the final logits:
+  not scaled, not soft-capped) and whose value is zero: p_j = exp(s_j) / (exp(sink) +
+  sum_k exp(s_k)). That is a merge with the partial result (0, sink), so it applies to
+  the (out, lse) of any kernel, and autodiff through this merge and the kernel's
+  differentiable lse gives the gradients of q, k, v and the sink logits.
+
+  Args:
+    out: [..., N, H] attention output; lse: [..., N] its log-sum-exp (accumulation
+      dtype); sink_logits: [N].
+
+  Returns:
+    (out [..., N, H] in out's dtype, lse [..., N] including the sink).
+  """
+  acc = lse.dtype
+  sink = jnp.broadcast_to(sink_logits.astype(acc), lse.shape)
+  o, lse = merge_partials(out.astype(acc), lse, jnp.zeros((), acc), sink)
+  return o.astype(out.dtype), lse
+
+
 def merge_over_axis(o, lse, axis_name) -> Tuple[jax.Array, jax.Array]:
   """Merges the partial results held by every device on mesh axis `axis_name`.
 

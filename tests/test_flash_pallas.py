@@ -117,7 +117,7 @@ def test_jit_and_grad_compose():
 def test_block_ranges_skip_hidden_and_invalid_blocks():
   spec = masking.MaskSpec(is_causal=True, window=(16, 0))
   pos = jnp.arange(64, dtype=jnp.int32)
-  kv_lo, kv_hi, q_lo, q_hi = flash_pallas._loop_ranges(
+  kv_lo, kv_hi, q_lo, q_hi, _ = flash_pallas._loop_ranges(
       spec, pos, pos, 16, 16, q_valid=jnp.asarray([64, 20]),
       kv_valid=jnp.asarray([40, 64]))  # schedule.BlockRanges, one row per batch entry
   # Batch 0: causal + window sees the diagonal block and the one before it; key block

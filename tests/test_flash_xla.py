@@ -144,12 +144,15 @@ def test_property_random_problems(T, S, K, G, causal, window, softcap, segments,
 def test_masked_blocks_are_skipped():
   """The schedule visits only blocks the causal/window mask can see."""
   pos = jnp.arange(64)
-  (lo, flo, fhi, hi), _ = schedule.block_schedule(MaskSpec(is_causal=True), pos, pos, 16, 16)
+  (_, lo, flo, fhi, hi), _ = schedule.block_schedule(MaskSpec(is_causal=True), pos, pos,
+                                                     16, 16)
   visited = int((hi - lo).sum())
   unmasked = int((fhi - flo).sum())
   assert visited == 4 * 5 // 2 and unmasked == 4 * 3 // 2  # lower triangle; its interior
-  (lo, _, _, hi), _ = schedule.block_schedule(MaskSpec(window=(16, 0)), pos, pos, 16, 16)
+  (pre, lo, _, _, hi), _ = schedule.block_schedule(MaskSpec(window=(16, 0)), pos, pos,
+                                                   16, 16)
   np.testing.assert_array_equal(hi - lo, [1, 2, 2, 2])
+  np.testing.assert_array_equal(pre, 0)
 
 
 def _dot_operand_dtypes(hlo_text):
