@@ -7,7 +7,14 @@ ValueError that names the field, the value and what would be valid.
 
 Presets: `tiny` (tests and CPU demos), `llama2-7b`, `llama2-13b`, `llama3-8b`,
 `llama3-70b`, and `lwm-7b` (Large World Model: LLaMA-2-7B shapes, rope theta 50M,
-1M-token context).
+1M-token context). Sliding-window attention: `mistral-7b` (Mistral-7B-v0.1, every layer
+within a 4096-token window) and `mistral-tiny`. Local-global layer patterns as Gemma 3
+lays them out (5 sliding-window layers, then 1 full-attention layer, repeated; local
+RoPE base 10k, global 1M): `local-global-1b` (Gemma-3-1B's sizes: 26 layers, window
+512), `local-global-4b` (Gemma-3-4B's sizes: 34 layers, window 1024, linear RoPE
+scaling x8 on the global layers only) and `local-global-tiny`. These are Gemma 3's
+shapes and attention pattern on our LLaMA block, not Gemma 3 itself (which adds q/k
+norms, GeGLU, sandwich norms and a scaled embedding): Gemma weights do not load into it.
 """
 from __future__ import annotations
 
@@ -34,6 +41,8 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_names
 # "offload" remat policies.
 REMAT_NAMES = ("qkv", "attn_context", "attn_out", "mlp_hidden", "mlp_out")
 DTYPES = ("float32", "bfloat16", "float16")
+# Entries of `layer_types` (Hugging Face's names and values).
+LAYER_TYPES = ("full_attention", "sliding_attention")
 LAYOUTS = ringattn_jax.LAYOUTS
 
 
@@ -56,7 +65,19 @@ class LlamaConfig:
       layout: token layout for the sequence-parallel attentions ("zigzag"/"striped"
       balance causal work); tokens are permuted once at the model input and
       positions carried, not per layer.
-    sliding_window: None or a window size (tokens see the previous `sliding_window`).
+    sliding_window: None or a window W (Hugging Face's meaning: a query sees the keys
+      at distance < W, itself included, i.e. local_window_size=(W - 1, 0)). Without
+      layer_types it applies to every layer.
+    layer_types: None (every layer alike, as sliding_window says) or one entry per
+      layer, each one of LAYER_TYPES: "sliding_attention" layers attend within
+      sliding_window (which must then be set), "full_attention" layers attend to the
+      whole causal context (Hugging Face's field; Gemma 3, Ministral). A list is
+      stored as a tuple. `sliding_layers` gives the per-layer choice.
+    rope_local_theta: None (every layer uses rope_theta and rope_scaling) or the RoPE
+      base of the sliding-window layers, which then use it unscaled (Gemma 3's
+      rope_local_base_freq: local 10k, global 1M with any scaling on the global
+      layers only). It applies to the layers `sliding_layers` marks (every layer when
+      layer_types is None and sliding_window is set; none without a window).
     remat_policy: one of REMAT_POLICIES; remat_names: the REMAT_NAMES that
       "save_names" keeps or "offload" moves to host memory.
     scan_layers: lax.scan over stacked layers (compile time flat in depth) vs a Python
@@ -95,6 +116,8 @@ class LlamaConfig:
   backend: Optional[str] = None
   layout: str = "contiguous"
   sliding_window: Optional[int] = None
+  layer_types: Optional[Tuple[str, ...]] = None
+  rope_local_theta: Optional[float] = None
   remat_policy: str = "none"
   remat_names: Tuple[str, ...] = ("attn_out", "mlp_out")
   scan_layers: bool = True
@@ -118,6 +141,12 @@ class LlamaConfig:
       object.__setattr__(self, "rope_scaling",
                          _Frozen(rope.validate_rope_scaling(dict(self.rope_scaling))))
     object.__setattr__(self, "remat_names", tuple(self.remat_names))
+    if self.layer_types is not None:
+      if isinstance(self.layer_types, str) or not isinstance(self.layer_types,
+                                                            (list, tuple)):
+        raise ValueError(f"layer_types must be None or a list/tuple with one entry per "
+                         f"layer, each one of {LAYER_TYPES}; got {self.layer_types!r}.")
+      object.__setattr__(self, "layer_types", tuple(self.layer_types))
     self._validate()
 
   def _validate(self):
@@ -149,6 +178,37 @@ class LlamaConfig:
         "sliding_window", self.sliding_window, optional=True))
     for name in ("rms_norm_eps", "rope_theta"):
       checks.number(name, getattr(self, name), low=0, low_inclusive=False)
+    checks.number("rope_local_theta", self.rope_local_theta, low=0, low_inclusive=False,
+                  optional=True)
+    self._validate_layer_types()
+
+  def _validate_layer_types(self):
+    types = self.layer_types
+    if types is None:
+      return
+    if len(types) != self.num_hidden_layers:
+      raise ValueError(
+          f"layer_types must have one entry per layer (num_hidden_layers="
+          f"{self.num_hidden_layers}); got {len(types)} entries: {list(types)}.")
+    for i, t in enumerate(types):
+      checks.choice(f"layer_types[{i}]", t, LAYER_TYPES)
+    if self.sliding_window is None and "sliding_attention" in types:
+      layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
+      raise ValueError(f"layer_types has 'sliding_attention' layers {layers} but "
+                       "sliding_window is None; set sliding_window (a positive int) or "
+                       "make those layers 'full_attention'.")
+
+  @property
+  def sliding_layers(self) -> Tuple[bool, ...]:
+    """Per layer: whether it attends within sliding_window (and uses the local RoPE)."""
+    if self.layer_types is None:
+      return (self.sliding_window is not None,) * self.num_hidden_layers
+    return tuple(t == "sliding_attention" for t in self.layer_types)
+
+  @property
+  def layer_windows(self) -> Tuple[Optional[int], ...]:
+    """Per layer: its sliding window W, or None for full causal attention."""
+    return tuple(self.sliding_window if s else None for s in self.sliding_layers)
 
   @property
   def sequence_parallel(self) -> bool:
@@ -200,10 +260,23 @@ def from_dict(d: Mapping[str, Any]) -> LlamaConfig:
 _LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                   num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                   rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096)
+_TINY = dict(vocab_size=264, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+
+
+def local_global_pattern(num_layers: int, period: int = 6) -> Tuple[str, ...]:
+  """Gemma 3's layer_types: every `period`-th layer full attention, the rest sliding."""
+  return tuple("full_attention" if (i + 1) % period == 0 else "sliding_attention"
+               for i in range(num_layers))
+
+
+def _local_global(num_layers: int, window: int) -> dict:
+  return dict(layer_types=local_global_pattern(num_layers), sliding_window=window,
+              rope_theta=1_000_000.0, rope_local_theta=10_000.0)
+
+
 PRESETS = {
-    "tiny": dict(vocab_size=264, hidden_size=64, intermediate_size=176,
-                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=2048),
+    "tiny": _TINY,
     "llama2-7b": _LLAMA2_7B,
     "llama2-13b": dict(_LLAMA2_7B, hidden_size=5120, intermediate_size=13824,
                        num_hidden_layers=40, num_attention_heads=40,
@@ -217,6 +290,25 @@ PRESETS = {
                        rms_norm_eps=1e-5, rope_theta=500000.0,
                        max_position_embeddings=8192),
     "lwm-7b": dict(_LLAMA2_7B, rope_theta=50_000_000.0, max_position_embeddings=1_048_576),
+    # Mistral-7B-v0.1: every layer attends within a 4096-token window.
+    "mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                       rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=32768,
+                       sliding_window=4096),
+    "mistral-tiny": dict(_TINY, sliding_window=32),
+    # Gemma 3's sizes and local-global pattern on our LLaMA block (see the module doc).
+    "local-global-1b": dict(vocab_size=262144, hidden_size=1152, intermediate_size=6912,
+                            num_hidden_layers=26, num_attention_heads=4,
+                            num_key_value_heads=1, head_dim=256, rms_norm_eps=1e-6,
+                            max_position_embeddings=32768, tie_word_embeddings=True,
+                            **_local_global(26, window=512)),
+    "local-global-4b": dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240,
+                            num_hidden_layers=34, num_attention_heads=8,
+                            num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                            max_position_embeddings=131072, tie_word_embeddings=True,
+                            rope_scaling={"rope_type": "linear", "factor": 8.0},
+                            **_local_global(34, window=1024)),
+    "local-global-tiny": dict(_TINY, num_hidden_layers=6, **_local_global(6, window=32)),
 }
 
 

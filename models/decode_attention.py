@@ -40,7 +40,8 @@ def decode_attention(q, k_new, v_new, cache_k, cache_v, slot_pos, layer, pos, sl
     layer: int32 scalar: which layer's cache.
     pos: [B] int32 true position of the new token in each row.
     slot: [B] int32 global slot of that position.
-    window: None or the sliding window w (keys at positions > pos - w are seen).
+    window: None or the sliding window w (keys at positions > pos - w are seen); or a
+      tuple with one such entry per layer (config.layer_windows), `layer`'s applies.
 
   Returns:
     (out [B, N, H] in q's dtype, cache_k, cache_v updated at [layer, b, slot[b]]).
@@ -57,7 +58,10 @@ def decode_attention(q, k_new, v_new, cache_k, cache_v, slot_pos, layer, pos, sl
   keys, values = cache_k[layer], cache_v[layer]  # [B, Sl, K, H]
 
   visible = slot_pos[None, :] <= pos[:, None]  # [B, Sl]
-  if window is not None:
+  if isinstance(window, tuple):  # per layer: 0 stands for None (no window)
+    w = jnp.asarray([0 if x is None else x for x in window], jnp.int32)[layer]
+    visible &= (w == 0) | (slot_pos[None, :] > pos[:, None] - w)
+  elif window is not None:
     visible &= slot_pos[None, :] > pos[:, None] - window
   acc = jnp.promote_types(q.dtype, jnp.float32)
   qg = q.reshape(B, K, N // K, H).astype(acc)  # query head n uses kv head n // G
@@ -83,7 +87,8 @@ def _partial_softmax(logits, values):
 
 def make_decode_attention(model, B: int):
   """`decode_attention` for this model: single-device, or a shard_map over "sp"."""
-  window = model.config.sliding_window
+  windows = model.config.layer_windows
+  window = windows[0] if len(set(windows)) == 1 else windows
   mesh = model.mesh
   if sp_size(mesh) == 1:
     return functools.partial(decode_attention, window=window)

@@ -21,6 +21,12 @@ Ragged prompts are RIGHT-padded: row b holds its prompt in `prompt[b, :prompt_le
 overwriting the padding's in the cache before any query can see it, so positions stay
 true positions and no position offsets are needed.
 
+Per-layer kinds (config.layer_types): each layer's RoPE tables and window are its own
+in both phases (the prefill as in `Llama.hidden_states`; the decode picks the layer's
+RoPE tables and masks the layer's window in `models.decode_attention`). The cache keeps
+every position for every layer; a sliding layer's window is a mask, not a rolling
+cache.
+
 Non-finite logits (NaN/Inf: a diverged checkpoint, float16/bfloat16 overflow) would
 still yield token ids (argmax of NaN is an index). The loop carries, per row, the
 first step whose logits were non-finite (no per-token host sync); after the loop
@@ -53,6 +59,7 @@ from ringattn_jax import checks
 from models.decode_attention import make_decode_attention
 from models.kv_cache import CacheLayout, cache_layout, cache_specs, prompt_multiple
 from models.layers import Runtime
+from models.llama import pick_rope, scan_layers
 from models.sampling import check_sampling, filter_logits, nonfinite_rows, sample_logits
 from models import sharding as sharding_lib
 
@@ -111,13 +118,16 @@ def prefill(model, tokens, lengths, cache: CacheLayout, rope_len: int):
   positions = jnp.broadcast_to(jnp.arange(Pp, dtype=jnp.int32), (B, Pp))
   tokens_l, positions_l = model.to_layout(tokens), model.to_layout(positions)
   x = model.embed(tokens_l)
-  cos, sin = model.rotary_tables(positions_l, seq_len=rope_len)
+  tables = model.layer_rotary_tables(positions_l, seq_len=rope_len)
   graphdef, stacked = nnx.split(model.layers)
 
-  def layer(x, state):
-    return nnx.merge(graphdef, state)(x, cos, sin, None, rt, return_kv=True)
+  def layer(x, state, sliding):
+    cos, sin = pick_rope(tables, sliding)
+    return nnx.merge(graphdef, state)(x, cos, sin, None, rt, return_kv=True,
+                                      sliding=sliding)
 
-  x, (ks, vs) = lax.scan(layer, x, stacked)  # ks, vs: [L, B, P, K, H] in layout order
+  # ks, vs: [L, B, P, K, H] in layout order
+  x, (ks, vs) = scan_layers(layer, x, stacked, cfg.sliding_layers)
   h = model.norm(x)
   # The hidden state at position lengths - 1, picked with a masked sum over the
   # (sharded) sequence: an all-reduce of [B, D], never a gather of h.
@@ -156,24 +166,26 @@ def decode_step(model, tokens, pos, cache_k, cache_v, cache: CacheLayout, rope_l
   rt = Runtime(cfg.replace(ffn_chunks=1), model.mesh, model.runtime.rules)
   B = tokens.shape[0]
   x = model.embed(tokens[:, None])
-  cos, sin = model.rotary_tables(pos[:, None], seq_len=rope_len)
+  tables = model.layer_rotary_tables(pos[:, None], seq_len=rope_len)
   slot_pos = jnp.asarray(cache.slot_positions())
   slot = jnp.asarray(cache.position_slots())[pos]
   attention = make_decode_attention(model, B)
   graphdef, stacked = nnx.split(model.layers)
 
-  def layer(carry, xs):
+  def layer(carry, xs, sliding):
     x, ck, cv = carry
     state, i = xs
     block = nnx.merge(graphdef, state)
+    cos, sin = pick_rope(tables, sliding)  # the window itself: make_decode_attention
     q, k, v = block.self_attn.project_qkv(block.input_layernorm(x), cos, sin, rt)
     ctx, ck, cv = attention(q[:, 0], k[:, 0], v[:, 0], ck, cv, slot_pos, i, pos, slot)
     x = x + block.self_attn.project_out(ctx[:, None], rt)
     x = x + block.mlp(block.post_attention_layernorm(x), rt)
     return (x, ck, cv), None
 
-  (x, cache_k, cache_v), _ = lax.scan(
-      layer, (x, cache_k, cache_v), (stacked, jnp.arange(cfg.num_hidden_layers)))
+  (x, cache_k, cache_v), _ = scan_layers(
+      layer, (x, cache_k, cache_v), (stacked, jnp.arange(cfg.num_hidden_layers)),
+      cfg.sliding_layers)
   h = model.norm(x)[:, 0]
   logits = jnp.einsum("BD,DV->BV", h, model.head_weight.astype(h.dtype),
                       preferred_element_type=jnp.float32)

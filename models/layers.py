@@ -12,10 +12,12 @@ module's state is only its parameters.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
@@ -148,25 +150,52 @@ class Attention(nnx.Module):
       out = out + self.o_bias[...].astype(ctx.dtype)
     return checkpoint_name(out, "attn_out")
 
-  def __call__(self, x, cos, sin, segment_ids, rt: Runtime, return_kv: bool = False):
-    """x [B, T, D] -> [B, T, D] (and the rotated k, v [B, T, K, H] if return_kv)."""
+  def __call__(self, x, cos, sin, segment_ids, rt: Runtime, return_kv: bool = False,
+               sliding=None):
+    """x [B, T, D] -> [B, T, D] (and the rotated k, v [B, T, K, H] if return_kv).
+
+    sliding: this layer's kind (see `attend`).
+    """
     q, k, v = self.project_qkv(x, cos, sin, rt)
-    ctx = checkpoint_name(attend(q, k, v, segment_ids, rt), "attn_context")
+    ctx = checkpoint_name(attend(q, k, v, segment_ids, rt, sliding), "attn_context")
     out = self.project_out(ctx, rt)
     return (out, (k, v)) if return_kv else out
 
 
-def attend(q, k, v, segment_ids, rt: Runtime):
+def attend(q, k, v, segment_ids, rt: Runtime, sliding=None):
   """Causal attention by `config.attention` (`ringattn_jax.attention`'s method).
 
   q [B, T, N, H]; k, v [B, T, K, H]. Tokens are in the model's layout order (see
   models.llama); sequence-parallel methods are told so (`permuted=True`) and derive
   true positions from the layout. `config.flash_impl` and `config.backend` choose the
   kernel of "flash" and of the sequence-parallel methods (every ring hop).
+
+  sliding: whether this layer attends within config.sliding_window
+  (`local_window_size=(W - 1, 0)`) or to the whole causal context. None: the kind all
+  layers share (an error when config.layer_types mixes them); a Python bool: chosen
+  while tracing; a traced bool scalar (a scanned layer's kind): `lax.cond` between a
+  full-attention call and a sliding-window call, both compiled, one run. The window is
+  static in its branch, so a ring skips the hops the window hides there.
   """
   cfg = rt.config
+  if sliding is None:
+    kinds = set(cfg.sliding_layers)
+    if len(kinds) > 1:
+      raise ValueError(f"config.layer_types mixes sliding and full attention "
+                       f"({cfg.layer_types}); pass each layer's `sliding`.")
+    sliding = kinds.pop()
+  if isinstance(sliding, (bool, np.bool_)):
+    return _attend(q, k, v, segment_ids, rt, window=bool(sliding))
+  return jax.lax.cond(sliding, functools.partial(_attend, rt=rt, window=True),
+                      functools.partial(_attend, rt=rt, window=False), q, k, v,
+                      segment_ids)
+
+
+def _attend(q, k, v, segment_ids, rt: Runtime, *, window: bool):
+  """`attend` with a static choice: within config.sliding_window, or full causal."""
+  cfg = rt.config
   sp = cfg.sequence_parallel
-  window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
+  window = (cfg.sliding_window - 1, 0) if window else None
   kernel = cfg.attention == "flash" or sp
   return ringattn_jax.attention(
       q, k, v, method=cfg.attention, impl=cfg.flash_impl if kernel else "auto",
@@ -184,13 +213,16 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg, rngs=rngs)
     self.mlp = MLP(cfg, rngs=rngs)
 
-  def __call__(self, x, cos, sin, segment_ids, rt: Runtime, return_kv: bool = False):
+  def __call__(self, x, cos, sin, segment_ids, rt: Runtime, return_kv: bool = False,
+               sliding=None):
     """x [B, T, D] -> [B, T, D]; cos, sin [B, T, H] float32; segment_ids [B, T] or None.
 
     With return_kv, also this layer's rotated k, v [B, T, K, H] (a KV-cache prefill).
+    sliding: the layer's kind (sliding-window or full attention; see `attend`); cos
+    and sin must be that kind's RoPE tables (`models.llama.pick_rope`).
     """
     attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, rt,
-                              return_kv=True)
+                              return_kv=True, sliding=sliding)
     x = rt.constrain(x + attn, ("batch", "seq", "act_embed"))
     x = x + self.mlp(self.post_attention_layernorm(x), rt)
     x = rt.constrain(x, ("batch", "seq", "act_embed"))

@@ -6,7 +6,9 @@
 
 Layers are stored stacked ([L, ...] parameters) and run with lax.scan
 (`config.scan_layers`) or a Python loop over the same parameters, each wrapped in the
-remat policy `config.remat_policy`.
+remat policy `config.remat_policy`. Layers may differ in kind (`config.layer_types`:
+sliding-window or full attention, local or global RoPE); `hidden_states` says how the
+scan chooses per layer.
 
 Sequence parallelism: with a ring/allgather/ulysses attention and a balanced layout,
 tokens, positions, segment ids and targets are permuted into layout order once at the
@@ -15,8 +17,11 @@ only `__call__` un-permutes its logits. The loss needs no un-permutation.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import ringattn_jax
@@ -113,53 +118,99 @@ class Llama(nnx.Module):
     x = jnp.take(table, tokens, axis=0).astype(rt.dtype)
     return rt.constrain(x, ("batch", "seq", "act_embed"))
 
-  def rotary_tables(self, positions, seq_len: int):
-    """positions [B, T] int -> RoPE (cos, sin) [B, T, H] float32 for all layers.
+  def rotary_tables(self, positions, seq_len: int, local: bool = False):
+    """positions [B, T] int -> RoPE (cos, sin) [B, T, H] float32.
 
     seq_len: the length the scaling sees (dynamic NTK / longrope depend on it).
+    local: the sliding-window layers' tables (config.rope_local_theta, unscaled)
+    instead of the global ones (config.rope_theta and rope_scaling).
     """
     cfg, rt = self.config, self.runtime
+    theta, scaling = ((cfg.rope_local_theta, None) if local else
+                      (cfg.rope_theta, cfg.rope_scaling))
     inv_freq, attn_scale = rope.rope_frequencies(
-        cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings,
-        seq_len=seq_len)
+        cfg.head_dim, theta, scaling, cfg.max_position_embeddings, seq_len=seq_len)
     cos, sin = rope.rotary_cos_sin(positions, jnp.asarray(inv_freq), attn_scale)
     return (rt.constrain(cos, ("batch", "seq", None)),
             rt.constrain(sin, ("batch", "seq", None)))
+
+  def layer_rotary_tables(self, positions, seq_len: int):
+    """(global, local) RoPE tables for every layer, each computed once.
+
+    local is None when the sliding-window layers use the global tables (no
+    config.rope_local_theta, or no sliding layer). `pick_rope` chooses per layer.
+    """
+    cfg = self.config
+    tables = self.rotary_tables(positions, seq_len)
+    if cfg.rope_local_theta is None or not any(cfg.sliding_layers):
+      return tables, None
+    return tables, self.rotary_tables(positions, seq_len, local=True)
 
   def hidden_states(self, tokens, positions, segment_ids):
     """Final hidden states [B, T, D] in the order given (no permutation here).
 
     tokens [B, T] int; positions [B, T] int (RoPE positions: true token positions,
     restarting per packed document if wanted); segment_ids [B, T] int or None.
+
+    Layer kinds (config.layer_types: sliding-window or full attention, local or global
+    RoPE). Where a layer's kind is known while tracing it is chosen statically: every
+    layer when all are alike, and each layer of the Python loop (scan_layers=False),
+    which then compiles each layer's own attention. A scan over mixed layers has one
+    body for all of them: the layer's kind is a scanned bool, its RoPE tables are
+    picked from the two computed once before the scan (an elementwise select on
+    [B, T, H]), and `lax.cond` runs either the full or the sliding-window attention
+    (models.layers.attend), never both. The cond wraps only the attention core: the
+    projections, MLP and checkpoint names ("qkv", "attn_context", ...) are outside it,
+    so every remat_policy keeps or recomputes the same tensors as for uniform layers;
+    what the attention saves for its backward lives in the cond, whose branches' saved
+    tensors of equal shapes share buffers (JAX merges cond residuals by shape), so the
+    memory is that of one attention, not two. With remat_layer_group, groups are
+    scanned; when every group has the same pattern (e.g. g = 6 for a 5:1 pattern, or
+    uniform layers) the group's kinds are static there too.
     """
     cfg, rt = self.config, self.runtime
     x = self.embed(tokens)
-    cos, sin = self.rotary_tables(positions, seq_len=tokens.shape[1])
+    tables = self.layer_rotary_tables(positions, seq_len=tokens.shape[1])
     graphdef, stacked = nnx.split(self.layers)
 
-    def layer(x, layer_state):
-      return nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids, rt)
+    def layer(x, layer_state, sliding):
+      cos, sin = pick_rope(tables, sliding)
+      return nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids, rt,
+                                              sliding=sliding)
 
-    layer = apply_remat(layer, cfg.remat_policy, cfg.remat_names)
+    remat = lambda f: apply_remat(f, cfg.remat_policy, cfg.remat_names)
+    by_kind = {k: remat(functools.partial(layer, sliding=k)) for k in (False, True)}
+    traced_kind = remat(layer)
 
-    def run_layers(x, stack):
+    def run_layers(x, stack, kinds):
+      """kinds: the layers' kinds, a tuple of bools (static) or a [n] bool array."""
       if cfg.scan_layers:
-        return jax.lax.scan(lambda x, s: (layer(x, s), None), x, stack)[0]
-      for i in range(jax.tree.leaves(stack)[0].shape[0]):
-        x = layer(x, jax.tree.map(lambda a: a[i], stack))  # pylint: disable=cell-var-from-loop
+        def body(x, s, k):
+          return (by_kind[k](x, s) if isinstance(k, bool) else traced_kind(x, s, k)), None
+        return scan_layers(body, x, stack, kinds)[0]
+      for i, k in enumerate(kinds):
+        x = by_kind[k](x, jax.tree.map(lambda a: a[i], stack))  # pylint: disable=cell-var-from-loop
       return x
 
+    kinds = cfg.sliding_layers
     g = cfg.remat_layer_group
     if g == 1:
-      return self.norm(run_layers(x, stacked))
+      return self.norm(run_layers(x, stacked, kinds))
     # Outer checkpoint over groups of g layers: only group inputs stay live across the
     # stack; a group's own layer inputs exist only while its backward runs.
     groups = jax.tree.map(lambda a: a.reshape(a.shape[0] // g, g, *a.shape[1:]), stacked)
-    run_group = jax.checkpoint(run_layers, policy=jax.checkpoint_policies.nothing_saveable)
-    if cfg.scan_layers:
+    group_kinds = [kinds[i:i + g] for i in range(0, len(kinds), g)]
+    checkpoint = lambda f: jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)
+    if cfg.scan_layers and len(set(group_kinds)) == 1:
+      run_group = checkpoint(functools.partial(run_layers, kinds=group_kinds[0]))
       x, _ = jax.lax.scan(lambda x, s: (run_group(x, s), None), x, groups)
+    elif cfg.scan_layers:
+      run_group = checkpoint(run_layers)
+      x, _ = jax.lax.scan(lambda x, s: (run_group(x, *s), None), x,
+                          (groups, jnp.asarray(group_kinds)))
     else:
-      for i in range(cfg.num_hidden_layers // g):
+      for i, gk in enumerate(group_kinds):
+        run_group = checkpoint(functools.partial(run_layers, kinds=gk))
         x = run_group(x, jax.tree.map(lambda a: a[i], groups))  # pylint: disable=cell-var-from-loop
     return self.norm(x)
 
@@ -209,6 +260,36 @@ class Llama(nnx.Module):
                                   self.to_layout(loss_mask.astype(jnp.float32)),
                                   chunks=self.config.loss_chunks)
     return total / jnp.maximum(weight, 1.0), weight
+
+
+# -- per-layer kinds ------------------------------------------------------------------
+
+
+def pick_rope(tables, sliding):
+  """A layer's (cos, sin) from `Llama.layer_rotary_tables`' (global, local) pair.
+
+  sliding: a Python bool (chosen while tracing) or a traced bool scalar (selected
+  elementwise).
+  """
+  glob, local = tables
+  if local is None:
+    return glob
+  if isinstance(sliding, (bool, np.bool_)):
+    return local if sliding else glob
+  return tuple(jnp.where(sliding, l, g) for l, g in zip(local, glob))
+
+
+def scan_layers(body, carry, xs, kinds):
+  """lax.scan of body(carry, x_i, kind_i) -> (carry, y_i) over layers.
+
+  xs: a pytree with a leading layer axis (stacked parameters, ...). kinds: the layers'
+  kinds (`LlamaConfig.sliding_layers`), a tuple of bools or a [n] bool array. When the
+  tuple holds one value, body gets it as a Python bool (a static choice); otherwise
+  the kinds are scanned and body gets a traced bool scalar.
+  """
+  if isinstance(kinds, tuple) and len(set(kinds)) == 1:
+    return jax.lax.scan(lambda c, x: body(c, x, bool(kinds[0])), carry, xs)
+  return jax.lax.scan(lambda c, x: body(c, *x), carry, (xs, jnp.asarray(kinds)))
 
 
 # -- construction and sharding ------------------------------------------------------

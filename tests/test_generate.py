@@ -25,6 +25,10 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
             initializer_range=0.2, attention="flash", flash_impl="xla")
 TOL = 1e-5
 M = 5  # new tokens per test
+# Local-global layers: a sliding layer (window 4 < the 11 positions generated, its own
+# RoPE base) then a full-attention one; prefill and decode choose per layer.
+LOCAL_GLOBAL = dict(layer_types=("sliding_attention", "full_attention"), sliding_window=4,
+                    rope_local_theta=100.0)
 
 
 def _cfg(**kw):
@@ -82,7 +86,8 @@ def _prompt(B, P, seed=0):
     dict(),                                          # GQA (4 query heads, 2 kv heads)
     dict(sliding_window=4),                          # GQA + window shorter than prompt
     dict(num_key_value_heads=1, attention="reference", tie_word_embeddings=True),  # MQA
-], ids=["mha", "gqa", "gqa_window", "mqa_tied"])
+    LOCAL_GLOBAL,
+], ids=["mha", "gqa", "gqa_window", "mqa_tied", "local_global"])
 def test_greedy_matches_full_rerun(kw):
   model, prompt = _model(**kw), _prompt(2, 7)
   tokens, logits = gen.generate(model, prompt, M, return_logits=True)
@@ -156,6 +161,19 @@ def test_sequence_sharded_cache_matches_single_device(mesh_shape, layout, window
     hlo = gen._generate.lower(graphdef, state, padded, lengths, jax.random.key(0),
                               opts=opts).compile().as_text()
     assert not re.search(r"\ball-gather(-start)?\(", hlo)
+
+
+def test_local_global_sharded_cache_matches_single_device():
+  """Mixed layer types with ring prefill (zigzag) and the cache sharded over sp=8: the
+  per-layer windows are masked on every device's shard."""
+  single = _model(**LOCAL_GLOBAL)
+  sharded = llama.reconfigure(single, _cfg(attention="ring", layout="zigzag",
+                                           **LOCAL_GLOBAL), make_mesh(sp=8))
+  prompt = _prompt(2, 7)
+  tokens, logits = gen.generate(single, prompt, M, return_logits=True)
+  got_tokens, got_logits = gen.generate(sharded, prompt, M, return_logits=True)
+  np.testing.assert_array_equal(got_tokens, tokens)
+  assert _rel(got_logits, logits) <= TOL
 
 
 def test_cache_layout_is_a_permutation_keeping_prompt_shards_local():
