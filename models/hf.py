@@ -1,4 +1,4 @@
-"""Hugging Face LLaMA / Mistral checkpoints <-> `models.llama.Llama`.
+"""Hugging Face LLaMA / Mistral / Ministral checkpoints <-> `models.llama.Llama`.
 
     model = load_hf_checkpoint("path/to/Llama-3-8B", mesh=mesh, attention="ring")
     save_hf_checkpoint(model, "out/", extra_config={"bos_token_id": 128000})
@@ -50,7 +50,7 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes; transformers' save_pretrained uses 
 
 
 def load_hf_checkpoint(path, mesh=None, **overrides) -> llama.Llama:
-  """Loads a Hugging Face LLaMA/Mistral checkpoint directory into a `Llama`.
+  """Loads a Hugging Face LLaMA/Mistral/Ministral checkpoint directory into a `Llama`.
 
   Args:
     path: directory with config.json and model.safetensors (or shards listed in

@@ -1,19 +1,27 @@
-"""Hugging Face `config.json` (LLaMA / Mistral) <-> `models.config.LlamaConfig`.
+"""Hugging Face `config.json` (LLaMA / Mistral / Ministral) <-> `models.config.LlamaConfig`.
 
 The field names are Hugging Face's already; what is mapped here is the rest: the
 defaults of each model_type (they differ from LlamaConfig's), RoPE as transformers 4
-and 5 write it (`rope_scaling` / `rope_parameters`, rope_theta inside or beside it),
-Mistral's sliding window, and the fields that have no effect on the forward pass.
+and 5 write it (`rope_scaling` / `rope_parameters`, rope_theta inside or beside it, or
+one dict per layer type), Mistral's sliding window, Ministral's `layer_types`, and the
+fields that have no effect on the forward pass.
+
+Per-layer-type RoPE: transformers' LLaMA-block architectures (Llama, Mistral,
+Ministral) use one RoPE for every layer; only other blocks (Gemma 3, ...) have a
+separate local one. So a config whose sliding layers use another RoPE than the global
+one (`rope_local_theta`) is read from config.json (Gemma 3's `rope_local_base_freq`, or
+`rope_parameters` keyed by layer type) but cannot be saved for transformers.
 """
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
 from ringattn_jax import checks
-from models.config import DTYPES, LlamaConfig, from_dict
+from models.config import DTYPES, LAYER_TYPES, LlamaConfig, from_dict
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral")
-_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                  "ministral": "MinistralForCausalLM"}
 
 # Hugging Face's defaults (transformers 5.23 LlamaConfig / MistralConfig) for the fields we
 # read, used when config.json omits one. They differ from LlamaConfig's own defaults.
@@ -29,6 +37,9 @@ _HF_DEFAULTS: Dict[str, Dict[str, Any]] = {
                     rope_theta=10000.0, tie_word_embeddings=False, initializer_range=0.02,
                     sliding_window=4096),
 }
+# MinistralConfig: Mistral's defaults, plus layer_types (default: every layer sliding
+# when sliding_window is set, else every layer full).
+_HF_DEFAULTS["ministral"] = dict(_HF_DEFAULTS["mistral"], layer_types=None)
 _SILU = ("silu", "swish")  # the same function in transformers' ACT2FN
 
 
@@ -41,7 +52,13 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> LlamaConfig:
   Face's defaults for the model_type, not LlamaConfig's. RoPE follows transformers 5:
   `rope_scaling` (legacy) if set, else `rope_parameters`; rope_theta from inside that
   dict, else the top-level `rope_theta`. A "llama" config's `sliding_window` is ignored,
-  as transformers does; a "mistral" one is used (absent means 4096).
+  as transformers does; a "mistral" or "ministral" one is used (absent means 4096).
+  `layer_types` is read for "ministral" only (transformers' Llama and Mistral ignore
+  it); without a sliding_window every layer is full attention, as in transformers.
+  The sliding layers' own RoPE base (rope_local_theta) comes from Gemma 3's
+  `rope_local_base_freq` or from `rope_parameters` keyed by layer type
+  ({"full_attention": {...}, "sliding_attention": {...}}: the global RoPE from the
+  first, the local base from the second, which must be unscaled).
 
   Args:
     hf_config: the parsed config.json.
@@ -71,16 +88,22 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> LlamaConfig:
 
   defaults = _HF_DEFAULTS[model_type]
   fields = {k: hf_config.get(k, v) for k, v in defaults.items()}
-  if model_type == "mistral":  # MistralForCausalLM has no biases, whatever the config says
+  if model_type != "llama":  # Mistral/Ministral have no biases, whatever the config says
     fields.update(attention_bias=False, mlp_bias=False)
   else:
     fields["sliding_window"] = None
+  if fields.get("sliding_window") is None:
+    fields.pop("layer_types", None)  # no window: every layer attends in full
+  elif fields.get("layer_types") is not None:
+    fields["layer_types"] = tuple(fields["layer_types"])
 
   rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
   if not isinstance(rope, Mapping):
     raise ValueError(f"config.json rope_scaling/rope_parameters must be a dict or null; got "
                      f"{rope!r}.")
-  rope = dict(rope)
+  rope, local_theta = _split_rope_by_layer_type(dict(rope), hf_config)
+  if local_theta is not None:
+    fields["rope_local_theta"] = local_theta
   theta = rope.pop("rope_theta", None)
   if theta is None:  # transformers: the dict's value, else the top-level one, else 10000
     theta = fields["rope_theta"] if fields["rope_theta"] is not None else 10000.0
@@ -96,13 +119,46 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> LlamaConfig:
   return from_dict({**fields, **overrides})
 
 
+def _split_rope_by_layer_type(rope: dict, hf_config: Mapping[str, Any]):
+  """(the global RoPE dict, the sliding layers' base or None) from config.json.
+
+  A `rope_parameters` keyed by layer type gives both; else `rope` is global and
+  Gemma 3's `rope_local_base_freq` (if present) is the local base.
+  """
+  local_theta = hf_config.get("rope_local_base_freq")
+  if rope and set(rope) <= set(LAYER_TYPES):
+    nested = rope
+    for key, value in nested.items():
+      if value is not None and not isinstance(value, Mapping):
+        raise ValueError(f"config.json rope_parameters[{key!r}] must be a dict or null; "
+                         f"got {value!r}.")
+    rope = dict(nested.get("full_attention") or {})
+    local = dict(nested.get("sliding_attention") or {})
+    if local and local != rope:
+      kind = local.pop("rope_type", local.pop("type", "default"))
+      theta = local.pop("rope_theta", hf_config.get("rope_theta", 10000.0))
+      if kind != "default" or local.pop("partial_rotary_factor", 1.0) != 1.0 or local:
+        raise ValueError(
+            "config.json rope_parameters['sliding_attention'] must be unscaled RoPE "
+            "(rope_type 'default' and a rope_theta; the sliding layers support only "
+            f"rope_local_theta); got {dict(nested['sliding_attention'])!r}.")
+      local_theta = theta
+  if local_theta is not None:
+    local_theta = checks.number("config.json rope_local_base_freq (the sliding layers' "
+                                "RoPE base)", local_theta, low=0, low_inclusive=False)
+  return rope, local_theta
+
+
 def config_to_hf(config: LlamaConfig, *, dtype: Optional[str] = None, **extra) -> dict:
   """The `config.json` dict for `config`, which transformers loads with the same math.
 
-  Writes model_type "llama" (LlamaForCausalLM), or "mistral" (MistralForCausalLM) when
-  config.sliding_window is set. RoPE is written both ways: `rope_parameters` with
-  rope_theta inside (transformers 5) and `rope_theta` + `rope_scaling` (transformers 4,
-  and what transformers 5 reads first); both describe the same frequencies.
+  Writes model_type "llama" (LlamaForCausalLM); "mistral" (MistralForCausalLM) when
+  config.sliding_window is set without layer_types; "ministral" (MinistralForCausalLM:
+  Mistral with per-layer `layer_types`) when layer_types is set. RoPE is written both
+  ways: `rope_parameters` with rope_theta inside (transformers 5) and `rope_theta` +
+  `rope_scaling` (transformers 4, and what transformers 5 reads first); both describe
+  the same frequencies, used by every layer (transformers' Ministral has one RoPE for
+  all layer types: its rotary embedding reads a flat `rope_parameters`).
 
   Args:
     config: the model config.
@@ -113,19 +169,25 @@ def config_to_hf(config: LlamaConfig, *, dtype: Optional[str] = None, **extra) -
 
   Raises:
     ValueError: a config transformers would load differently or refuse (hidden_size not
-      divisible by num_attention_heads; sliding_window with biases; partial rotary), a bad
+      divisible by num_attention_heads; sliding_window or layer_types with biases;
+      partial rotary; sliding layers with their own RoPE, rope_local_theta), a bad
       dtype, or an extra field that collides with a derived one.
   """
   if config.hidden_size % config.num_attention_heads:
     raise ValueError(f"transformers requires hidden_size ({config.hidden_size}) divisible by "
                      f"num_attention_heads ({config.num_attention_heads}), even with head_dim "
                      "set; such a model cannot be saved for it.")
-  model_type = "llama" if config.sliding_window is None else "mistral"
-  if model_type == "mistral" and (config.attention_bias or config.mlp_bias):
-    raise ValueError("sliding_window with attention_bias/mlp_bias has no Hugging Face "
-                     "architecture (MistralForCausalLM has no biases); got sliding_window="
-                     f"{config.sliding_window}, attention_bias={config.attention_bias}, "
+  if config.layer_types is not None:
+    model_type = "ministral"
+  else:
+    model_type = "llama" if config.sliding_window is None else "mistral"
+  if model_type != "llama" and (config.attention_bias or config.mlp_bias):
+    raise ValueError("sliding_window or layer_types with attention_bias/mlp_bias has no "
+                     "Hugging Face architecture (Mistral/Ministral have no biases); got "
+                     f"sliding_window={config.sliding_window}, layer_types="
+                     f"{config.layer_types}, attention_bias={config.attention_bias}, "
                      f"mlp_bias={config.mlp_bias}.")
+  _check_one_rope(config)
   dtype = config.param_dtype if dtype is None else dtype
   checks.choice("dtype", dtype, DTYPES)
   rope = dict(config.rope_scaling) if config.rope_scaling is not None else None
@@ -164,9 +226,28 @@ def config_to_hf(config: LlamaConfig, *, dtype: Optional[str] = None, **extra) -
     out.update(attention_bias=config.attention_bias, mlp_bias=config.mlp_bias)
   else:
     out["sliding_window"] = config.sliding_window
+  if model_type == "ministral":
+    out["layer_types"] = list(config.layer_types)
   clash = sorted(set(extra) & set(out))
   if clash:
     raise ValueError(f"extra config fields {clash} are derived from the model config and "
                      f"cannot be overridden; derived fields: {sorted(out)}.")
   out.update(extra)
   return out
+
+
+def _check_one_rope(config: LlamaConfig) -> None:
+  """Raises unless every layer uses the same RoPE (all that transformers' LLaMA-block
+  architectures can express)."""
+  if config.rope_local_theta is None or not any(config.sliding_layers):
+    return
+  scaled = config.rope_scaling is not None and dict(config.rope_scaling) not in (
+      {"rope_type": "default"}, {"type": "default"})
+  if config.rope_local_theta != config.rope_theta or scaled:
+    raise ValueError(
+        f"rope_local_theta={config.rope_local_theta!r} gives the sliding-window layers "
+        f"another RoPE than the full-attention ones (rope_theta={config.rope_theta!r}, "
+        f"rope_scaling={None if config.rope_scaling is None else dict(config.rope_scaling)}"
+        "); transformers' Llama/Mistral/Ministral use one RoPE for every layer (only "
+        "other blocks, e.g. Gemma 3, have a local one), so this model cannot be saved for "
+        "them. Valid: rope_local_theta None, or equal to rope_theta without rope_scaling.")

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints: parity with transformers, round trips, sharding, errors.
 
-Oracle: transformers' own LlamaForCausalLM / MistralForCausalLM (torch, float32, eager
-attention) on tiny models whose every parameter is random (norm weights and biases too,
+Oracle: transformers' own LlamaForCausalLM / MistralForCausalLM / MinistralForCausalLM
+(torch, float32, eager attention) on tiny models whose every parameter is random (norm weights and biases too,
 so a swapped or mis-laid tensor shows) and whose logits are O(1). Logits must agree to
 1e-4 absolute: transformers computes RoPE frequencies in float32 and we in float64 (a
 few ulps apart; ~1e-6 at T = 32); everything else is float32 both sides. Each RoPE
@@ -37,6 +37,8 @@ ROPE = {
                "high_freq_factor": 4.0, "original_max_position_embeddings": 8},
 }
 TOKENS = np.random.default_rng(0).integers(0, V, (2, T)).astype(np.int32)
+# Ministral's layer_types: the window (8 < T) matters on the sliding layer only.
+LOCAL_GLOBAL = ("sliding_attention", "full_attention")
 
 
 def _hf_model(heads="GQA", rope="none", arch="llama", seed=0, **kw):
@@ -49,8 +51,12 @@ def _hf_model(heads="GQA", rope="none", arch="llama", seed=0, **kw):
     fields["rope_scaling"] = dict(ROPE[rope])
   if arch == "llama":
     model_cls, config = transformers.LlamaForCausalLM, transformers.LlamaConfig(**fields)
-  else:
+  elif arch == "mistral":
     model_cls, config = transformers.MistralForCausalLM, transformers.MistralConfig(**fields)
+  else:  # Ministral needs head_dim given; layer_types as a list
+    fields.update(head_dim=D // N, layer_types=list(fields.get("layer_types") or ()) or None)
+    model_cls = transformers.MinistralForCausalLM
+    config = transformers.MinistralConfig(**fields)
   torch.manual_seed(seed)
   model = model_cls(config).eval()
   with torch.no_grad():
@@ -150,6 +156,25 @@ def test_mistral_sliding_window_matches_transformers(saved):
   assert _max_diff(want, _hf_logits(model)) > 1e-2
 
 
+def test_ministral_layer_types_match_transformers(saved):
+  model, path = saved(heads="GQA", arch="ministral", sliding_window=8,
+                      layer_types=LOCAL_GLOBAL)
+  want = _hf_logits(model)
+  ours = hf.load_hf_checkpoint(path, attention="reference")
+  assert ours.config.layer_types == LOCAL_GLOBAL and ours.config.sliding_window == 8
+  diff = _max_diff(_ours(ours), want)
+  print(f"ministral {LOCAL_GLOBAL} window 8: max diff={diff:.2e}")
+  assert diff <= TOL
+  # transformers' own logits change with the sliding layer made full at T = 32.
+  model.config.layer_types = ["full_attention"] * L
+  model.model.layers[0].self_attn.sliding_window = None
+  try:
+    assert _max_diff(want, _hf_logits(model)) > 1e-2
+  finally:
+    model.config.layer_types = list(LOCAL_GLOBAL)
+    model.model.layers[0].self_attn.sliding_window = 8
+
+
 def test_load_onto_mesh_with_ring_attention(saved):
   model, path = saved(heads="GQA", rope="yarn")
   mesh = make_mesh(fsdp=2, tp=2, sp=2)
@@ -233,7 +258,8 @@ def _random_model(**kw):
     dict(rope_scaling=ROPE["yarn"], attention_bias=True),
     dict(rope_scaling=ROPE["dynamic"], tie_word_embeddings=True, mlp_bias=True),
     dict(sliding_window=8, rope_scaling=ROPE["llama3"], rope_theta=5e5),
-], ids=["yarn+attn_bias", "dynamic+tied+mlp_bias", "mistral+llama3"])
+    dict(sliding_window=8, layer_types=LOCAL_GLOBAL, rope_scaling=ROPE["yarn"]),
+], ids=["yarn+attn_bias", "dynamic+tied+mlp_bias", "mistral+llama3", "ministral+yarn"])
 def test_save_round_trip_through_transformers(tmp_path, kw):
   ours = _random_model(**kw)
   hf.save_hf_checkpoint(ours, tmp_path / "ckpt", max_shard_size=60_000)
@@ -244,8 +270,11 @@ def test_save_round_trip_through_transformers(tmp_path, kw):
       tmp_path / "ckpt", attn_implementation="eager").eval()
   want_rope = {**(ours.config.rope_scaling or {}), "rope_theta": ours.config.rope_theta}
   assert theirs.config.rope_parameters == want_rope
-  assert type(theirs).__name__ == ("MistralForCausalLM" if "sliding_window" in kw
-                                   else "LlamaForCausalLM")
+  arch = ("MinistralForCausalLM" if "layer_types" in kw else
+          "MistralForCausalLM" if "sliding_window" in kw else "LlamaForCausalLM")
+  assert type(theirs).__name__ == arch
+  if "layer_types" in kw:
+    assert theirs.config.layer_types == list(kw["layer_types"])
   want = _ours(ours)
   diff = _max_diff(_hf_logits(theirs), want)
   print(f"round trip {sorted(kw)}: max|logit|={np.abs(want).max():.2f} max diff={diff:.2e}")
@@ -284,6 +313,7 @@ def test_save_bf16_single_file_and_overwrite_rules(tmp_path):
 @pytest.mark.parametrize("kw", [
     {}, dict(rope_scaling=ROPE["yarn"]), dict(rope_scaling=ROPE["linear"], rope_theta=5e5),
     dict(sliding_window=8, tie_word_embeddings=True), dict(attention_bias=True, head_dim=32),
+    dict(sliding_window=8, layer_types=LOCAL_GLOBAL, rope_scaling=ROPE["linear"]),
 ])
 def test_config_round_trip(kw):
   config = from_dict(dict(vocab_size=V, hidden_size=D, intermediate_size=F,
@@ -296,6 +326,8 @@ def test_config_round_trip(kw):
   assert theirs.rope_parameters == {**(config.rope_scaling or {"rope_type": "default"}),
                                     "rope_theta": config.rope_theta}
   assert theirs.head_dim == config.head_dim
+  assert getattr(theirs, "layer_types", None) == (
+      None if config.layer_types is None else list(config.layer_types))
 
 
 def test_config_from_hf_legacy_rope_and_defaults():
@@ -316,6 +348,45 @@ def test_config_from_hf_legacy_rope_and_defaults():
   mistral = hf.config_from_hf(dict(base, model_type="mistral", num_attention_heads=8))
   assert mistral.sliding_window == 4096 and mistral.num_key_value_heads == 8
   assert hf.config_from_hf(dict(base, sliding_window=16)).sliding_window is None  # llama
+
+
+def test_config_from_hf_layer_types_and_local_rope():
+  base = dict(model_type="ministral", vocab_size=V, hidden_size=D, intermediate_size=F,
+              num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2,
+              sliding_window=8)
+  linear = {"rope_type": "linear", "factor": 8.0}
+  # transformers 5's rope_parameters keyed by layer type, and Gemma 3's fields.
+  nested = hf.config_from_hf(dict(base, layer_types=list(LOCAL_GLOBAL), rope_parameters={
+      "full_attention": dict(linear, rope_theta=1e6),
+      "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}))
+  assert nested.layer_types == LOCAL_GLOBAL and nested.rope_local_theta == 1e4
+  assert (nested.rope_theta, nested.rope_scaling) == (1e6, linear)
+  gemma_style = hf.config_from_hf(dict(base, layer_types=list(LOCAL_GLOBAL), rope_theta=1e6,
+                                       rope_scaling=linear, rope_local_base_freq=1e4))
+  assert gemma_style == nested
+  same = {"rope_type": "default", "rope_theta": 5e5}
+  assert hf.config_from_hf(dict(base, layer_types=list(LOCAL_GLOBAL), rope_parameters={
+      "full_attention": same, "sliding_attention": same})).rope_local_theta is None
+  # Ministral's defaults: every layer sliding with a window, every layer full without.
+  assert hf.config_from_hf(base).sliding_layers == (True,) * L
+  assert hf.config_from_hf(dict(base, sliding_window=None, layer_types=list(
+      LOCAL_GLOBAL))).sliding_layers == (False,) * L
+  # transformers' Mistral ignores layer_types; so do we.
+  assert hf.config_from_hf(dict(base, model_type="mistral",
+                                layer_types=list(LOCAL_GLOBAL))).layer_types is None
+  with pytest.raises(ValueError, match=r"rope_parameters\['sliding_attention'\] must be "
+                                       "unscaled"):
+    hf.config_from_hf(dict(base, rope_parameters={"full_attention": {"rope_theta": 1e6},
+                                                  "sliding_attention": linear}))
+  with pytest.raises(ValueError, match=r"layer_types must have one entry per layer"):
+    hf.config_from_hf(dict(base, layer_types=list(LOCAL_GLOBAL) * 2))
+  # Saving: Ministral when layer_types is set; one RoPE for all layers only.
+  assert hf.config_to_hf(nested.replace(rope_local_theta=None))["model_type"] == "ministral"
+  with pytest.raises(ValueError, match=r"rope_local_theta=10000.0 gives the sliding-window "
+                                       "layers another RoPE"):
+    hf.config_to_hf(nested)
+  with pytest.raises(ValueError, match="Mistral/Ministral have no biases"):
+    hf.config_to_hf(nested.replace(rope_local_theta=None, attention_bias=True))
 
 
 @pytest.mark.parametrize("change, match", [
