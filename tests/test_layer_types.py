@@ -129,18 +129,19 @@ def test_mixed_layers_match_oracle_scanned_and_unrolled():
     assert np.abs(np.asarray(_oracle(model, **kw) - want)).max() > 1e-3, kw
 
 
-def test_remat_groups_gradients_match_scan():
-  """remat_layer_group=2 with TYPES: the groups' patterns differ, so each group's kinds
-  are scanned (traced) into the checkpointed group; save_names keeps the names tagged
-  outside the cond. Values and gradients against the plain scan."""
-  model = _variant(remat_layer_group=2, remat_policy="save_names",
-                   remat_names=("qkv", "attn_context"))
-  _close_grads(_loss_and_grads(model, _batch()), _loss_and_grads(_model(), _batch()))
-
-
-def test_ring_zigzag_matches_single_device_with_gradients():
-  model = _variant(make_mesh(dp=2, sp=4), attention="ring", layout="zigzag")
-  _close_grads(_loss_and_grads(model, _batch()), _loss_and_grads(_model(), _batch()))
+def test_remat_groups_and_ring_gradients_match_scan():
+  """Values and gradients against the plain scan, of
+  - remat_layer_group=2 with TYPES: the groups' patterns differ, so each group's kinds
+    are scanned (traced) into the checkpointed group; save_names keeps the names tagged
+    outside the cond;
+  - ring attention over sp=4 in the zigzag layout (dp=2): the cond's branches each
+    hold a ring, the sliding one with its window static."""
+  want = _loss_and_grads(_model(), _batch())
+  grouped = _variant(remat_layer_group=2, remat_policy="save_names",
+                     remat_names=("qkv", "attn_context"))
+  _close_grads(_loss_and_grads(grouped, _batch()), want)
+  ring = _variant(make_mesh(dp=2, sp=4), attention="ring", layout="zigzag")
+  _close_grads(_loss_and_grads(ring, _batch()), want)
 
 
 # -- config -------------------------------------------------------------------------------
