@@ -142,31 +142,10 @@ def _place(mesh, a, spec):
 
 
 def _zigzag(ring: _Ring, a, *, inverse: bool = False):
-  """Inside shard_map: this device's shard of the caller's order -> its zigzag shard
-  along axis 1 (or back, if `inverse`); the identity for other layouts.
-
-  Device j holds caller chunks 2j and 2j + 1 (of 2n); device i's zigzag shard is
-  chunks i and 2n - 1 - i. Even chunks travel with one ppermute, odd ones with
-  another: T / n tokens per device, no gather of the sequence.
-  """
-  n, name = ring.n, ring.axis_name
-  if ring.layout != "zigzag" or n == 1:
-    return a
-  dest = lambda c: c if c < n else 2 * n - 1 - c
-  perm_even = [(j, dest(2 * j)) for j in range(n)]
-  perm_odd = [(j, dest(2 * j + 1)) for j in range(n)]
-  swap = lambda perm: [(t, f) for f, t in perm]
-  half = a.shape[1] // 2
-  first, second = a[:, :half], a[:, half:]
-  even = lax.axis_index(name) % 2 == 0  # the even chunk comes first on even devices
-  if not inverse:
-    e, o = lax.ppermute(first, name, perm_even), lax.ppermute(second, name, perm_odd)
-    first, second = jnp.where(even, e, o), jnp.where(even, o, e)
-  else:
-    e, o = jnp.where(even, first, second), jnp.where(even, second, first)
-    first = lax.ppermute(e, name, swap(perm_even))
-    second = lax.ppermute(o, name, swap(perm_odd))
-  return jnp.concatenate([first, second], axis=1)
+  """Inside shard_map: this device's shard of the caller's order -> its layout shard
+  along axis 1 (or back, if `inverse`): `layouts.permute_local`."""
+  return layouts.permute_local(a, ring.layout, ring.n, ring.axis_name, 1,
+                               inverse=inverse)
 
 
 def _aux(ring: _Ring, q, k, seg):

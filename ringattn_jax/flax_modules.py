@@ -100,6 +100,9 @@ class _Settings:
   local_window_size: Any
   logit_softcap: Optional[float]
   scale: Optional[float]
+  num_sink_tokens: int
+  attention_chunk_size: Optional[int]
+  learned_sinks: bool
   use_bias: bool
   rope: Optional[RopeFn]
   dtype: Any
@@ -131,6 +134,7 @@ class _Settings:
     if is_sequence_parallel(s.method) and s.mesh is None:
       raise ValueError(f"method={s.method!r} shards the sequence over a mesh: pass "
                        f"mesh=... (with a {s.seq_axis!r} axis).")
+    checks.boolean("learned_sinks", s.learned_sinks)
     if s.rope is not None and not callable(s.rope):
       raise ValueError(f"rope must be None or a callable (x, positions) -> x; got "
                        f"{s.rope!r}.")
@@ -142,9 +146,12 @@ class _Settings:
     kernels = dict(q_kernel=(D, N, H), k_kernel=(D, K, H), v_kernel=(D, K, H),
                    o_kernel=(N, H, E))
     biases = dict(q_bias=(N, H), k_bias=(K, H), v_bias=(K, H), o_bias=(E,))
-    return kernels, (biases if self.use_bias else {})
+    biases = biases if self.use_bias else {}
+    if self.learned_sinks:  # one sink logit per query head (gpt-oss), zeros at init
+      biases["sinks"] = (N,)
+    return kernels, biases
 
-  def attend(self, q, k, v, segment_ids):
+  def attend(self, q, k, v, segment_ids, sinks=None):
     """`ringattn_jax.attention` by `method`, given only the options that method reads.
 
     flash_impl and backend choose the kernel of "flash" and of the sequence-parallel
@@ -160,7 +167,8 @@ class _Settings:
         seq_axis=self.seq_axis, batch_axes=self.batch_axes, head_axis=self.head_axis,
         is_causal=self.is_causal, segment_ids=segment_ids,
         local_window_size=self.local_window_size, logit_softcap=self.logit_softcap,
-        scale=self.scale)
+        scale=self.scale, num_sink_tokens=self.num_sink_tokens,
+        attention_chunk_size=self.attention_chunk_size, sink_logits=sinks)
 
   def apply(self, params, x, segment_ids=None, positions=None):
     """x [B, T, D] -> [B, T, E], from a dict of the parameters named in `shapes`."""
@@ -182,7 +190,7 @@ class _Settings:
       elif positions.shape != (B, T):
         raise ValueError(f"positions must be [B, T] = [{B}, {T}]; got {positions.shape}.")
       q, k = self.rope(q, positions), self.rope(k, positions)
-    ctx = self.attend(q, k, v, segment_ids)
+    ctx = self.attend(q, k, v, segment_ids, params.get("sinks"))
     out = jnp.einsum("BTNH,NHE->BTE", ctx, w("o_kernel"))
     if self.use_bias:
       out = out + w("o_bias")
@@ -228,8 +236,11 @@ _DOC_ARGS = """
       `ringattn_jax.sharded_attention`).
     flash_impl: the kernel of "flash" and of the sequence-parallel methods ("auto",
       "xla", "pallas"; "reference" for "flash" only).
-    is_causal, local_window_size, logit_softcap, scale: the mask and logits options of
+    is_causal, local_window_size, logit_softcap, scale, num_sink_tokens,
+      attention_chunk_size: the mask and logits options of
       `ringattn_jax.flash_attention`.
+    learned_sinks: a learned sink logit per query head (parameter "sinks" [N], zeros
+      at init) in every softmax denominator (gpt-oss; `sink_logits`).
     use_bias: biases on the four projections.
     rope: None, or a callable (x [B, T, heads, H], positions [B, T]) -> x applied to
       queries and keys (e.g. `RotaryEmbedding(theta)`); hashable (it is static).
@@ -256,6 +267,8 @@ class MultiHeadAttention(nnx.Module):
                head_axis: Optional[str] = AUTO, flash_impl: str = "auto",
                is_causal: bool = False, local_window_size=None,
                logit_softcap: Optional[float] = None, scale: Optional[float] = None,
+               num_sink_tokens: int = 0, attention_chunk_size: Optional[int] = None,
+               learned_sinks: bool = False,
                use_bias: bool = False, rope: Optional[RopeFn] = None, dtype=None,
                param_dtype=jnp.float32, kernel_init=None,
                bias_init=jax.nn.initializers.zeros, rngs: nnx.Rngs,
@@ -266,7 +279,8 @@ class MultiHeadAttention(nnx.Module):
         mesh=mesh, layout=layout, seq_axis=seq_axis, batch_axes=batch_axes,
         head_axis=head_axis, flash_impl=flash_impl, is_causal=is_causal,
         local_window_size=local_window_size, logit_softcap=logit_softcap, scale=scale,
-        use_bias=use_bias, rope=rope, dtype=dtype)
+        num_sink_tokens=num_sink_tokens, attention_chunk_size=attention_chunk_size,
+        learned_sinks=learned_sinks, use_bias=use_bias, rope=rope, dtype=dtype)
     kernels, biases = self.settings.shapes()
     for name, shape in kernels.items():
       init = kernel_init or _default_kernel_init(name)
@@ -304,6 +318,9 @@ class LinenMultiHeadAttention(nn.Module):
   local_window_size: Any = None
   logit_softcap: Optional[float] = None
   scale: Optional[float] = None
+  num_sink_tokens: int = 0
+  attention_chunk_size: Optional[int] = None
+  learned_sinks: bool = False
   use_bias: bool = False
   rope: Optional[RopeFn] = None
   dtype: Any = None
@@ -321,7 +338,10 @@ class LinenMultiHeadAttention(nn.Module):
         batch_axes=self.batch_axes,
         head_axis=self.head_axis, flash_impl=self.flash_impl, is_causal=self.is_causal,
         local_window_size=self.local_window_size, logit_softcap=self.logit_softcap,
-        scale=self.scale, use_bias=self.use_bias, rope=self.rope, dtype=self.dtype)
+        scale=self.scale, num_sink_tokens=self.num_sink_tokens,
+        attention_chunk_size=self.attention_chunk_size,
+        learned_sinks=self.learned_sinks, use_bias=self.use_bias, rope=self.rope,
+        dtype=self.dtype)
 
   @nn.compact
   def __call__(self, x, segment_ids=None, positions=None):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 LAYOUTS = ("contiguous", "zigzag", "striped")
 
@@ -120,3 +121,53 @@ def unpermute_from_layout(x, layout: str, n: int, axis: int = 1):
     return x
   inv = np.argsort(layout_positions(x.shape[axis], layout, n)).astype(np.int32)
   return jnp.take(x, inv, axis=axis)
+
+
+def permutes_locally(layout: str, n: int, L_local: int) -> bool:
+  """Whether `permute_local` handles `layout` for shards of L_local tokens."""
+  if layout == "zigzag":
+    return L_local % 2 == 0
+  return layout == "striped" and L_local % n == 0
+
+
+def permute_local(a, layout: str, n: int, axis_name, axis: int = 1, *,
+                  inverse: bool = False):
+  """Inside shard_map: this device's contiguous block of the caller's order -> its
+  tokens in `layout` order along `axis` (or back, if `inverse`).
+
+  Moves T/n tokens per device: zigzag with two half-shard ppermutes, striped with one
+  all_to_all (needs T/n divisible by n, see `permutes_locally`); the identity for
+  contiguous.
+  """
+  check_layout(layout)
+  if layout == "contiguous" or n == 1:
+    return a
+  L = a.shape[axis]
+  if layout == "striped":
+    pre, post = a.shape[:axis], a.shape[axis + 1:]
+    if not inverse:  # local token r * n + s -> device s, position (block of d) + r
+      x = a.reshape(pre + (L // n, n) + post)
+      x = lax.all_to_all(x, axis_name, split_axis=axis + 1, concat_axis=axis, tiled=True)
+    else:
+      x = a.reshape(pre + (L, 1) + post)
+      x = lax.all_to_all(x, axis_name, split_axis=axis, concat_axis=axis + 1, tiled=True)
+    return x.reshape(a.shape)
+  # zigzag: device j holds chunks 2j, 2j + 1 (of 2n); device i wants chunks i and
+  # 2n - 1 - i. Even chunks travel with one permutation, odd ones with another.
+  dest = lambda c: c if c < n else 2 * n - 1 - c
+  perm_even = [(j, dest(2 * j)) for j in range(n)]
+  perm_odd = [(j, dest(2 * j + 1)) for j in range(n)]
+  swap = lambda perm: [(t, f) for f, t in perm]
+  first, second = (lax.slice_in_dim(a, 0, L // 2, axis=axis),
+                   lax.slice_in_dim(a, L // 2, L, axis=axis))
+  # On even devices the even chunk is the first half of the zigzag shard.
+  even = lax.axis_index(axis_name) % 2 == 0
+  if not inverse:
+    e = lax.ppermute(first, axis_name, perm_even)
+    o = lax.ppermute(second, axis_name, perm_odd)
+    first, second = jnp.where(even, e, o), jnp.where(even, o, e)
+  else:
+    e, o = jnp.where(even, first, second), jnp.where(even, second, first)
+    first = lax.ppermute(e, axis_name, swap(perm_even))
+    second = lax.ppermute(o, axis_name, swap(perm_odd))
+  return jnp.concatenate([first, second], axis=axis)

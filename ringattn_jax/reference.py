@@ -57,8 +57,9 @@ def reference_attention(q, k, v, bias=None, mask=None, *, return_lse: bool = Fal
   if spec.window is not None:
     left, right = spec.window
     in_window = (kp >= qp - left) & (kp <= qp + right)
-    is_sink = kp < spec.sinks  # attention sinks escape the window, nothing else
-    visible = visible & (in_window | is_sink)
+    if spec.sinks > 0:  # attention sinks escape the window, nothing else
+      in_window = in_window | (kp < spec.sinks)
+    visible = visible & in_window
   if spec.chunk_size is not None:
     c = spec.chunk_size
     visible = visible & (jnp.floor_divide(kp, c) == jnp.floor_divide(qp, c))

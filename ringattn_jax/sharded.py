@@ -272,48 +272,14 @@ def _sharded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, plan: _Plan):
 
 
 def _permutes_locally(plan: _Plan, T_local: int, S_local: int) -> bool:
-  """Whether `_permute_local` handles the layout for these local lengths."""
-  if plan.layout == "zigzag":
-    return True  # local lengths are even (checked)
-  return plan.layout == "striped" and T_local % plan.n == 0 and S_local % plan.n == 0
+  """Whether `layouts.permute_local` handles the layout for these local lengths."""
+  return layouts.permutes_locally(plan.layout, plan.n, T_local) and \
+      layouts.permutes_locally(plan.layout, plan.n, S_local)
 
 
 def _permute_local(plan: _Plan, a, axis: int, *, inverse: bool = False):
-  """Inside shard_map: this device's contiguous block of the caller's order -> its
-  tokens in `plan.layout` order along `axis` (or back, if `inverse`).
-
-  Moves T/n tokens per device: zigzag with two half-shard ppermutes, striped with one
-  all_to_all (needs T/n divisible by n).
-  """
-  n, name = plan.n, plan.seq_axis
-  L = a.shape[axis]
-  if plan.layout == "striped":
-    pre, post = a.shape[:axis], a.shape[axis + 1:]
-    if not inverse:  # local token r * n + s -> device s, position (block of d) + r
-      x = a.reshape(pre + (L // n, n) + post)
-      x = lax.all_to_all(x, name, split_axis=axis + 1, concat_axis=axis, tiled=True)
-    else:
-      x = a.reshape(pre + (L, 1) + post)
-      x = lax.all_to_all(x, name, split_axis=axis, concat_axis=axis + 1, tiled=True)
-    return x.reshape(a.shape)
-  # zigzag: device j holds chunks 2j, 2j + 1 (of 2n); device i wants chunks i and
-  # 2n - 1 - i. Even chunks travel with one permutation, odd ones with another.
-  dest = lambda c: c if c < n else 2 * n - 1 - c
-  perm_even = [(j, dest(2 * j)) for j in range(n)]
-  perm_odd = [(j, dest(2 * j + 1)) for j in range(n)]
-  swap = lambda perm: [(t, f) for f, t in perm]
-  first, second = (lax.slice_in_dim(a, 0, L // 2, axis=axis),
-                   lax.slice_in_dim(a, L // 2, L, axis=axis))
-  # On even devices the even chunk is the first half of the zigzag shard.
-  even = lax.axis_index(name) % 2 == 0
-  if not inverse:
-    e, o = lax.ppermute(first, name, perm_even), lax.ppermute(second, name, perm_odd)
-    first, second = jnp.where(even, e, o), jnp.where(even, o, e)
-  else:
-    e, o = jnp.where(even, first, second), jnp.where(even, second, first)
-    first, second = lax.ppermute(e, name, swap(perm_even)), lax.ppermute(o, name,
-                                                                         swap(perm_odd))
-  return jnp.concatenate([first, second], axis=axis)
+  return layouts.permute_local(a, plan.layout, plan.n, plan.seq_axis, axis,
+                               inverse=inverse)
 
 
 def _relayout(plan: _Plan, a, spec: P, *, inverse: bool, permute: bool):

@@ -42,6 +42,13 @@ OPTIONS = {
                                  logit_softcap=2.0, rope=RotaryEmbedding(THETA)),
                             dict(bias=True, local_window_size=(5, 3), logit_softcap=2.0,
                                  rope=True)),
+    # Attention sinks escaping a causal window, chunks, and a learned sink logit per
+    # head (parameter "sinks", whose gradient is checked with the others).
+    "sinks_chunks": (dict(is_causal=True, local_window_size=(4, 0), num_sink_tokens=3,
+                          attention_chunk_size=24, learned_sinks=True,
+                          rope=RotaryEmbedding(THETA)),
+                     dict(is_causal=True, local_window_size=(4, 0), num_sink_tokens=3,
+                          attention_chunk_size=24, rope=True)),
 }
 
 
@@ -85,7 +92,9 @@ def _attention_by_hand(p, x, segments, positions, opts):
       q, k, v, is_causal=opts.get("is_causal", False),
       segment_ids=segments,
       local_window_size=opts.get("local_window_size"),
-      logit_softcap=opts.get("logit_softcap"))
+      logit_softcap=opts.get("logit_softcap"),
+      num_sink_tokens=opts.get("num_sink_tokens", 0),
+      attention_chunk_size=opts.get("attention_chunk_size"), sink_logits=p.get("sinks"))
   out = jnp.einsum("btnh,nhe->bte", ctx, p["o_kernel"])
   return out + p["o_bias"] if opts.get("bias") else out
 
@@ -159,6 +168,7 @@ def _method_kwargs(method, layout="zigzag"):
 @pytest.mark.parametrize("method, options", [
     *((m, "causal_rope_packed") for m in ringattn_jax.METHODS),
     ("flash", "bias_window_softcap"), ("ring", "bias_window_softcap"),
+    ("flash", "sinks_chunks"), ("ring", "sinks_chunks"),
 ])
 def test_nnx_module_matches_hand_written_reference(method, options):
   module_opts, hand_opts = OPTIONS[options]
