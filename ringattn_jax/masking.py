@@ -28,6 +28,8 @@ from typing import Optional, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax import lax
 
 
 Window = Optional[Tuple[int, int]]
@@ -120,12 +122,26 @@ def position_mask(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array) -> Optiona
     w = (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
     masks.append(w | (k_pos < spec.sinks) if spec.sinks else w)
   if spec.chunk_size is not None:
-    masks.append(k_pos // spec.chunk_size == q_pos // spec.chunk_size)
+    c = spec.chunk_size
+    masks.append(chunk_index(k_pos, c) == chunk_index(q_pos, c))
   if spec.key_range is not None:
     lo, hi = spec.key_range
     masks.append(None if lo is None else k_pos >= lo)
     masks.append(None if hi is None else k_pos < hi)
   return and_masks(*masks)
+
+
+def chunk_index(pos, chunk_size: int):
+  """floor(pos / chunk_size): the chunk of each position (negative ones too).
+
+  Written with a truncating division and a comparison, which every Pallas backend
+  lowers (jnp's integer floor division needs `sign`, which Mosaic cannot lower
+  without a TPU to ask). numpy values stay numpy (host planning in `schedule`).
+  """
+  if isinstance(pos, (np.ndarray, np.generic, int)):
+    return np.floor_divide(pos, chunk_size)
+  return lax.div(jnp.where(pos >= 0, pos, pos - (chunk_size - 1)),
+                 jnp.asarray(chunk_size, pos.dtype))
 
 
 def and_masks(*masks: Optional[jax.Array]) -> Optional[jax.Array]:
@@ -153,7 +169,8 @@ def range_visible(spec: MaskSpec, q_min, q_max, k_min, k_max):
     vis = vis & ((w | (k_min < spec.sinks)) if spec.sinks else w)
   if spec.chunk_size is not None:
     c = spec.chunk_size
-    vis = vis & (k_max // c >= q_min // c) & (k_min // c <= q_max // c)
+    vis = vis & (chunk_index(k_max, c) >= chunk_index(q_min, c)) & (
+        chunk_index(k_min, c) <= chunk_index(q_max, c))
   if spec.key_range is not None:
     lo, hi = spec.key_range
     if lo is not None:

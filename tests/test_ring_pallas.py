@@ -142,6 +142,30 @@ def test_sharded_ring_lowers_with_pallas_kernels(platform, no_xla_kernel):
 
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_ring_with_sinks_and_chunks_lowers_with_pallas_kernels(platform, no_xla_kernel):
+  """Sinks (the kernels' sink-prefix loops, the gathered sink keys), chunks and sink
+  logits lower for Triton and Mosaic."""
+  mesh = mesh_1d(8)
+  B, Tg, N, K, H = 1, 2048, 4, 2, 128
+
+  def loss(q, k, v, sinks):
+    out = sharded_attention(q, k, v, mesh=mesh, backend=_BACKEND[platform],
+                            is_causal=True, local_window_size=(255, 0),
+                            num_sink_tokens=4, attention_chunk_size=1024,
+                            sink_logits=sinks)
+    return jnp.sum(out.astype(jnp.float32))
+
+  sh = NamedSharding(mesh, P(None, "sp"))
+  kv = jax.ShapeDtypeStruct((B, Tg, K, H), jnp.bfloat16, sharding=sh)
+  args = (jax.ShapeDtypeStruct((B, Tg, N, H), jnp.bfloat16, sharding=sh), kv, kv,
+          jax.ShapeDtypeStruct((N,), jnp.float32))
+  module = _export(jax.grad(loss, argnums=(0, 1, 2, 3)), args, platform)
+  _assert_kernels(module, platform)
+  assert "stablehlo.all_gather" in module  # the sink keys, gathered once
+  assert "= stablehlo.dot_general" not in module
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_model_train_step_lowers_with_pallas_ring(platform, no_xla_kernel):
   import optax
   from experiments import train_step as ts
