@@ -41,8 +41,12 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_names
 # "offload" remat policies.
 REMAT_NAMES = ("qkv", "attn_context", "attn_out", "mlp_hidden", "mlp_out")
 DTYPES = ("float32", "bfloat16", "float16")
-# Entries of `layer_types` (Hugging Face's names and values).
-LAYER_TYPES = ("full_attention", "sliding_attention")
+# Entries of `layer_types`: Hugging Face's names and values ("chunked_attention" as in
+# Llama 4), plus our "block_sparse_attention". Their order is the order of the branches
+# of a scanned layer's `lax.switch` (see `LlamaConfig.kinds_present`).
+LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention",
+               "block_sparse_attention")
+FULL, SLIDING, CHUNKED, BLOCK_SPARSE = LAYER_TYPES
 LAYOUTS = ringattn_jax.LAYOUTS
 
 
@@ -68,11 +72,34 @@ class LlamaConfig:
     sliding_window: None or a window W (Hugging Face's meaning: a query sees the keys
       at distance < W, itself included, i.e. local_window_size=(W - 1, 0)). Without
       layer_types it applies to every layer.
-    layer_types: None (every layer alike, as sliding_window says) or one entry per
-      layer, each one of LAYER_TYPES: "sliding_attention" layers attend within
-      sliding_window (which must then be set), "full_attention" layers attend to the
-      whole causal context (Hugging Face's field; Gemma 3, Ministral). A list is
-      stored as a tuple. `sliding_layers` gives the per-layer choice.
+    layer_types: None (every layer alike: sliding when sliding_window is set, chunked
+      when attention_chunk_size is set, else full; not both) or one entry per layer,
+      each one of LAYER_TYPES: "sliding_attention" layers attend within sliding_window
+      (which must then be set), "full_attention" layers attend to the whole causal
+      context (Hugging Face's field; Gemma 3, Ministral), "chunked_attention" layers
+      attend causally within their chunk of attention_chunk_size (which must then be
+      set; Llama 4), "block_sparse_attention" layers run
+      ringattn_jax.block_sparse_attention (block_sparse_size and block_sparse_top_k
+      must then be set). A list is stored as a tuple. `layer_kinds` gives the
+      per-layer kind, `sliding_layers` which layers are sliding.
+    num_sink_tokens: s >= 0 attention sinks (StreamingLLM): keys at true position < s
+      stay visible to the sliding layers whatever the window (the causal and segment
+      rules still apply), and block-sparse layers always keep the blocks holding them.
+      Passed to every attention call; it changes nothing in full or chunked layers.
+      Generation keeps the sinks in the sliding layers' rolling cache.
+    learned_sinks: a learned sink logit per query head in every layer (parameter
+      `self_attn.sinks` [N], zeros at init, logical axes ("q_heads",)), joining every
+      softmax denominator as a key with value zero (gpt-oss; `sink_logits`).
+    attention_chunk_size: None or c >= 1: the "chunked_attention" layers see only keys
+      of their own chunk [m*c, (m+1)*c) of true positions, causally. Without
+      layer_types it makes every layer chunked (Llama 4 chunks its RoPE layers and
+      leaves its NoPE layers full; every layer of this block uses RoPE).
+    block_sparse_size, block_sparse_top_k, block_sparse_local_blocks: the
+      "block_sparse_attention" layers' block_size (tokens per block; must divide the
+      sequence, a device's shard, and half of it for zigzag), top_k (key blocks kept
+      by score per query block, >= 0) and local_blocks (blocks ending at the diagonal
+      always kept, >= 0, default 1). With a sequence-parallel attention these layers
+      run block_sparse_attention on the mesh (layouts contiguous and zigzag only).
     rope_local_theta: None (every layer uses rope_theta and rope_scaling) or the RoPE
       base of the sliding-window layers, which then use it unscaled (Gemma 3's
       rope_local_base_freq: local 10k, global 1M with any scaling on the global
@@ -118,6 +145,12 @@ class LlamaConfig:
   sliding_window: Optional[int] = None
   layer_types: Optional[Tuple[str, ...]] = None
   rope_local_theta: Optional[float] = None
+  num_sink_tokens: int = 0
+  learned_sinks: bool = False
+  attention_chunk_size: Optional[int] = None
+  block_sparse_size: Optional[int] = None
+  block_sparse_top_k: Optional[int] = None
+  block_sparse_local_blocks: int = 1
   remat_policy: str = "none"
   remat_names: Tuple[str, ...] = ("attn_out", "mlp_out")
   scan_layers: bool = True
@@ -180,30 +213,84 @@ class LlamaConfig:
       checks.number(name, getattr(self, name), low=0, low_inclusive=False)
     checks.number("rope_local_theta", self.rope_local_theta, low=0, low_inclusive=False,
                   optional=True)
+    self._validate_attention_kinds()
     self._validate_layer_types()
+
+  def _validate_attention_kinds(self):
+    """The sink, chunk and block-sparse fields, on their own."""
+    set_ = lambda name, v: object.__setattr__(self, name, v)
+    set_("num_sink_tokens", checks.integer(
+        "num_sink_tokens", self.num_sink_tokens, minimum=0,
+        what="(keys at positions < num_sink_tokens escape the sliding window)"))
+    set_("learned_sinks", checks.boolean("learned_sinks", self.learned_sinks))
+    set_("attention_chunk_size", checks.positive_int(
+        "attention_chunk_size", self.attention_chunk_size, optional=True,
+        what="(tokens per chunk of the chunked_attention layers)"))
+    set_("block_sparse_size", checks.positive_int(
+        "block_sparse_size", self.block_sparse_size, optional=True,
+        what="(tokens per block of the block_sparse_attention layers)"))
+    set_("block_sparse_top_k", checks.integer(
+        "block_sparse_top_k", self.block_sparse_top_k, minimum=0, optional=True,
+        what="(key blocks kept by score per query block)"))
+    set_("block_sparse_local_blocks", checks.integer(
+        "block_sparse_local_blocks", self.block_sparse_local_blocks, minimum=0,
+        what="(blocks ending at the diagonal, always kept)"))
+    if (self.layer_types is None and self.sliding_window is not None
+        and self.attention_chunk_size is not None):
+      raise ValueError(
+          f"sliding_window={self.sliding_window} and attention_chunk_size="
+          f"{self.attention_chunk_size} are both set without layer_types, so it is not "
+          "said which layers are sliding and which chunked; set layer_types (one of "
+          f"{LAYER_TYPES} per layer) or leave one of them None.")
 
   def _validate_layer_types(self):
     types = self.layer_types
-    if types is None:
-      return
-    if len(types) != self.num_hidden_layers:
+    if types is not None:
+      if len(types) != self.num_hidden_layers:
+        raise ValueError(
+            f"layer_types must have one entry per layer (num_hidden_layers="
+            f"{self.num_hidden_layers}); got {len(types)} entries: {list(types)}.")
+      for i, t in enumerate(types):
+        checks.choice(f"layer_types[{i}]", t, LAYER_TYPES)
+    kinds = self.layer_kinds
+    which = lambda kind: [i for i, t in enumerate(kinds) if t == kind]
+    for kind, fields, hint in (
+        (SLIDING, ("sliding_window",), "a positive int"),
+        (CHUNKED, ("attention_chunk_size",), "a positive int"),
+        (BLOCK_SPARSE, ("block_sparse_size", "block_sparse_top_k"),
+         "block_sparse_size a positive int, block_sparse_top_k an int >= 0")):
+      missing = [f for f in fields if getattr(self, f) is None]
+      if which(kind) and missing:
+        raise ValueError(
+            f"layer_types has {kind!r} layers {which(kind)} but "
+            f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} None; set "
+            f"{' and '.join(missing)} ({hint}) or give those layers another type.")
+    if which(BLOCK_SPARSE) and self.sequence_parallel and self.layout == "striped":
       raise ValueError(
-          f"layer_types must have one entry per layer (num_hidden_layers="
-          f"{self.num_hidden_layers}); got {len(types)} entries: {list(types)}.")
-    for i, t in enumerate(types):
-      checks.choice(f"layer_types[{i}]", t, LAYER_TYPES)
-    if self.sliding_window is None and "sliding_attention" in types:
-      layers = [i for i, t in enumerate(types) if t == "sliding_attention"]
-      raise ValueError(f"layer_types has 'sliding_attention' layers {layers} but "
-                       "sliding_window is None; set sliding_window (a positive int) or "
-                       "make those layers 'full_attention'.")
+          f"layer_types has 'block_sparse_attention' layers {which(BLOCK_SPARSE)}, which "
+          f"with a sequence-parallel attention ({self.attention!r}) run "
+          "block_sparse_attention on the mesh: it takes layouts 'contiguous' and 'zigzag' "
+          "(a block must be a run of consecutive positions); got layout='striped'.")
+
+  @property
+  def layer_kinds(self) -> Tuple[str, ...]:
+    """Per layer: its kind, one of LAYER_TYPES (layer_types, or what None implies)."""
+    if self.layer_types is not None:
+      return self.layer_types
+    kind = (SLIDING if self.sliding_window is not None else
+            CHUNKED if self.attention_chunk_size is not None else FULL)
+    return (kind,) * self.num_hidden_layers
+
+  @property
+  def kinds_present(self) -> Tuple[str, ...]:
+    """The distinct layer kinds, in LAYER_TYPES order: a scanned layer's kind is its
+    index here (the branch of its `lax.switch`)."""
+    return tuple(k for k in LAYER_TYPES if k in self.layer_kinds)
 
   @property
   def sliding_layers(self) -> Tuple[bool, ...]:
     """Per layer: whether it attends within sliding_window (and uses the local RoPE)."""
-    if self.layer_types is None:
-      return (self.sliding_window is not None,) * self.num_hidden_layers
-    return tuple(t == "sliding_attention" for t in self.layer_types)
+    return tuple(k == SLIDING for k in self.layer_kinds)
 
   @property
   def layer_windows(self) -> Tuple[Optional[int], ...]:
@@ -226,6 +313,8 @@ class LlamaConfig:
     if self.attention_bias:
       attn += H * (N + 2 * K) + D
     mlp = 3 * D * F + (2 * F + D if self.mlp_bias else 0)
+    if self.learned_sinks:
+      attn += N
     layer = attn + mlp + 2 * D
     return V * D * (1 if self.tie_word_embeddings else 2) + self.num_hidden_layers * layer + D
 

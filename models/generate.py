@@ -7,9 +7,10 @@
 Two phases, both jitted together:
 - Prefill: the (padded) prompt runs once through the model's own stacked blocks with the
   model's attention (so a sequence-parallel config runs ring/allgather/ulysses over the
-  mesh, in its token layout); every layer's keys and values (RoPE applied) fill a cache
-  [L, B, S, K, H] (`models.kv_cache.CacheLayout` says which true position each slot
-  holds; with an "sp" mesh axis the cache is sharded along S over it).
+  mesh, in its token layout); every layer's keys and values (RoPE applied) fill its
+  cache stack (`models.kv_cache.CachePlan`: a full stack [Lf, B, S, K, H] whose
+  `CacheLayout` says which true position each slot holds, sharded along S with an "sp"
+  mesh axis; on one device a rolling stack [Ls, B, s + W, K, H] for the sliding layers).
 - Decode: one token per step under `lax.while_loop` (stopping early once every row has
   produced `eos_id`): the blocks' `project_qkv` / `project_out` / norms / MLP on a single
   token at its true position, attention of that query against the cache
@@ -21,11 +22,14 @@ Ragged prompts are RIGHT-padded: row b holds its prompt in `prompt[b, :prompt_le
 overwriting the padding's in the cache before any query can see it, so positions stay
 true positions and no position offsets are needed.
 
-Per-layer kinds (config.layer_types): each layer's RoPE tables and window are its own
-in both phases (the prefill as in `Llama.hidden_states`; the decode picks the layer's
-RoPE tables and masks the layer's window in `models.decode_attention`). The cache keeps
-every position for every layer; a sliding layer's window is a mask, not a rolling
-cache.
+Per-layer kinds (config.layer_types): each layer's RoPE tables, window, sinks and
+chunk are its own in both phases (the prefill as in `Llama.hidden_states`; the decode
+picks the layer's RoPE tables and masks in `models.decode_attention`), and learned sink
+logits join each layer's (out, lse) by `softmax.add_sink_logits`, as in the forward
+pass. Sliding layers on one device keep a rolling cache of their sinks and window
+(StreamingLLM), so their memory does not grow with the generated length; full and
+chunked layers (and every layer of a sequence-sharded cache) keep every position.
+Block-sparse layers cannot be decoded exactly (`check_generation`).
 
 Non-finite logits (NaN/Inf: a diverged checkpoint, float16/bfloat16 overflow) would
 still yield token ids (argmax of NaN is an index). The loop carries, per row, the
@@ -56,16 +60,20 @@ from flax import nnx
 from jax import lax
 
 from ringattn_jax import checks
-from models.decode_attention import make_decode_attention
-from models.kv_cache import CacheLayout, cache_layout, cache_specs, prompt_multiple
+from ringattn_jax import softmax
+from models.config import BLOCK_SPARSE, CHUNKED, SLIDING
+from models.decode_attention import make_decode_attention, make_local_attention
+from models.kv_cache import (FULL_STACK, CacheLayout, CachePlan, cache_layout, cache_plan,
+                             cache_specs, prompt_multiple)
 from models.layers import Runtime
 from models.llama import pick_rope, scan_layers
 from models.sampling import check_sampling, filter_logits, nonfinite_rows, sample_logits
 from models import sharding as sharding_lib
 
 # With the names of models.kv_cache and models.sampling that callers reach from here.
-__all__ = ["CacheLayout", "NonFiniteLogitsError", "cache_layout", "decode_step",
-           "filter_logits", "generate", "prefill", "prompt_multiple", "sample_logits"]
+__all__ = ["CacheLayout", "CachePlan", "NonFiniteLogitsError", "cache_layout",
+           "cache_plan", "check_generation", "decode_step", "filter_logits", "generate",
+           "prefill", "prompt_multiple", "sample_logits"]
 
 
 class NonFiniteLogitsError(FloatingPointError):
@@ -98,20 +106,21 @@ class NonFiniteLogitsError(FloatingPointError):
 # -- prefill and decode steps ---------------------------------------------------------
 
 
-def prefill(model, tokens, lengths, cache: CacheLayout, rope_len: int):
-  """Runs the prompt through the model's blocks once, filling the KV cache.
+def prefill(model, tokens, lengths, cache: CachePlan, rope_len: int):
+  """Runs the prompt through the model's blocks once, filling the KV cache stacks.
 
   Args:
     model: a `models.llama.Llama`.
-    tokens: [B, P] int prompt, right-padded; P = cache.prompt_len.
+    tokens: [B, P] int prompt, right-padded; P = cache.full.prompt_len.
     lengths: [B] int32 valid prompt lengths (1 <= lengths <= P).
-    cache: where positions live (`cache_layout`).
+    cache: the stacks and their slots (`cache_plan`).
     rope_len: the length the RoPE frequencies are computed for.
 
   Returns:
-    (logits [B, V] float32 at positions lengths - 1, cache_k, cache_v [L, B, S, K, H]
-    in the compute dtype, slots as `cache`; the generated slots hold zeros). With an
-    "sp" mesh axis the caches are sharded along S over it.
+    (logits [B, V] float32 at positions lengths - 1, caches): caches maps each of
+    cache.stacks to its (k, v) [Ls, B, S_stack, K, H] in the compute dtype, slots as
+    `cache` says (the slots of positions not yet generated hold zeros or padding).
+    With an "sp" mesh axis the full stack is sharded along S over it.
   """
   cfg, rt = model.config, model.runtime
   B, Pp = tokens.shape
@@ -121,13 +130,42 @@ def prefill(model, tokens, lengths, cache: CacheLayout, rope_len: int):
   tables = model.layer_rotary_tables(positions_l, seq_len=rope_len)
   graphdef, stacked = nnx.split(model.layers)
 
-  def layer(x, state, sliding):
-    cos, sin = pick_rope(tables, sliding)
-    return nnx.merge(graphdef, state)(x, cos, sin, None, rt, return_kv=True,
-                                      sliding=sliding)
+  def block(x, state, kind):
+    cos, sin = pick_rope(tables, kind, cfg)
+    return nnx.merge(graphdef, state)(x, cos, sin, None, rt, return_kv=True, kind=kind)
 
-  # ks, vs: [L, B, P, K, H] in layout order
-  x, (ks, vs) = scan_layers(layer, x, stacked, cfg.sliding_layers)
+  if cache.full.n > 1:
+    # One full stack sharded over "sp": the scan's [L, B, P, K, H] keys/values (layout
+    # order) get each device's generated slots appended locally.
+    x, (ks, vs) = scan_layers(block, x, stacked, cfg.layer_kinds, cfg)
+    caches = {FULL_STACK: _append_gen_slots(model, cache.full, B, ks, vs)}
+  else:
+    # Each layer writes its keys/values into its own stack, carried through the scan
+    # (no [L, B, P, K, H] copy beside the caches). The rolling stack takes, per row,
+    # the positions its slots hold after the prompt (`RollingLayout.slot_positions`).
+    K, H = cfg.num_key_value_heads, cfg.head_dim
+    caches = {name: tuple(jnp.zeros((cache.num_layers(name), B, cache.slots(name), K, H),
+                                    rt.dtype) for _ in "kv") for name in cache.stacks}
+    if cache.rolling is not None:
+      held = cache.rolling.slot_positions(lengths - 1)[0]
+      rows = jnp.clip(held, 0, Pp - 1)[:, :, None, None]  # [B, s + W, 1, 1]
+
+    def layer(carry, xs, kind):
+      x, caches = carry
+      state, index = xs
+      x, kv = block(x, state, kind)
+      caches = dict(caches)
+      for c, name in enumerate(cache.stacks):
+        at = (index[c], slice(None), slice(0, Pp)) if name == FULL_STACK else index[c]
+        new = (kv if name == FULL_STACK else
+               tuple(jnp.take_along_axis(a, rows, axis=1) for a in kv))
+        caches[name] = tuple(a.at[at].set(n.astype(a.dtype), mode="drop")
+                             for a, n in zip(caches[name], new))
+      return (x, caches), None
+
+    (x, caches), _ = scan_layers(layer, (x, caches),
+                                 (stacked, jnp.asarray(cache.layer_index())),
+                                 cfg.layer_kinds, cfg)
   h = model.norm(x)
   # The hidden state at position lengths - 1, picked with a masked sum over the
   # (sharded) sequence: an all-reduce of [B, D], never a gather of h.
@@ -135,31 +173,40 @@ def prefill(model, tokens, lengths, cache: CacheLayout, rope_len: int):
   h_last = jnp.sum(jnp.where(last[..., None], h, 0), axis=1)
   logits = jnp.einsum("BD,DV->BV", h_last, model.head_weight.astype(h.dtype),
                       preferred_element_type=jnp.float32)
-
-  def append_gen_slots(c):  # [L, B, Pl, K, H] -> [L, B, Pl + Gl, K, H]
-    pad = ((0, 0), (0, 0), (0, cache.gen_len // cache.n), (0, 0), (0, 0))
-    return jnp.pad(c, pad)
-
-  if cache.n > 1:
-    spec = cache_specs(model, B).cache
-    append_gen_slots = jax.shard_map(append_gen_slots, mesh=model.mesh, in_specs=spec,
-                                     out_specs=spec)
-  return logits, append_gen_slots(ks), append_gen_slots(vs)
+  return logits, caches
 
 
-def decode_step(model, tokens, pos, cache_k, cache_v, cache: CacheLayout, rope_len: int):
+def _append_gen_slots(model, full: CacheLayout, B: int, ks, vs):
+  """[L, B, Pl, K, H] per device -> [L, B, Pl + Gl, K, H] (zeros appended locally)."""
+  def append(c):
+    return jnp.pad(c, ((0, 0), (0, 0), (0, full.gen_len // full.n), (0, 0), (0, 0)))
+
+  spec = cache_specs(model, B).cache
+  append = jax.shard_map(append, mesh=model.mesh, in_specs=spec, out_specs=spec)
+  return append(ks), append(vs)
+
+
+def _per_kind(kind, config, values):
+  """A layer's value of a per-kind table ({kind: value}, 0 elsewhere): an int for a
+  static kind, a traced int32 for a traced index into config.kinds_present."""
+  if isinstance(kind, str):
+    return values.get(kind, 0)
+  return jnp.asarray([values.get(k, 0) for k in config.kinds_present], jnp.int32)[kind]
+
+
+def decode_step(model, tokens, pos, caches, cache: CachePlan, rope_len: int):
   """One token per row through every layer, attending to (and updating) the cache.
 
   Args:
     model: a `models.llama.Llama`.
     tokens: [B] int: the newest token of each row. pos: [B] int32: its position.
-    cache_k, cache_v: [L, B, S, K, H] from `prefill` (or a previous step).
-    cache: where positions live (`cache_layout`).
+    caches: from `prefill` (or a previous step): stack name -> (k, v).
+    cache: the stacks and their slots (`cache_plan`).
     rope_len: the length the RoPE frequencies are computed for (as in `prefill`).
 
   Returns:
-    (logits [B, V] float32 for the token after `tokens`, cache_k, cache_v with this
-    token's keys and values written into the slot of `pos`).
+    (logits [B, V] float32 for the token after `tokens`, caches with this token's keys
+    and values written into the slots of `pos`).
   """
   cfg = model.config
   # One token: the MLP needs no chunking.
@@ -167,29 +214,47 @@ def decode_step(model, tokens, pos, cache_k, cache_v, cache: CacheLayout, rope_l
   B = tokens.shape[0]
   x = model.embed(tokens[:, None])
   tables = model.layer_rotary_tables(pos[:, None], seq_len=rope_len)
-  slot_pos = jnp.asarray(cache.slot_positions())
-  slot = jnp.asarray(cache.position_slots())[pos]
-  attention = make_decode_attention(model, B)
+  sharded = cache.full.n > 1
+  if sharded:
+    attention = make_decode_attention(model, B)
+    slot_pos = jnp.asarray(cache.full.slot_positions())
+    slot = jnp.asarray(cache.full.position_slots())[pos]
+  else:
+    attention = make_local_attention(cache, cfg.num_sink_tokens)
+  layer_index = jnp.asarray(cache.layer_index())
+  stack_of_kind = {k: cache.stacks.index(cache.stack_of_layer[cfg.layer_kinds.index(k)])
+                   for k in cfg.kinds_present}
   graphdef, stacked = nnx.split(model.layers)
 
-  def layer(carry, xs, sliding):
-    x, ck, cv = carry
+  def layer(carry, xs, kind):
+    x, caches = carry
     state, i = xs
     block = nnx.merge(graphdef, state)
-    cos, sin = pick_rope(tables, sliding)  # the window itself: make_decode_attention
+    cos, sin = pick_rope(tables, kind, cfg)
     q, k, v = block.self_attn.project_qkv(block.input_layernorm(x), cos, sin, rt)
-    ctx, ck, cv = attention(q[:, 0], k[:, 0], v[:, 0], ck, cv, slot_pos, i, pos, slot)
-    x = x + block.self_attn.project_out(ctx[:, None], rt)
+    q, k, v = q[:, 0], k[:, 0], v[:, 0]
+    window = _per_kind(kind, cfg, {SLIDING: cfg.sliding_window})
+    chunk = _per_kind(kind, cfg, {CHUNKED: cfg.attention_chunk_size})
+    if sharded:
+      out, lse, ck, cv = attention(q, k, v, *caches[FULL_STACK], slot_pos, i, pos, slot,
+                                   window, chunk)
+      caches = {FULL_STACK: (ck, cv)}
+    else:
+      out, lse, caches = attention(q, k, v, caches, layer_index[i],
+                                   _per_kind(kind, cfg, stack_of_kind), pos, window, chunk)
+    if block.self_attn.sink_logits is not None:
+      out, lse = softmax.add_sink_logits(out, lse, block.self_attn.sink_logits)
+    x = x + block.self_attn.project_out(out.astype(x.dtype)[:, None], rt)
     x = x + block.mlp(block.post_attention_layernorm(x), rt)
-    return (x, ck, cv), None
+    return (x, caches), None
 
-  (x, cache_k, cache_v), _ = scan_layers(
-      layer, (x, cache_k, cache_v), (stacked, jnp.arange(cfg.num_hidden_layers)),
-      cfg.sliding_layers)
+  (x, caches), _ = scan_layers(layer, (x, caches),
+                               (stacked, jnp.arange(cfg.num_hidden_layers)),
+                               cfg.layer_kinds, cfg)
   h = model.norm(x)[:, 0]
   logits = jnp.einsum("BD,DV->BV", h, model.head_weight.astype(h.dtype),
                       preferred_element_type=jnp.float32)
-  return logits, cache_k, cache_v
+  return logits, caches
 
 
 # -- generate -------------------------------------------------------------------------
@@ -198,7 +263,7 @@ def decode_step(model, tokens, pos, cache_k, cache_v, cache: CacheLayout, rope_l
 @dataclasses.dataclass(frozen=True)
 class _Options:
   max_new_tokens: int
-  cache: CacheLayout
+  cache: CachePlan
   rope_len: int
   temperature: float
   top_k: Optional[int]
@@ -213,7 +278,7 @@ def _generate(graphdef, state, tokens, lengths, rng, *, opts: _Options):
   B, M = tokens.shape[0], opts.max_new_tokens
   sample = functools.partial(sample_logits, temperature=opts.temperature,
                              top_k=opts.top_k, top_p=opts.top_p)
-  logits, cache_k, cache_v = prefill(model, tokens, lengths, opts.cache, opts.rope_len)
+  logits, caches = prefill(model, tokens, lengths, opts.cache, opts.rope_len)
   # Each row's first step with non-finite logits; M: none (yet).
   bad = jnp.where(nonfinite_rows(logits), 0, M).astype(jnp.int32)
   first = sample(logits, jax.random.fold_in(rng, 0))
@@ -229,10 +294,10 @@ def _generate(graphdef, state, tokens, lengths, rng, *, opts: _Options):
     return (t < M) & ~jnp.all(done)
 
   def body(carry):
-    t, out, done, ck, cv, lg, bad = carry
+    t, out, done, caches, lg, bad = carry
     prev = lax.dynamic_index_in_dim(out, t - 1, axis=1, keepdims=False)
-    logits, ck, cv = decode_step(model, prev, lengths + t - 1, ck, cv, opts.cache,
-                                    opts.rope_len)
+    logits, caches = decode_step(model, prev, lengths + t - 1, caches, opts.cache,
+                                 opts.rope_len)
     bad = jnp.where(nonfinite_rows(logits) & ~done & (bad == M), t, bad)
     tok = sample(logits, jax.random.fold_in(rng, t))
     if eos is not None:
@@ -241,17 +306,18 @@ def _generate(graphdef, state, tokens, lengths, rng, *, opts: _Options):
     out = lax.dynamic_update_index_in_dim(out, tok, t, axis=1)
     if opts.return_logits:
       lg = lax.dynamic_update_index_in_dim(lg, logits, t, axis=1)
-    return t + 1, out, done, ck, cv, lg, bad
+    return t + 1, out, done, caches, lg, bad
 
-  carry = (jnp.int32(1), out, done, cache_k, cache_v, all_logits, bad)
-  _, out, _, _, _, all_logits, bad = lax.while_loop(cond, body, carry)
+  carry = (jnp.int32(1), out, done, caches, all_logits, bad)
+  _, out, _, _, all_logits, bad = lax.while_loop(cond, body, carry)
   return out, all_logits, bad
 
 
 def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 0.0,
              top_k: Optional[int] = None, top_p: Optional[float] = None, rng=None,
              eos_id: Optional[int] = None, prompt_lengths=None,
-             return_logits: bool = False, check_finite: bool = True):
+             return_logits: bool = False, check_finite: bool = True,
+             rolling_cache: bool = True):
   """Generates `max_new_tokens` tokens after each prompt, with a KV cache.
 
   Args:
@@ -273,16 +339,22 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
       logits. The check reads one [B] array on the host, so `generate` returns only
       once the tokens are computed; False skips it (and that wait). Under an outer
       jax.jit the values are unknown and nothing is checked.
+    rolling_cache: on one device, the sliding-window layers keep only their sinks and
+      window in a rolling cache when that is smaller than the full one
+      (`models.kv_cache`); False keeps every position for every layer (the window a
+      mask). The tokens and logits are the same either way.
 
   Returns:
     tokens [B, M] int32; with return_logits, also logits [B, M, V] float32 (before
     temperature and filtering; zeros for steps not run after every row finished).
 
   Raises:
-    ValueError: bad shapes or arguments (names the argument and what would be valid).
+    ValueError: bad shapes or arguments (names the argument and what would be valid);
+      a model with block-sparse layers (see `check_generation`).
     NonFiniteLogitsError: (a FloatingPointError) some logits were non-finite; it
       names the first such step and its rows, and holds the tokens.
   """
+  check_generation(model.config)
   prompt_tokens = jnp.asarray(prompt_tokens)
   if prompt_tokens.ndim != 2 or not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
     raise ValueError(f"prompt_tokens must be a [B, P] int array; got shape "
@@ -297,9 +369,11 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
   eos_id = checks.integer("eos_id", eos_id, minimum=0, maximum=model.config.vocab_size - 1,
                           optional=True, what="(a token id of the vocabulary)")
   checks.boolean("check_finite", check_finite)
+  checks.boolean("rolling_cache", rolling_cache)
   lengths = _prompt_lengths(prompt_lengths, B, Pn)
-  cache = cache_layout(model, Pn, max_new_tokens)
-  tokens = jnp.pad(prompt_tokens.astype(jnp.int32), ((0, 0), (0, cache.prompt_len - Pn)))
+  cache = cache_plan(model, Pn, max_new_tokens, rolling=rolling_cache)
+  tokens = jnp.pad(prompt_tokens.astype(jnp.int32),
+                   ((0, 0), (0, cache.full.prompt_len - Pn)))
   opts = _Options(max_new_tokens=max_new_tokens, cache=cache,
                   rope_len=Pn + max_new_tokens, temperature=float(temperature),
                   top_k=top_k if temperature > 0 else None,
@@ -312,6 +386,24 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
   if check_finite and not isinstance(bad, jax.core.Tracer):
     _raise_if_nonfinite(bad, out, logits if return_logits else None)
   return (out, logits) if return_logits else out
+
+
+def check_generation(config) -> None:
+  """Raises a ValueError for a model `generate` cannot decode exactly.
+
+  Block-sparse layers choose each query block's key blocks from the mean of the whole
+  block's queries, future tokens included; a token decoded alone cannot know them, so
+  no cache reproduces the forward pass.
+  """
+  layers = [i for i, k in enumerate(config.layer_kinds) if k == BLOCK_SPARSE]
+  if layers:
+    raise ValueError(
+        f"generate cannot decode a model with 'block_sparse_attention' layers {layers}: "
+        "their key blocks are chosen per query block from the mean of the block's "
+        "queries, later tokens included, which a token decoded one at a time does not "
+        "have, so decoding would not match the model's forward pass. Re-run the model "
+        "on the whole sequence per token, or decode with another layer type (e.g. "
+        "model = models.llama.reconfigure(model, config.replace(layer_types=...))).")
 
 
 def _raise_if_nonfinite(bad, tokens, logits) -> None:

@@ -67,7 +67,8 @@ def load_hf_checkpoint(path, mesh=None, **overrides) -> llama.Llama:
 
   Raises:
     FileNotFoundError: no config.json or no safetensors in `path`.
-    ValueError: an unsupported config (see `config_from_hf`), or a missing, unexpected,
+    ValueError: an unsupported config (see `config_from_hf`), learned_sinks (no such
+      tensors in these checkpoints), or a missing, unexpected,
       wrong-shaped or non-float tensor; the message names the tensor, and for a shape
       the config fields it follows from.
   """
@@ -76,6 +77,10 @@ def load_hf_checkpoint(path, mesh=None, **overrides) -> llama.Llama:
     raise FileNotFoundError(f"{path / 'config.json'} does not exist; path must be a Hugging "
                             "Face checkpoint directory.")
   config = config_from_hf(json.loads((path / "config.json").read_text()), **overrides)
+  if config.learned_sinks:
+    raise ValueError("learned_sinks=True adds a sink logit per head and layer, which "
+                     "Hugging Face LLaMA/Mistral/Ministral checkpoints do not have; load "
+                     "without it.")
   tensors = open_tensors(path)
   specs = tensor_specs(config)
   check_tensors(tensors, specs, config, path)

@@ -6,6 +6,16 @@ and 5 write it (`rope_scaling` / `rope_parameters`, rope_theta inside or beside 
 one dict per layer type), Mistral's sliding window, Ministral's `layer_types`, and the
 fields that have no effect on the forward pass.
 
+Attention kinds: transformers' LLaMA-block architectures have full and sliding-window
+layers only. Chunked layers (Llama 4's `attention_chunk_size`; Llama 4 itself is a MoE
+model with q/k norms and NoPE layers, not this block), block-sparse layers (ours),
+attention sinks (`num_sink_tokens`) and learned sink logits (gpt-oss, also not this
+block) are therefore refused on save. On load, a LLaMA/Mistral/Ministral config.json
+with an `attention_chunk_size` is refused unless the caller overrides that field:
+transformers' forward pass of these models ignores it, while its mask helper for
+compiled generation (`create_masks_for_generate`) would chunk, so there is no one
+meaning to follow.
+
 Per-layer-type RoPE: transformers' LLaMA-block architectures (Llama, Mistral,
 Ministral) use one RoPE for every layer; only other blocks (Gemma 3, ...) have a
 separate local one. So a config whose sliding layers use another RoPE than the global
@@ -17,7 +27,8 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional
 
 from ringattn_jax import checks
-from models.config import DTYPES, LAYER_TYPES, LlamaConfig, from_dict
+from models.config import (BLOCK_SPARSE, CHUNKED, DTYPES, FULL, LAYER_TYPES, SLIDING,
+                           LlamaConfig, from_dict)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -41,6 +52,8 @@ _HF_DEFAULTS: Dict[str, Dict[str, Any]] = {
 # when sliding_window is set, else every layer full).
 _HF_DEFAULTS["ministral"] = dict(_HF_DEFAULTS["mistral"], layer_types=None)
 _SILU = ("silu", "swish")  # the same function in transformers' ACT2FN
+# The layer types transformers' Ministral builds masks for.
+_HF_LAYER_TYPES = (FULL, SLIDING)
 
 
 def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> LlamaConfig:
@@ -58,7 +71,8 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> LlamaConfig:
   The sliding layers' own RoPE base (rope_local_theta) comes from Gemma 3's
   `rope_local_base_freq` or from `rope_parameters` keyed by layer type
   ({"full_attention": {...}, "sliding_attention": {...}}: the global RoPE from the
-  first, the local base from the second, which must be unscaled).
+  first, the local base from the second, which must be unscaled). A non-null
+  `attention_chunk_size` is refused unless overridden (module docstring).
 
   Args:
     hf_config: the parsed config.json.
@@ -68,7 +82,8 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> LlamaConfig:
   Raises:
     ValueError: model_type not in SUPPORTED_MODEL_TYPES, hidden_act not silu, a
       quantization_config, partial_rotary_factor != 1, a bad rope dict or field value,
-      or an unknown override; the message names the field and what is valid.
+      layer_types other than full/sliding, an attention_chunk_size not overridden, or
+      an unknown override; the message names the field and what is valid.
   """
   if not isinstance(hf_config, Mapping):
     raise ValueError(f"hf_config must be a dict (parsed config.json); got "
@@ -86,6 +101,15 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> LlamaConfig:
   if act not in _SILU:
     raise ValueError(f"config.json hidden_act must be one of {_SILU} (SwiGLU); got {act!r}.")
 
+  chunk = hf_config.get("attention_chunk_size")
+  if chunk is not None and "attention_chunk_size" not in overrides:
+    raise ValueError(
+        f"config.json has attention_chunk_size={chunk!r} with model_type {model_type!r}: "
+        f"transformers' {_ARCHITECTURES[model_type]} forward pass ignores it (only its "
+        "compiled-generation masks would chunk), so its meaning here is ambiguous. Pass "
+        "attention_chunk_size=None to load the model as that forward pass computes it, "
+        "or attention_chunk_size=<int> (with layer_types naming the "
+        "'chunked_attention' layers, or none to chunk every layer) to chunk.")
   defaults = _HF_DEFAULTS[model_type]
   fields = {k: hf_config.get(k, v) for k, v in defaults.items()}
   if model_type != "llama":  # Mistral/Ministral have no biases, whatever the config says
@@ -96,6 +120,11 @@ def config_from_hf(hf_config: Mapping[str, Any], **overrides) -> LlamaConfig:
     fields.pop("layer_types", None)  # no window: every layer attends in full
   elif fields.get("layer_types") is not None:
     fields["layer_types"] = tuple(fields["layer_types"])
+    bad = sorted(set(fields["layer_types"]) - set(_HF_LAYER_TYPES))
+    if bad:
+      raise ValueError(f"config.json layer_types has {bad}; transformers' "
+                       f"{_ARCHITECTURES[model_type]} builds layers of types "
+                       f"{_HF_LAYER_TYPES} only.")
 
   rope = hf_config.get("rope_scaling") or hf_config.get("rope_parameters") or {}
   if not isinstance(rope, Mapping):
@@ -170,9 +199,11 @@ def config_to_hf(config: LlamaConfig, *, dtype: Optional[str] = None, **extra) -
   Raises:
     ValueError: a config transformers would load differently or refuse (hidden_size not
       divisible by num_attention_heads; sliding_window or layer_types with biases;
-      partial rotary; sliding layers with their own RoPE, rope_local_theta), a bad
-      dtype, or an extra field that collides with a derived one.
+      partial rotary; sliding layers with their own RoPE, rope_local_theta; chunked
+      or block-sparse layers, attention sinks, learned sink logits: see the module
+      docstring), a bad dtype, or an extra field that collides with a derived one.
   """
+  _check_hf_attention(config)
   if config.hidden_size % config.num_attention_heads:
     raise ValueError(f"transformers requires hidden_size ({config.hidden_size}) divisible by "
                      f"num_attention_heads ({config.num_attention_heads}), even with head_dim "
@@ -234,6 +265,29 @@ def config_to_hf(config: LlamaConfig, *, dtype: Optional[str] = None, **extra) -
                      f"cannot be overridden; derived fields: {sorted(out)}.")
   out.update(extra)
   return out
+
+
+def _check_hf_attention(config: LlamaConfig) -> None:
+  """Raises unless every layer is one that transformers' LLaMA-block models build."""
+  kinds = {k: [i for i, t in enumerate(config.layer_kinds) if t == k]
+           for k in (CHUNKED, BLOCK_SPARSE)}
+  why = {CHUNKED: "no LLaMA-block architecture of transformers chunks attention (Llama "
+                  "4 does, in a different block: MoE, q/k norms, NoPE layers)",
+         BLOCK_SPARSE: "block-sparse attention is ours"}
+  for kind, layers in kinds.items():
+    if layers:
+      raise ValueError(f"layers {layers} are {kind!r}: {why[kind]}; transformers' "
+                       f"Llama/Mistral/Ministral build {_HF_LAYER_TYPES} layers only, so "
+                       "this model cannot be saved for them.")
+  if config.learned_sinks:
+    raise ValueError("learned_sinks=True: transformers' Llama/Mistral/Ministral have no "
+                     "sink logits (gpt-oss has them, in another block), so this model "
+                     "cannot be saved for them.")
+  if config.num_sink_tokens and any(config.sliding_layers):
+    raise ValueError(f"num_sink_tokens={config.num_sink_tokens} keeps the first positions "
+                     "visible to the sliding-window layers; transformers' Mistral/"
+                     "Ministral windows have no sink tokens, so this model cannot be saved "
+                     "for them (valid: num_sink_tokens=0).")
 
 
 def _check_one_rope(config: LlamaConfig) -> None:

@@ -3,7 +3,8 @@
 Parameter layouts (einsum letters: B batch, T tokens, D model, N query heads, K
 key/value heads, H head dim, F MLP width):
   q_proj [D, N, H], k_proj / v_proj [D, K, H], o_proj [N, H, D],
-  gate_proj / up_proj [D, F], down_proj [F, D], norms [D].
+  sinks [N] (config.learned_sinks), gate_proj / up_proj [D, F], down_proj [F, D],
+  norms [D].
 Every parameter carries `logical_axes` metadata that models.sharding maps to the mesh.
 
 Layers take a static `Runtime` (config, mesh, sharding rules) at call time, so a
@@ -17,14 +18,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from jax.sharding import PartitionSpec as P
+
 import ringattn_jax
+from ringattn_jax import layouts
 from ringattn_jax import rope
+from ringattn_jax import softmax
 from models import sharding
-from models.config import LlamaConfig
+from models.config import BLOCK_SPARSE, CHUNKED, SLIDING, LlamaConfig
+
+SEQ_AXIS = "sp"  # the mesh axis of the sequence-parallel attentions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,6 +131,13 @@ class Attention(nnx.Module):
       self.k_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros")
       self.v_bias = param(rngs, (K, H), ("kv_heads", "head_dim"), cfg, init="zeros")
       self.o_bias = param(rngs, (D,), ("embed",), cfg, init="zeros")
+    if cfg.learned_sinks:  # one sink logit per query head (gpt-oss), zeros at init
+      self.sinks = param(rngs, (N,), ("q_heads",), cfg, init="zeros")
+
+  @property
+  def sink_logits(self):
+    """[N] learned sink logits (config.learned_sinks), else None."""
+    return self.sinks[...] if hasattr(self, "sinks") else None
 
   def project_qkv(self, x, cos, sin, rt: Runtime):
     """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H], rotary applied to q and k."""
@@ -151,57 +164,108 @@ class Attention(nnx.Module):
     return checkpoint_name(out, "attn_out")
 
   def __call__(self, x, cos, sin, segment_ids, rt: Runtime, return_kv: bool = False,
-               sliding=None):
+               kind=None):
     """x [B, T, D] -> [B, T, D] (and the rotated k, v [B, T, K, H] if return_kv).
 
-    sliding: this layer's kind (see `attend`).
+    kind: this layer's kind (see `attend`).
     """
     q, k, v = self.project_qkv(x, cos, sin, rt)
-    ctx = checkpoint_name(attend(q, k, v, segment_ids, rt, sliding), "attn_context")
+    ctx = checkpoint_name(attend(q, k, v, segment_ids, rt, kind, self.sink_logits),
+                          "attn_context")
     out = self.project_out(ctx, rt)
     return (out, (k, v)) if return_kv else out
 
 
-def attend(q, k, v, segment_ids, rt: Runtime, sliding=None):
-  """Causal attention by `config.attention` (`ringattn_jax.attention`'s method).
+def attend(q, k, v, segment_ids, rt: Runtime, kind=None, sink_logits=None):
+  """Causal attention of one layer kind by `config.attention`.
 
   q [B, T, N, H]; k, v [B, T, K, H]. Tokens are in the model's layout order (see
   models.llama); sequence-parallel methods are told so (`permuted=True`) and derive
   true positions from the layout. `config.flash_impl` and `config.backend` choose the
   kernel of "flash" and of the sequence-parallel methods (every ring hop).
 
-  sliding: whether this layer attends within config.sliding_window
-  (`local_window_size=(W - 1, 0)`) or to the whole causal context. None: the kind all
-  layers share (an error when config.layer_types mixes them); a Python bool: chosen
-  while tracing; a traced bool scalar (a scanned layer's kind): `lax.cond` between a
-  full-attention call and a sliding-window call, both compiled, one run. The window is
-  static in its branch, so a ring skips the hops the window hides there.
+  kind: the layer's kind, one of config.LAYER_TYPES (see `attend_kind`). None: the kind
+  all layers share (an error when config.layer_types mixes them); a str: chosen while
+  tracing; a traced int32 scalar (a scanned layer's kind): its index in
+  `config.kinds_present`, and `lax.switch` runs that kind's attention (every present
+  kind compiled, one run). Each kind's window, chunk and block pattern are static in
+  its branch, so a ring skips the hops they hide there.
+  sink_logits: None or [N] learned sink logits (config.learned_sinks), every kind.
   """
   cfg = rt.config
-  if sliding is None:
-    kinds = set(cfg.sliding_layers)
-    if len(kinds) > 1:
-      raise ValueError(f"config.layer_types mixes sliding and full attention "
-                       f"({cfg.layer_types}); pass each layer's `sliding`.")
-    sliding = kinds.pop()
-  if isinstance(sliding, (bool, np.bool_)):
-    return _attend(q, k, v, segment_ids, rt, window=bool(sliding))
-  return jax.lax.cond(sliding, functools.partial(_attend, rt=rt, window=True),
-                      functools.partial(_attend, rt=rt, window=False), q, k, v,
-                      segment_ids)
+  if kind is None:
+    if len(cfg.kinds_present) > 1:
+      raise ValueError(f"config.layer_types mixes layer kinds ({cfg.layer_types}); pass "
+                       "each layer's `kind`.")
+    kind = cfg.kinds_present[0]
+  if isinstance(kind, str):
+    return attend_kind(q, k, v, segment_ids, sink_logits, rt=rt, kind=kind)
+  branches = [functools.partial(attend_kind, rt=rt, kind=kd) for kd in cfg.kinds_present]
+  return jax.lax.switch(kind, branches, q, k, v, segment_ids, sink_logits)
 
 
-def _attend(q, k, v, segment_ids, rt: Runtime, *, window: bool):
-  """`attend` with a static choice: within config.sliding_window, or full causal."""
+def attend_kind(q, k, v, segment_ids, sink_logits, *, rt: Runtime, kind: str):
+  """`attend` with a static kind.
+
+  "full_attention": causal; "sliding_attention": causal within config.sliding_window
+  (`local_window_size=(W - 1, 0)`) plus the sinks; "chunked_attention": causal within
+  chunks of config.attention_chunk_size; all by `ringattn_jax.attention` with
+  `num_sink_tokens=config.num_sink_tokens`. "block_sparse_attention": see
+  `block_sparse`.
+  """
   cfg = rt.config
+  if kind == BLOCK_SPARSE:
+    return block_sparse(q, k, v, segment_ids, sink_logits, rt)
   sp = cfg.sequence_parallel
-  window = (cfg.sliding_window - 1, 0) if window else None
+  window = (cfg.sliding_window - 1, 0) if kind == SLIDING else None
+  chunk = cfg.attention_chunk_size if kind == CHUNKED else None
   kernel = cfg.attention == "flash" or sp
   return ringattn_jax.attention(
       q, k, v, method=cfg.attention, impl=cfg.flash_impl if kernel else "auto",
       backend=cfg.backend if kernel else None,
       mesh=rt.mesh if sp else None, layout=cfg.layout if sp else "contiguous",
-      permuted=sp, is_causal=True, segment_ids=segment_ids, local_window_size=window)
+      permuted=sp, is_causal=True, segment_ids=segment_ids, local_window_size=window,
+      num_sink_tokens=cfg.num_sink_tokens, attention_chunk_size=chunk,
+      sink_logits=sink_logits)
+
+
+def block_sparse(q, k, v, segment_ids, sink_logits, rt: Runtime):
+  """A "block_sparse_attention" layer: `ringattn_jax.block_sparse_attention`, causal.
+
+  On one device for the single-device attentions; with a sequence-parallel attention
+  on rt.mesh in config.layout. block_sparse_attention takes global arrays in the
+  caller's order and permutes them into its layout itself, while the model's tokens
+  are already in layout order: they are put back in the caller's order first and the
+  output into layout order after, each by a local permutation inside a shard_map
+  (`layouts.permute_local`: two half-shard ppermutes for zigzag, nothing for
+  contiguous), so no device ever holds more than its shard. Learned sinks join the
+  (out, lse) by `softmax.add_sink_logits`.
+  """
+  cfg = rt.config
+  sp = cfg.sequence_parallel
+  mesh = rt.mesh if sp else None
+  relayout = sp and cfg.layout != "contiguous" and mesh.shape[SEQ_AXIS] > 1
+  if relayout:
+    q, k, v, segment_ids = (None if a is None else _permute(a, rt, inverse=True)
+                            for a in (q, k, v, segment_ids))
+  out, lse = ringattn_jax.block_sparse_attention(
+      q, k, v, block_size=cfg.block_sparse_size, top_k=cfg.block_sparse_top_k,
+      local_blocks=cfg.block_sparse_local_blocks, is_causal=True,
+      num_sink_tokens=cfg.num_sink_tokens, segment_ids=segment_ids, mesh=mesh,
+      layout=cfg.layout if sp else "contiguous", seq_axis=SEQ_AXIS, return_lse=True)
+  if sink_logits is not None:
+    out, _ = softmax.add_sink_logits(out, lse, sink_logits)
+  return _permute(out, rt, inverse=False) if relayout else out
+
+
+def _permute(a, rt: Runtime, *, inverse: bool):
+  """Global [B, T, ...] sharded over "sp": layout order -> caller order (inverse) or
+  back, moving only each device's own shard (`layouts.permute_local`)."""
+  n = rt.mesh.shape[SEQ_AXIS]
+  spec = P(None, SEQ_AXIS)
+  fn = functools.partial(layouts.permute_local, layout=rt.config.layout, n=n,
+                         axis_name=SEQ_AXIS, axis=1, inverse=inverse)
+  return jax.shard_map(fn, mesh=rt.mesh, in_specs=spec, out_specs=spec)(a)
 
 
 class Block(nnx.Module):
@@ -214,15 +278,15 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs)
 
   def __call__(self, x, cos, sin, segment_ids, rt: Runtime, return_kv: bool = False,
-               sliding=None):
+               kind=None):
     """x [B, T, D] -> [B, T, D]; cos, sin [B, T, H] float32; segment_ids [B, T] or None.
 
     With return_kv, also this layer's rotated k, v [B, T, K, H] (a KV-cache prefill).
-    sliding: the layer's kind (sliding-window or full attention; see `attend`); cos
-    and sin must be that kind's RoPE tables (`models.llama.pick_rope`).
+    kind: the layer's kind (see `attend`); cos and sin must be that kind's RoPE tables
+    (`models.llama.pick_rope`).
     """
     attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, segment_ids, rt,
-                              return_kv=True, sliding=sliding)
+                              return_kv=True, kind=kind)
     x = rt.constrain(x + attn, ("batch", "seq", "act_embed"))
     x = x + self.mlp(self.post_attention_layernorm(x), rt)
     x = rt.constrain(x, ("batch", "seq", "act_embed"))

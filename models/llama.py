@@ -7,8 +7,8 @@
 Layers are stored stacked ([L, ...] parameters) and run with lax.scan
 (`config.scan_layers`) or a Python loop over the same parameters, each wrapped in the
 remat policy `config.remat_policy`. Layers may differ in kind (`config.layer_types`:
-sliding-window or full attention, local or global RoPE); `hidden_states` says how the
-scan chooses per layer.
+full, sliding-window (with sinks), chunked or block-sparse attention; local or global
+RoPE); `hidden_states` says how the scan chooses per layer.
 
 Sequence parallelism: with a ring/allgather/ulysses attention and a balanced layout,
 tokens, positions, segment ids and targets are permuted into layout order once at the
@@ -28,7 +28,7 @@ import ringattn_jax
 from ringattn_jax import layouts
 from ringattn_jax import rope
 from models import sharding
-from models.config import LlamaConfig
+from models.config import SLIDING, LlamaConfig
 from models.layers import Block, RMSNorm, Runtime, param
 from models.loss import cross_entropy
 from models.remat import apply_remat
@@ -100,6 +100,13 @@ class Llama(nnx.Module):
     if T % multiple:
       raise ValueError(f"sequence length {T} must be divisible by {multiple} "
                        f"(sp={n}, layout={self.config.layout!r}).")
+    b = self.config.block_sparse_size
+    if b is not None and "block_sparse_attention" in self.config.kinds_present:
+      run = layouts.contiguous_run(self.config.layout if n > 1 else "contiguous", n, T // n)
+      if run % b:
+        raise ValueError(f"config.block_sparse_size={b} must divide the block-sparse "
+                         f"layers' runs of consecutive positions, {run} tokens (T={T}, "
+                         f"sp={n}, layout={self.config.layout!r}).")
     for name, c in (("ffn_chunks", self.config.ffn_chunks),
                     ("loss_chunks", self.config.loss_chunks)):
       if (T // n) % c:
@@ -138,7 +145,8 @@ class Llama(nnx.Module):
     """(global, local) RoPE tables for every layer, each computed once.
 
     local is None when the sliding-window layers use the global tables (no
-    config.rope_local_theta, or no sliding layer). `pick_rope` chooses per layer.
+    config.rope_local_theta, or no sliding layer); every other kind uses the global
+    ones. `pick_rope` chooses per layer.
     """
     cfg = self.config
     tables = self.rotary_tables(positions, seq_len)
@@ -152,50 +160,53 @@ class Llama(nnx.Module):
     tokens [B, T] int; positions [B, T] int (RoPE positions: true token positions,
     restarting per packed document if wanted); segment_ids [B, T] int or None.
 
-    Layer kinds (config.layer_types: sliding-window or full attention, local or global
-    RoPE). Where a layer's kind is known while tracing it is chosen statically: every
-    layer when all are alike, and each layer of the Python loop (scan_layers=False),
-    which then compiles each layer's own attention. A scan over mixed layers has one
-    body for all of them: the layer's kind is a scanned bool, its RoPE tables are
-    picked from the two computed once before the scan (an elementwise select on
-    [B, T, H]), and `lax.cond` runs either the full or the sliding-window attention
-    (models.layers.attend), never both. The cond wraps only the attention core: the
-    projections, MLP and checkpoint names ("qkv", "attn_context", ...) are outside it,
-    so every remat_policy keeps or recomputes the same tensors as for uniform layers;
-    what the attention saves for its backward lives in the cond, whose branches' saved
-    tensors of equal shapes share buffers (JAX merges cond residuals by shape), so the
-    memory is that of one attention, not two (checked with memory_analysis: the temp
-    bytes of a mixed model's gradient match a uniform one's). With remat_layer_group,
-    groups are scanned: when every group has the same pattern (uniform layers, or
-    g = 6 for a 5:1 pattern) the groups share one static tuple of kinds, else each
-    group's kinds are scanned in with it; within a group, layers of one kind are chosen
-    statically and mixed ones by the cond, as above.
+    Layer kinds (config.layer_kinds: full, sliding-window, chunked or block-sparse
+    attention; local or global RoPE). Where a layer's kind is known while tracing it is
+    chosen statically: every layer when all are alike, and each layer of the Python
+    loop (scan_layers=False), which then compiles each layer's own attention. A scan
+    over mixed layers has one body for all of them: the layer's kind is a scanned int
+    (its index in config.kinds_present), its RoPE tables are picked from the two
+    computed once before the scan (an elementwise select on [B, T, H]), and
+    `lax.switch` runs that kind's attention (models.layers.attend), only that one. The
+    switch wraps only the attention core: the projections, MLP and checkpoint names
+    ("qkv", "attn_context", ...) are outside it, so every remat_policy keeps or
+    recomputes the same tensors as for uniform layers. What the attention saves for its
+    backward lives in the switch: JAX merges the branches' residuals by shape, so
+    kinds whose kernels save the same shapes (full, sliding, chunked: the flash or ring
+    kernels' q, k, v, out, lse) share buffers and cost one attention's memory; a
+    block-sparse branch also saves its selection, which every layer of the scan then
+    carries. Measured with memory_analysis (gradient temp bytes, 4 layers, T=1024,
+    flash/xla): all full 38.15 MB, sliding/full/chunked mixed 38.26 MB, all
+    block-sparse 43.23 MB, sliding/full/chunked/block-sparse 43.66 MB. With
+    remat_layer_group, groups are scanned: when every group has the same pattern
+    (uniform layers, or g = 6 for a 5:1 pattern) the groups share one static tuple of
+    kinds, else each group's kinds are scanned in with it; within a group, layers of
+    one kind are chosen statically and mixed ones by the switch, as above.
     """
     cfg, rt = self.config, self.runtime
     x = self.embed(tokens)
     tables = self.layer_rotary_tables(positions, seq_len=tokens.shape[1])
     graphdef, stacked = nnx.split(self.layers)
 
-    def layer(x, layer_state, sliding):
-      cos, sin = pick_rope(tables, sliding)
-      return nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids, rt,
-                                              sliding=sliding)
+    def layer(x, layer_state, kind):
+      cos, sin = pick_rope(tables, kind, cfg)
+      return nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids, rt, kind=kind)
 
     remat = lambda f: apply_remat(f, cfg.remat_policy, cfg.remat_names)
-    by_kind = {k: remat(functools.partial(layer, sliding=k)) for k in (False, True)}
+    by_kind = {k: remat(functools.partial(layer, kind=k)) for k in cfg.kinds_present}
     traced_kind = remat(layer)
 
     def run_layers(x, stack, kinds):
-      """kinds: the layers' kinds, a tuple of bools (static) or a [n] bool array."""
+      """kinds: the layers' kinds, a tuple of str (static) or a [n] int array."""
       if cfg.scan_layers:
         def body(x, s, k):
-          return (by_kind[k](x, s) if isinstance(k, bool) else traced_kind(x, s, k)), None
-        return scan_layers(body, x, stack, kinds)[0]
+          return (by_kind[k](x, s) if isinstance(k, str) else traced_kind(x, s, k)), None
+        return scan_layers(body, x, stack, kinds, cfg)[0]
       for i, k in enumerate(kinds):
         x = by_kind[k](x, jax.tree.map(lambda a: a[i], stack))  # pylint: disable=cell-var-from-loop
       return x
 
-    kinds = cfg.sliding_layers
+    kinds = cfg.layer_kinds
     g = cfg.remat_layer_group
     if g == 1:
       return self.norm(run_layers(x, stacked, kinds))
@@ -210,7 +221,7 @@ class Llama(nnx.Module):
     elif cfg.scan_layers:
       run_group = checkpoint(run_layers)
       x, _ = jax.lax.scan(lambda x, s: (run_group(x, *s), None), x,
-                          (groups, jnp.asarray(group_kinds)))
+                          (groups, jnp.asarray(kind_indices(cfg, kinds)).reshape(-1, g)))
     else:
       for i, gk in enumerate(group_kinds):
         run_group = checkpoint(functools.partial(run_layers, kinds=gk))
@@ -268,30 +279,46 @@ class Llama(nnx.Module):
 # -- per-layer kinds ------------------------------------------------------------------
 
 
-def pick_rope(tables, sliding):
+def kind_indices(config: LlamaConfig, kinds) -> np.ndarray:
+  """[n] int32: each kind's index in config.kinds_present (its `lax.switch` branch)."""
+  return np.asarray([config.kinds_present.index(k) for k in kinds], np.int32)
+
+
+def is_sliding(kind, config: LlamaConfig):
+  """Whether a layer of this kind is sliding: a Python bool for a static kind (a str),
+  a traced bool for a traced index into config.kinds_present."""
+  if isinstance(kind, str):
+    return kind == SLIDING
+  return jnp.asarray([k == SLIDING for k in config.kinds_present])[kind]
+
+
+def pick_rope(tables, kind, config: LlamaConfig):
   """A layer's (cos, sin) from `Llama.layer_rotary_tables`' (global, local) pair.
 
-  sliding: a Python bool (chosen while tracing) or a traced bool scalar (selected
-  elementwise).
+  kind: a str (chosen while tracing) or a traced index into config.kinds_present
+  (selected elementwise). Only sliding layers use the local tables.
   """
   glob, local = tables
   if local is None:
     return glob
-  if isinstance(sliding, (bool, np.bool_)):
+  sliding = is_sliding(kind, config)
+  if isinstance(sliding, bool):
     return local if sliding else glob
   return tuple(jnp.where(sliding, l, g) for l, g in zip(local, glob))
 
 
-def scan_layers(body, carry, xs, kinds):
+def scan_layers(body, carry, xs, kinds, config: LlamaConfig):
   """lax.scan of body(carry, x_i, kind_i) -> (carry, y_i) over layers.
 
   xs: a pytree with a leading layer axis (stacked parameters, ...). kinds: the layers'
-  kinds (`LlamaConfig.sliding_layers`), a tuple of bools or a [n] bool array. When the
-  tuple holds one value, body gets it as a Python bool (a static choice); otherwise
-  the kinds are scanned and body gets a traced bool scalar.
+  kinds (`LlamaConfig.layer_kinds`), a tuple of str, or a [n] int array of indices into
+  config.kinds_present. When the tuple holds one value, body gets it as a str (a static
+  choice); otherwise the kinds are scanned and body gets a traced int32 scalar.
   """
   if isinstance(kinds, tuple) and len(set(kinds)) == 1:
-    return jax.lax.scan(lambda c, x: body(c, x, bool(kinds[0])), carry, xs)
+    return jax.lax.scan(lambda c, x: body(c, x, kinds[0]), carry, xs)
+  if isinstance(kinds, tuple):
+    kinds = kind_indices(config, kinds)
   return jax.lax.scan(lambda c, x: body(c, *x), carry, (xs, jnp.asarray(kinds)))
 
 
@@ -349,7 +376,7 @@ def reconfigure(model: Llama, config: LlamaConfig, mesh=None) -> Llama:
   old = model.config
   for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                 "num_attention_heads", "num_key_value_heads", "head_dim",
-                "tie_word_embeddings", "attention_bias", "mlp_bias"):
+                "tie_word_embeddings", "attention_bias", "mlp_bias", "learned_sinks"):
     if getattr(old, field) != getattr(config, field):
       raise ValueError(f"reconfigure cannot change {field}: model has "
                        f"{getattr(old, field)!r}, new config has {getattr(config, field)!r}.")

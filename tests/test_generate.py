@@ -25,10 +25,14 @@ BASE = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_laye
             initializer_range=0.2, attention="flash", flash_impl="xla")
 TOL = 1e-5
 M = 5  # new tokens per test
-# Local-global layers: a sliding layer (window 4 < the 11 positions generated, its own
-# RoPE base) then a full-attention one; prefill and decode choose per layer.
-LOCAL_GLOBAL = dict(layer_types=("sliding_attention", "full_attention"), sliding_window=4,
-                    rope_local_theta=100.0)
+# Mixed layers: a sliding layer (window 4 and 2 sinks: 6 < the 11 positions generated,
+# so its rolling cache wraps around; its own RoPE base), a chunked one (chunks of 5:
+# the generation crosses two boundaries) and a full-attention one, each with learned
+# sink logits (non-zero); prefill and decode choose per layer.
+MIXED = dict(num_hidden_layers=3,
+             layer_types=("sliding_attention", "chunked_attention", "full_attention"),
+             sliding_window=4, num_sink_tokens=2, attention_chunk_size=5,
+             learned_sinks=True, rope_local_theta=100.0)
 
 
 def _cfg(**kw):
@@ -37,7 +41,11 @@ def _cfg(**kw):
 
 @functools.lru_cache(maxsize=None)
 def _model(**kw):
-  return llama.init_model(_cfg(**kw), seed=0)
+  model = llama.init_model(_cfg(**kw), seed=0)
+  if model.config.learned_sinks:
+    sinks = np.random.default_rng(4).normal(size=model.layers.self_attn.sinks.shape)
+    model.layers.self_attn.sinks[...] = jnp.asarray(2 * sinks, jnp.float32)
+  return model
 
 
 @nnx.jit
@@ -86,8 +94,7 @@ def _prompt(B, P, seed=0):
     dict(),                                          # GQA (4 query heads, 2 kv heads)
     dict(sliding_window=4),                          # GQA + window shorter than prompt
     dict(num_key_value_heads=1, attention="reference", tie_word_embeddings=True),  # MQA
-    LOCAL_GLOBAL,
-], ids=["mha", "gqa", "gqa_window", "mqa_tied", "local_global"])
+], ids=["mha", "gqa", "gqa_window", "mqa_tied"])
 def test_greedy_matches_full_rerun(kw):
   model, prompt = _model(**kw), _prompt(2, 7)
   tokens, logits = gen.generate(model, prompt, M, return_logits=True)
@@ -145,35 +152,72 @@ def test_sequence_sharded_cache_matches_single_device(mesh_shape, layout, window
   # prompt's keys/values stay on the device that computed them, and (on an sp-only
   # mesh, where no FSDP weight gathers are expected) nothing in the compiled program,
   # prefill with ring attention then decoding, all-gathers.
-  cache = gen.cache_layout(sharded, 13, M)
+  plan = gen.cache_plan(sharded, 13, M)
+  cache = plan.full
+  assert plan.rolling is None and plan.stacks == ("full",)  # windows masked when sharded
   assert cache.prompt_len == 16 and cache.n == n and cache.size % n == 0
   assert cache.size >= 13 + M - 1
   graphdef, state = nnx.split(sharded)
   padded = jnp.pad(prompt, ((0, 0), (0, 3)))
-  _, ck, _ = jax.jit(lambda s: gen.prefill(nnx.merge(graphdef, s), padded, lengths, cache,
-                                           cache.size))(state)
+  _, caches = jax.jit(lambda s: gen.prefill(nnx.merge(graphdef, s), padded, lengths, plan,
+                                            cache.size))(state)
+  ck = caches["full"][0]
   assert ck.shape == (2, 2, cache.size, 2, 8)
   assert ck.sharding.spec[2] == "sp"
   assert {s.data.shape[2] for s in ck.addressable_shards} == {cache.size // n}
   if set(mesh_shape) == {"sp"}:
-    opts = gen._Options(max_new_tokens=M, cache=cache, rope_len=13 + M, temperature=0.0,
+    opts = gen._Options(max_new_tokens=M, cache=plan, rope_len=13 + M, temperature=0.0,
                         top_k=None, top_p=None, eos_id=None, return_logits=False)
     hlo = gen._generate.lower(graphdef, state, padded, lengths, jax.random.key(0),
                               opts=opts).compile().as_text()
     assert not re.search(r"\ball-gather(-start)?\(", hlo)
 
 
-def test_local_global_sharded_cache_matches_single_device():
-  """Mixed layer types with ring prefill (zigzag) and the cache sharded over sp=8: the
-  per-layer windows are masked on every device's shard."""
-  single = _model(**LOCAL_GLOBAL)
-  sharded = llama.reconfigure(single, _cfg(attention="ring", layout="zigzag",
-                                           **LOCAL_GLOBAL), make_mesh(sp=8))
-  prompt = _prompt(2, 7)
-  tokens, logits = gen.generate(single, prompt, M, return_logits=True)
-  got_tokens, got_logits = gen.generate(sharded, prompt, M, return_logits=True)
-  np.testing.assert_array_equal(got_tokens, tokens)
-  assert _rel(got_logits, logits) <= TOL
+def test_mixed_layers_rolling_full_and_sharded_caches():
+  """MIXED (sinks + a window shorter than the generation, a chunked layer, non-zero
+  learned sinks) with ragged prompts (row 1's caches are filled from 3 tokens), decoded
+  three ways, each equal to re-running the full model per token:
+  - one device: the sliding layer keeps a rolling cache of its 2 sinks and window of 4
+    (StreamingLLM: 11 positions pass through 6 slots, so the ring wraps around); the
+    chunked and full layers a full one;
+  - one device with rolling_cache=False: every layer's window or chunk a mask over
+    the full cache;
+  - ring prefill (zigzag) and the full cache sharded over sp=8: the masks on every
+    device's shard, learned sinks merged after the partials.
+  The rolling stack's size does not depend on the generated length."""
+  model, prompt, lengths = _model(**MIXED), _prompt(2, 7), jnp.asarray([7, 3])
+  sharded = llama.reconfigure(model, _cfg(attention="ring", layout="zigzag", **MIXED),
+                              make_mesh(sp=8))
+  want_tokens, want_logits = _naive_greedy(model, prompt, M, lengths)
+  for m, kw in ((model, {}), (model, dict(rolling_cache=False)), (sharded, {})):
+    tokens, logits = gen.generate(m, prompt, M, return_logits=True,
+                                  prompt_lengths=lengths, **kw)
+    np.testing.assert_array_equal(tokens, want_tokens, err_msg=str(kw))
+    assert _rel(logits, want_logits) <= TOL, kw
+
+  graphdef, state = nnx.split(model)
+  shapes = {}
+  for new_tokens in (M, 200):
+    plan = gen.cache_plan(model, 7, new_tokens)
+    assert plan.stack_of_layer == ("rolling", "full", "full")
+    prefill = lambda s, plan=plan, n=new_tokens: gen.prefill(
+        nnx.merge(graphdef, s), prompt, lengths, plan, 7 + n)[1]
+    caches = jax.eval_shape(prefill, state)
+    shapes[new_tokens] = {k: v[0].shape for k, v in caches.items()}
+  assert shapes[M]["rolling"] == shapes[200]["rolling"] == (1, 2, 2 + 4, 2, 8)
+  assert shapes[M]["full"] == (2, 2, 7 + M - 1, 2, 8)
+  assert shapes[200]["full"] == (2, 2, 7 + 200 - 1, 2, 8)
+  # No rolling stack when it would not be smaller than the full cache, or when asked.
+  assert gen.cache_plan(model, 3, 2).stacks == ("full",)
+  assert gen.cache_plan(model, 7, M, rolling=False).rolling is None
+
+
+def test_block_sparse_models_are_refused():
+  model = llama.init_model(_cfg(layer_types=("full_attention", "block_sparse_attention"),
+                                block_sparse_size=4, block_sparse_top_k=1))
+  with pytest.raises(ValueError, match=r"'block_sparse_attention' layers \[1\]: their "
+                     "key blocks are chosen per query block"):
+    gen.generate(model, _prompt(2, 8), M)
 
 
 def test_cache_layout_is_a_permutation_keeping_prompt_shards_local():
@@ -273,6 +317,7 @@ def test_nan_logits_raise_naming_the_first_step():
     (dict(prompt_lengths=jnp.asarray([0, 3])), "prompt_lengths must lie in"),
     (dict(prompt_lengths=jnp.asarray([3])), "prompt_lengths must be a \\[B\\]"),
     (dict(prompt_tokens=jnp.zeros((2, 3), jnp.float32)), "prompt_tokens must be"),
+    (dict(rolling_cache=None), "rolling_cache must be a bool"),
 ])
 def test_errors(kw, match):
   args = dict(prompt_tokens=_prompt(2, 3), max_new_tokens=2)

@@ -169,15 +169,17 @@ def test_decode_attention_propagates_nan(sp):
   new = jnp.asarray(r.normal(size=(B, K, H)), jnp.float32)
   pos, slot = jnp.array([12], jnp.int32), jnp.array([12], jnp.int32)
   slot_pos = jnp.arange(S, dtype=jnp.int32)
-  fn = functools.partial(decode_attention, window=None)
+  fn = decode_attention
   if sp > 1:
     fn = jax.shard_map(
-        functools.partial(decode_attention, window=None, axis_name="sp"),
+        functools.partial(decode_attention, axis_name="sp"),
         mesh=Mesh(np.array(jax.devices()[:sp]), ("sp",)),
         in_specs=(P(), P(), P(), P(None, None, "sp"), P(None, None, "sp"), P("sp"), P(),
-                  P(), P()),
-        out_specs=(P(), P(None, None, "sp"), P(None, None, "sp")))
-  out = np.asarray(jax.jit(fn)(q, new, new, cache_k, cache_v, slot_pos, 0, pos, slot)[0])
+                  P(), P(), P(), P()),
+        out_specs=(P(), P(), P(None, None, "sp"), P(None, None, "sp")))
+  # window 0, chunk 0: none
+  out = np.asarray(jax.jit(fn)(q, new, new, cache_k, cache_v, slot_pos, 0, pos, slot, 0,
+                               0)[0])
   assert np.isnan(out[0, 2:]).all()
   # Heads 0, 1 against the float64 reference over the 13 visible slots.
   keys = np.asarray(cache_k[0, 0, :13, 0], np.float64)
