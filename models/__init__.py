@@ -9,7 +9,7 @@ ringattn_jax.rope).
   models.loss              (chunked) cross-entropy
   models.generate          generation with a KV cache: prefill, decode steps, the loop
   models.sampling          greedy / temperature / top-k / top-p token choice
-  models.kv_cache          where each position lives in the (sequence-sharded) cache
+  models.kv_cache          the cache stacks: full (sequence-sharded) and rolling (sliding layers)
   models.decode_attention  one new token's attention against the cache
   models.hf                load and save Hugging Face checkpoints
   models.hf_config         config.json <-> LlamaConfig
