@@ -209,12 +209,13 @@ def _static_spec(kw, H: int, **has) -> MaskSpec:
   if not isinstance(is_causal, (bool, np.bool_)):
     raise ValueError(f"is_causal must be a Python bool; got {is_causal!r}.")
   sinks = checks.integer("num_sink_tokens", kw["num_sink_tokens"], minimum=0,
+                         optional=True,
                          what="(keys at positions < num_sink_tokens escape the window)")
   chunk = checks.positive_int("attention_chunk_size", kw["attention_chunk_size"],
                               optional=True)
   return MaskSpec(is_causal=bool(is_causal), window=normalize_window(
       kw["local_window_size"]), logit_softcap=logit_softcap, scale=float(scale),
-      sinks=sinks, chunk_size=chunk, **has)
+      sinks=sinks or 0, chunk_size=chunk, **has)
 
 
 def check_sink_logits(sink_logits, N: int) -> Optional[jax.Array]:

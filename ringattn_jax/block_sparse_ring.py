@@ -123,9 +123,9 @@ def _sharded(q, k, v, seg, *, ring: _Ring, mesh, counts: bool):
   local = _counts_local if counts else _local
 
   def run(q, k, v, seg):
-    to_layout = lambda a: None if a is None else _zigzag(ring, a)
+    to_layout = lambda a: None if a is None else _permute(ring, a)
     res = local(ring, *(to_layout(a) for a in (q, k, v, seg)))
-    return res if counts else tuple(_zigzag(ring, a, inverse=True) for a in res)
+    return res if counts else tuple(_permute(ring, a, inverse=True) for a in res)
 
   out_specs = (P(ring.axis_name),) * 2 if counts else (spec, spec)
   args = tuple(None if a is None else _place(mesh, a, spec) for a in (q, k, v, seg))
@@ -141,7 +141,7 @@ def _place(mesh, a, spec):
   return lax.with_sharding_constraint(a, sharding)
 
 
-def _zigzag(ring: _Ring, a, *, inverse: bool = False):
+def _permute(ring: _Ring, a, *, inverse: bool = False):
   """Inside shard_map: this device's shard of the caller's order -> its layout shard
   along axis 1 (or back, if `inverse`): `layouts.permute_local`."""
   return layouts.permute_local(a, ring.layout, ring.n, ring.axis_name, 1,

@@ -67,7 +67,8 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
 
   Returns:
     [B, T, N, H] in q's dtype, and the lse if `return_lse`. A query that sees no key
-    gets output 0 and lse -inf (never NaN); its gradient is 0. Non-finite inputs
+    gets output 0 and lse -inf (never NaN; with sink_logits, lse = its sink logit);
+    its gradient is 0. Non-finite inputs
     propagate as in `reference_attention`: a query that sees a NaN gets NaN.
   """
   arguments.check_mask_keywords("flash_attention", mask_kwargs)

@@ -154,9 +154,10 @@ def _loop_ranges(spec: MaskSpec, q_pos, k_pos, bq: int, bk: int, q_valid,
     q_valid, kv_valid: [B] valid query and key lengths.
 
   Returns:
-    kv_lo, kv_hi [B, Tp/bq] (key blocks of each query block: forward, dq) and
+    kv_lo, kv_hi [B, Tp/bq] (key blocks of each query block: forward, dq; after the
+    sink prefix [0, kv_pre), kv_pre [B, Tp/bq]) and
     q_lo, q_hi [B, Sp/bk] (query blocks of each key block: dkv); blocks holding no
-    valid query or key get empty ranges.
+    valid query or key get empty ranges. Returned as `schedule.BlockRanges`.
   """
   kv_lo, kv_hi, q_lo, q_hi, kv_pre = schedule.block_ranges(spec, q_pos, k_pos, bq, bk)
   nq, nk = kv_lo.shape[0], q_lo.shape[0]
@@ -262,6 +263,9 @@ def attention(x: AttnInputs, spec: MaskSpec, block_sizes: Optional[BlockSizes], 
   """
   choice = kernel_choice.choose("pallas", spec, backend, interpret)
   block_sizes = check_block_sizes(block_sizes, choice.backend, choice.interpret)
+  if x.sink_logits is not None:  # its gradient would be dropped with the aux inputs
+    raise ValueError("flash_pallas.attention takes no sink_logits: apply them to its "
+                     "(out, lse) with softmax.add_sink_logits.")
   return _attention(x, spec=spec, blocks=block_sizes, interpret=choice.interpret,
                     backend=choice.backend)
 

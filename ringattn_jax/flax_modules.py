@@ -135,6 +135,8 @@ class _Settings:
       raise ValueError(f"method={s.method!r} shards the sequence over a mesh: pass "
                        f"mesh=... (with a {s.seq_axis!r} axis).")
     checks.boolean("learned_sinks", s.learned_sinks)
+    checks.integer("num_sink_tokens", s.num_sink_tokens, minimum=0)
+    checks.positive_int("attention_chunk_size", s.attention_chunk_size, optional=True)
     if s.rope is not None and not callable(s.rope):
       raise ValueError(f"rope must be None or a callable (x, positions) -> x; got "
                        f"{s.rope!r}.")
@@ -286,7 +288,8 @@ class MultiHeadAttention(nnx.Module):
       init = kernel_init or _default_kernel_init(name)
       setattr(self, name, nnx.Param(init(rngs.params(), shape, param_dtype)))
     for name, shape in biases.items():
-      setattr(self, name, nnx.Param(bias_init(rngs.params(), shape, param_dtype)))
+      init = jax.nn.initializers.zeros if name == "sinks" else bias_init
+      setattr(self, name, nnx.Param(init(rngs.params(), shape, param_dtype)))
 
   def __call__(self, x, segment_ids=None, positions=None):
     kernels, biases = self.settings.shapes()
@@ -352,5 +355,6 @@ class LinenMultiHeadAttention(nn.Module):
       init = self.kernel_init or _default_kernel_init(name)
       params[name] = self.param(name, init, shape, self.param_dtype)
     for name, shape in biases.items():
-      params[name] = self.param(name, self.bias_init, shape, self.param_dtype)
+      init = jax.nn.initializers.zeros if name == "sinks" else self.bias_init
+      params[name] = self.param(name, init, shape, self.param_dtype)
     return settings.apply(params, x, segment_ids, positions)

@@ -107,7 +107,8 @@ def _and_ranges(a: KeyRange, b: KeyRange) -> KeyRange:
 
 
 def position_mask(spec: MaskSpec, q_pos: jax.Array, k_pos: jax.Array) -> Optional[jax.Array]:
-  """Causal/window visibility from positions (broadcasting), or None if unconstrained.
+  """Causal/window/sink/chunk/key-range visibility from positions (broadcasting), or
+  None if unconstrained.
 
   Args:
     spec: the static mask description.
@@ -155,8 +156,9 @@ def and_masks(*masks: Optional[jax.Array]) -> Optional[jax.Array]:
 def range_visible(spec: MaskSpec, q_min, q_max, k_min, k_max):
   """Whether any key in [k_min, k_max] can be seen by any query in [q_min, q_max].
 
-  Judged from the position ranges alone under causal/window (True if neither
-  applies): conservative for arbitrary positions, tight for monotone ones. Works on
+  Judged from the position ranges alone under the position rules (causal, window with
+  sinks, chunks, key range; True if none applies): conservative for arbitrary
+  positions, tight for monotone ones. Works on
   numpy and jax values alike and broadcasts. `schedule` uses it to skip blocks
   (kernels) and whole hops (ring attention).
   """
@@ -182,7 +184,7 @@ def range_visible(spec: MaskSpec, q_min, q_max, k_min, k_max):
 
 def range_fully_visible(spec: MaskSpec, q_min, q_max, k_min, k_max):
   """Whether every key in [k_min, k_max] is visible to every query in [q_min, q_max]
-  under causal/window (True if neither applies).
+  under the position rules (True if none applies).
 
   Exact-or-under: never claims a pair that has a hidden element. `schedule` uses it
   to run fully visible blocks without the per-element position mask. Each position

@@ -93,5 +93,7 @@ def reference_attention(q, k, v, bias=None, mask=None, *, return_lse: bool = Fal
                    precision=jax.lax.Precision.HIGHEST).astype(x.q.dtype)
   if not return_lse:
     return out
-  lse = jnp.where(denom[..., 0] != 0, jnp.log(denom[..., 0]) + row_max[..., 0], -jnp.inf)
+  seen = denom[..., 0] != 0  # log(1) where nothing is seen: no NaN in its gradient
+  lse = jnp.where(seen, jnp.log(jnp.where(seen, denom[..., 0], 1.0)) + row_max[..., 0],
+                  -jnp.inf)
   return out, jnp.transpose(lse, (0, 2, 1))  # [B, N, T] -> [B, T, N]

@@ -115,7 +115,7 @@ class _Ring:
   layout: str
   derive_kv_positions: bool  # kv positions from the layout (else they travel)
   head_groups: int  # passes of the ring, each over K / head_groups key/value heads
-  sinks: Optional[ring_sinks.SinkPlan] = None  # sink keys gathered apart (`ring_sinks`)
+  sinks: Optional[ring_sinks.SinkPlan] = None  # sink keys collected apart (`ring_sinks`)
 
   @property
   def hops(self) -> int:
@@ -450,9 +450,11 @@ def ring_attention(q, k, v, *, axis_name, layout: str = "contiguous",
     **mask_kwargs: the mask keywords of `arguments.SEQUENCE_PARALLEL_KEYWORDS`:
       is_causal, local_window_size, logit_softcap, scale, attention_chunk_size,
         num_sink_tokens: as in `flash_attention`, judged on true (global) token
-        positions. With sinks and a window the sink keys are gathered once
-        (`ring_sinks`) and the rotation stops as for the window alone.
-      sink_logits: [N] learned sink logits (replicated), as in `flash_attention`.
+        positions. With sinks and a window the sink keys are collected once
+        (`ring_sinks`) and the rotation stops as for the window alone (with
+        positions passed explicitly the whole ring runs instead, still exact).
+      sink_logits: [N] learned sink logits of the local query heads, as in
+        `flash_attention`.
       segment_ids: [B, Tl] local query segment ids (packed sequences);
         kv_segment_ids: [B, Sl] local key segment ids (default: segment_ids). They
         travel with the keys.
@@ -479,8 +481,8 @@ def ring_hop_counts(q, k, v, *, axis_name, dout=None, **kwargs):
   int32, ring_hops int) where ring_hops is the static number of key/value shards the
   ring visits, over both directions (ring_hops - 1 ppermutes of K/V per head group and
   per forward or backward ring). Backward hops are counted with `dout` (default ones).
-  With attention sinks and a window, the gathered sink keys count as one more hop
-  computed (their all-gather is not a ppermute).
+  With attention sinks and a window, the collected sink keys count as one more hop
+  computed on every device (their psum is not a ppermute).
   """
   kwargs.pop("return_lse", None)
   ring, x = _prepare(q, k, v, axis_name=axis_name, **kwargs)

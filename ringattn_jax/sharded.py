@@ -187,7 +187,7 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
     **mask_kwargs: the mask keywords of `arguments.SEQUENCE_PARALLEL_KEYWORDS`:
       is_causal, segment_ids [B, T], kv_segment_ids [B, S], local_window_size,
         logit_softcap, scale, num_sink_tokens, attention_chunk_size: as in
-        `flash_attention` (the ring gathers sink keys once, see `ring_attention`).
+        `flash_attention` (the ring collects sink keys once, see `ring_attention`).
       sink_logits: [N] global learned sink logits, as in `flash_attention`; applied to
         the global (out, lse), so its gradient is the sum over every device's rows.
       q_positions, kv_positions: [T] / [S] int positions for causal/window (default

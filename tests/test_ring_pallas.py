@@ -143,7 +143,7 @@ def test_sharded_ring_lowers_with_pallas_kernels(platform, no_xla_kernel):
 
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_ring_with_sinks_and_chunks_lowers_with_pallas_kernels(platform, no_xla_kernel):
-  """Sinks (the kernels' sink-prefix loops, the gathered sink keys), chunks and sink
+  """Sinks (the kernels' sink-prefix loops, the collected sink keys), chunks and sink
   logits lower for Triton and Mosaic."""
   mesh = mesh_1d(8)
   B, Tg, N, K, H = 1, 2048, 4, 2, 128
@@ -161,7 +161,7 @@ def test_ring_with_sinks_and_chunks_lowers_with_pallas_kernels(platform, no_xla_
           jax.ShapeDtypeStruct((N,), jnp.float32))
   module = _export(jax.grad(loss, argnums=(0, 1, 2, 3)), args, platform)
   _assert_kernels(module, platform)
-  assert "stablehlo.all_gather" in module  # the sink keys, gathered once
+  assert "stablehlo.all_reduce" in module  # the sink keys, collected once
   assert "= stablehlo.dot_general" not in module
 
 

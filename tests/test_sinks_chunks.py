@@ -26,7 +26,8 @@ XLA_BS = flash_xla.BlockSizes(8, 8, 8, 8)
 PALLAS_BS = flash_pallas.BlockSizes(8, 8, 8, 8, 8, 8)
 FEATURES = {
     "sinks_window": dict(is_causal=True, local_window_size=(12, 0), num_sink_tokens=3),
-    "sinks_segments": dict(is_causal=True, local_window_size=(9, 0), num_sink_tokens=5,
+    # 11 sinks: more than a shard of 8 on 8 devices (two devices hold sink keys).
+    "sinks_segments": dict(is_causal=True, local_window_size=(9, 0), num_sink_tokens=11,
                            segment_ids=SEG),
     "chunked_gqa": dict(is_causal=True, attention_chunk_size=24),
     "all": dict(is_causal=True, local_window_size=(6, 0), num_sink_tokens=4,
@@ -125,7 +126,7 @@ def test_sink_logits_and_their_gradient(where, feature):
 @pytest.mark.parametrize("n,layout,impl,strategy,feature", [
     (8, "contiguous", "xla", "ring", "sinks_segments"),
     (4, "zigzag", "xla", "ring", "chunked_gqa"),
-    (4, "contiguous", "xla", "ring", "bidirectional"),
+    (4, "striped", "xla", "ring", "bidirectional"),
     (2, "zigzag", "pallas", "ring", "sinks_window"),
     (4, "zigzag", "xla", "allgather", "all"),
     (4, "contiguous", "xla", "ulysses", "sinks_window"),
@@ -153,7 +154,7 @@ def _hop_counts(n, Tl, **kw):
 def test_ring_skips_hops_with_sinks_and_chunks():
   n, Tl = 8, 8
   # Causal window of 9 keys over shards of 8: 3 hops; the sink keys arrive by one
-  # all-gather (one more hop computed, no more ppermutes): the ring still stops at 3.
+  # psum (one more hop computed, no more ppermutes): the ring still stops at 3.
   fwd, bwd, hops = _hop_counts(n, Tl, is_causal=True, local_window_size=(9, 0),
                                num_sink_tokens=4)
   assert fwd == bwd == [2, 3, 4, 4, 4, 4, 4, 4] and hops == [3] * n
@@ -182,8 +183,8 @@ def test_schedule_skips_blocks_between_sinks_and_window():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(num_sink_tokens=-1), r"num_sink_tokens must be a non-negative int"),
-    (dict(num_sink_tokens=2.0), r"num_sink_tokens must be a non-negative int"),
+    (dict(num_sink_tokens=-1), r"num_sink_tokens must be None or a non-negative int"),
+    (dict(num_sink_tokens=2.0), r"num_sink_tokens must be None or a non-negative int"),
     (dict(attention_chunk_size=0), r"attention_chunk_size must be None or a positive"),
     (dict(attention_chunk_size=8.5), r"attention_chunk_size must be None or a positive"),
     (dict(sink_logits=jnp.zeros((3,))), r"sink_logits must have shape \[N\]=\[4\]"),
