@@ -57,6 +57,13 @@ class AttnInputs:
   sink_logits: Optional[jax.Array] = None
 
 
+def refuse_sink_logits(x: AttnInputs, fn: str) -> None:
+  """A kernel entry point's check: its custom VJP would drop the sink logits' gradient."""
+  if x.sink_logits is not None:
+    raise ValueError(f"{fn} takes no sink_logits: apply them to its (out, lse) with "
+                     "softmax.add_sink_logits.")
+
+
 def take_sink_logits(x: AttnInputs) -> Tuple[AttnInputs, Optional[jax.Array]]:
   """(x without its sink logits, the sink logits [N] or None)."""
   return dataclasses.replace(x, sink_logits=None), x.sink_logits

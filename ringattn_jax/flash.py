@@ -12,6 +12,16 @@ from ringattn_jax import tuning
 from ringattn_jax.reference import reference_attention
 
 
+def run_kernel(choice: kernel_choice.KernelChoice, x: arguments.AttnInputs, spec,
+               block_sizes):
+  """(out, lse) of the blockwise kernel `choice` names ("xla" or "pallas") on canonical
+  inputs without sink logits; differentiable."""
+  if choice.impl == "pallas":
+    return flash_pallas.attention(x, spec, block_sizes, interpret=choice.interpret,
+                                  backend=choice.backend)
+  return flash_xla.attention(x, spec, block_sizes)
+
+
 def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
                     backend: Optional[str] = None, block_sizes=None,
                     interpret: Optional[bool] = None, return_lse: bool = False,
@@ -83,11 +93,7 @@ def flash_attention(q, k, v, bias=None, mask=None, *, impl: str = "auto",
                                x.k.shape[1], x.q.shape[3], x.q.shape[2] // x.k.shape[2],
                                spec.is_causal)
   x, sink_logits = arguments.take_sink_logits(x)
-  if choice.impl == "xla":
-    out, lse = flash_xla.attention(x, spec, block_sizes)
-  else:
-    out, lse = flash_pallas.attention(x, spec, block_sizes, interpret=choice.interpret,
-                                      backend=choice.backend)
+  out, lse = run_kernel(choice, x, spec, block_sizes)
   if sink_logits is not None:
     out, lse = softmax.add_sink_logits(out, lse, sink_logits)
   return (out, lse) if return_lse else out

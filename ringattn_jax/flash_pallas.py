@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
+from ringattn_jax import arguments
 from ringattn_jax import checks
 from ringattn_jax import flash_pallas_calls as calls
 from ringattn_jax import kernel_choice
@@ -263,9 +264,7 @@ def attention(x: AttnInputs, spec: MaskSpec, block_sizes: Optional[BlockSizes], 
   """
   choice = kernel_choice.choose("pallas", spec, backend, interpret)
   block_sizes = check_block_sizes(block_sizes, choice.backend, choice.interpret)
-  if x.sink_logits is not None:  # its gradient would be dropped with the aux inputs
-    raise ValueError("flash_pallas.attention takes no sink_logits: apply them to its "
-                     "(out, lse) with softmax.add_sink_logits.")
+  arguments.refuse_sink_logits(x, "flash_pallas.attention")
   return _attention(x, spec=spec, blocks=block_sizes, interpret=choice.interpret,
                     backend=choice.backend)
 

@@ -30,12 +30,13 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ringattn_jax import vma
 from ringattn_jax import checks
+from ringattn_jax import vma
 from ringattn_jax import masking
 from ringattn_jax import schedule
 from ringattn_jax import softmax
-from ringattn_jax.arguments import AttnInputs, MaskSpec, accum_dtype
+from ringattn_jax.arguments import (AttnInputs, MaskSpec, accum_dtype,
+                                    refuse_sink_logits)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,8 +500,6 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 def attention(x: AttnInputs, spec: MaskSpec, block_sizes: Optional[BlockSizes] = None):
   """Differentiable blockwise attention on canonical inputs: (out, lse [B, T, N])."""
   block_sizes = check_block_sizes(block_sizes)
-  if x.sink_logits is not None:  # its gradient would be dropped with the aux inputs
-    raise ValueError("flash_xla.attention takes no sink_logits: apply them to its "
-                     "(out, lse) with softmax.add_sink_logits.")
+  refuse_sink_logits(x, "flash_xla.attention")
   aux = dataclasses.replace(x, q=None, k=None, v=None, bias=None)
   return _flash(spec, block_sizes, x.q, x.k, x.v, x.bias, aux)

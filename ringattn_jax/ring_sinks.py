@@ -30,8 +30,7 @@ import dataclasses
 import jax.numpy as jnp
 from jax import lax
 
-from ringattn_jax import flash_pallas
-from ringattn_jax import flash_xla
+from ringattn_jax import flash
 from ringattn_jax import layouts
 from ringattn_jax import softmax
 from ringattn_jax import tuning
@@ -96,11 +95,7 @@ def attend_sinks(sinks: SinkPlan, axis_name, n: int, layout: str, x: AttnInputs)
   xs = dataclasses.replace(
       x, k=collect(x.k), v=collect(x.v), kv_positions=jnp.arange(L, dtype=jnp.int32),
       kv_segment_ids=None if x.kv_segment_ids is None else collect(x.kv_segment_ids))
-  choice = sinks.choice
-  if choice.impl == "pallas":
-    return flash_pallas.attention(xs, sinks.spec, sinks.block_sizes,
-                                  interpret=choice.interpret, backend=choice.backend)
-  return flash_xla.attention(xs, sinks.spec, sinks.block_sizes)
+  return flash.run_kernel(sinks.choice, xs, sinks.spec, sinks.block_sizes)
 
 
 def merge(out, lse, out_s, lse_s):

@@ -39,8 +39,7 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ringattn_jax import arguments
-from ringattn_jax import flash_pallas
-from ringattn_jax import flash_xla
+from ringattn_jax import flash
 from ringattn_jax import kernel_choice
 from ringattn_jax import layouts
 from ringattn_jax import ring
@@ -339,11 +338,7 @@ def _attend(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
   block_sizes = tuning.resolve(plan.choice, plan.block_sizes, x.q.dtype, x.q.shape[1],
                                x.k.shape[1], x.q.shape[3],
                                x.q.shape[2] // x.k.shape[2], spec.is_causal)
-  if plan.choice.impl == "pallas":
-    return flash_pallas.attention(x, spec, block_sizes,
-                                  interpret=plan.choice.interpret,
-                                  backend=plan.choice.backend)
-  return flash_xla.attention(x, spec, block_sizes)
+  return flash.run_kernel(plan.choice, x, spec, block_sizes)
 
 
 def _allgather_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
