@@ -43,11 +43,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from ringattn_jax import block_sparse_blocks as blocks
 from ringattn_jax import layouts
 from ringattn_jax import rotation
+from ringattn_jax import sharded as sharded_attn
 from ringattn_jax import softmax
 from ringattn_jax import vma
 from ringattn_jax.block_sparse_blocks import SparseConfig, Slots
@@ -128,17 +129,10 @@ def _sharded(q, k, v, seg, *, ring: _Ring, mesh, counts: bool):
     return res if counts else tuple(_permute(ring, a, inverse=True) for a in res)
 
   out_specs = (P(ring.axis_name),) * 2 if counts else (spec, spec)
-  args = tuple(None if a is None else _place(mesh, a, spec) for a in (q, k, v, seg))
+  args = tuple(None if a is None else sharded_attn.place(mesh, a, spec)
+               for a in (q, k, v, seg))
   return jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3 + (
       None if seg is None else spec,), out_specs=out_specs, check_vma=True)(*args)
-
-
-def _place(mesh, a, spec):
-  """`a` sharded as `spec` on `mesh` (Explicit mesh axes need a reshard)."""
-  sharding = NamedSharding(mesh, spec)
-  if any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ())):
-    return jax.sharding.reshard(a, sharding)
-  return lax.with_sharding_constraint(a, sharding)
 
 
 def _permute(ring: _Ring, a, *, inverse: bool = False):

@@ -290,17 +290,28 @@ def _relayout(plan: _Plan, a, spec: P, *, inverse: bool, permute: bool):
   axis = 0 if len(spec) == 1 else 1
   fn = layouts.unpermute_from_layout if inverse else layouts.permute_to_layout
   sharding = NamedSharding(plan.mesh, spec)
-  explicit = any(t == jax.sharding.AxisType.Explicit
-                 for t in getattr(plan.mesh, "axis_types", ()))
-  if explicit:
+  if is_explicit(plan.mesh):
     # A gather along an Explicit-sharded axis needs its output sharding spelled out;
     # let XLA plan the data movement (Auto axes) and return the result as `spec`.
     if permute:
       a = jax.sharding.auto_axes(lambda a: fn(a, plan.layout, plan.n, axis),
                                  out_sharding=sharding)(a)
+    return place(plan.mesh, a, spec)
+  return place(plan.mesh, fn(a, plan.layout, plan.n, axis) if permute else a, spec)
+
+
+def is_explicit(mesh) -> bool:
+  """Whether any axis of `mesh` is Explicit (`jax.make_mesh`'s default)."""
+  return any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def place(mesh, a, spec: P):
+  """`a` (under jit) laid out as `spec` on `mesh`, ready for a shard_map with that
+  in_spec: a reshard on meshes with Explicit axes, a sharding constraint otherwise."""
+  sharding = NamedSharding(mesh, spec)
+  if is_explicit(mesh):
     return jax.sharding.reshard(a, sharding)
-  return lax.with_sharding_constraint(
-      fn(a, plan.layout, plan.n, axis) if permute else a, sharding)
+  return lax.with_sharding_constraint(a, sharding)
 
 
 def _ring_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):

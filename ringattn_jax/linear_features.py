@@ -1,0 +1,131 @@
+"""Feature maps of linear attention: phi(q) . phi(k) replaces exp(q . k / sqrt(H)).
+
+- "elu": elu(x) + 1 (Katharopoulos et al. 2020), positive, so the denominator is too.
+- "relu": max(x, 0).
+- "identity": x (plain linear attention; the denominator can be near zero or negative:
+  that is the formula, not a bug).
+- "favor": Performer's positive random features (FAVOR+, Choromanski et al. 2021) of
+  x' = x / H^(1/4): phi(x) = exp(W x' - |x'|^2 / 2) / sqrt(M) for a projection W [M, H]
+  with orthogonal rows (`favor_features`), so that E[phi(q) . phi(k)] =
+  exp(q . k / sqrt(H)).
+
+The exponentials of "favor" overflow for large logits, so `featurize` returns them
+divided by a stabiliser exp(c): c is each query row's largest logit, and for keys one
+constant per (batch, key head) over the whole sequence (all shards: a `pmax` over the
+sequence axis), since a key-dependent constant would not factor out of the sums. The
+caller divides by `den + eps * exp(-(c_q + c_k))` (see `eps_scale`), which is the
+un-stabilised formula exactly, eps included. The stabilisers are constants for autodiff
+(`stop_gradient`), which is exact because the result does not depend on them.
+
+Letter legend: B batch, T sequence, X heads (query or key/value heads), H head dim,
+M random features, F feature size (H, or M for "favor").
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+FEATURE_MAPS = ("elu", "relu", "favor", "identity")
+
+# exp(-(c_q + c_k)) is clipped at exp(_MAX_EPS_EXPONENT): beyond it eps * exp(...) would
+# overflow float32, and the result (numerator / that) is zero in float32 either way.
+_MAX_EPS_EXPONENT = 80.0
+
+
+def favor_features(key, num_features: int, head_dim: int, *, orthogonal: bool = True,
+                   dtype=jnp.float32) -> jax.Array:
+  """Draws Performer's random projection W [M, H] (M = num_features, H = head_dim).
+
+  Rows come in blocks of H orthogonal directions (the Q of a Gaussian matrix's QR), each
+  row scaled to the norm of an independent Gaussian vector, so every row is marginally
+  N(0, I) (the estimator stays unbiased) while rows within a block do not overlap
+  (lower variance). `orthogonal=False` draws iid Gaussian rows. Redrawing (a new key) is
+  the caller's choice.
+  """
+  from ringattn_jax import checks  # local: keeps this module's imports light
+  M = checks.positive_int("num_features", num_features)
+  H = checks.positive_int("head_dim", head_dim)
+  checks.boolean("orthogonal", orthogonal)
+  k_rows, k_norm = jax.random.split(key)
+  if not orthogonal:
+    return jax.random.normal(k_rows, (M, H), dtype)
+  blocks = -(-M // H)
+  g = jax.random.normal(k_rows, (blocks, H, H), jnp.float32)
+  q, _ = jnp.linalg.qr(g)  # [blocks, H, H], orthonormal columns
+  rows = jnp.swapaxes(q, 1, 2).reshape(blocks * H, H)[:M]
+  norms = jnp.linalg.norm(jax.random.normal(k_norm, (M, H), jnp.float32), axis=1)
+  return (rows * norms[:, None]).astype(dtype)
+
+
+def check_features(feature_map: str, features, head_dim: int) -> Optional[jax.Array]:
+  """`features` as an array [M, H] if feature_map is "favor" (required), else None
+  (passing it with another map is an error: it would be ignored)."""
+  if feature_map not in FEATURE_MAPS:
+    raise ValueError(f"feature_map must be one of {FEATURE_MAPS}; got {feature_map!r}.")
+  if feature_map != "favor":
+    if features is not None:
+      raise ValueError(f"features (the random projection) applies to feature_map="
+                       f"'favor' only; got feature_map={feature_map!r} with features.")
+    return None
+  if features is None:
+    raise ValueError("feature_map='favor' needs features: the projection W [M, "
+                     f"head_dim={head_dim}]; draw one with "
+                     "ringattn_jax.favor_features(key, num_features, head_dim).")
+  features = jnp.asarray(features)
+  if (features.ndim != 2 or features.shape[1] != head_dim or features.shape[0] == 0
+      or not jnp.issubdtype(features.dtype, jnp.floating)):
+    raise ValueError(f"features must be a float array [M, head_dim={head_dim}] with "
+                     f"M >= 1; got {features.dtype} {features.shape}.")
+  return features
+
+
+def feature_size(feature_map: str, features, head_dim: int) -> int:
+  """F: the size of phi(x)."""
+  return features.shape[0] if feature_map == "favor" else head_dim
+
+
+def featurize(x, feature_map: str, features=None, *, is_key: bool = False,
+              axis_name=None) -> Tuple[jax.Array, Optional[jax.Array]]:
+  """phi(x) / exp(c) and c (None when phi needs no stabiliser).
+
+  Args:
+    x: [B, T, X, H] in the compute dtype.
+    features: W [M, H] for "favor".
+    is_key: keys share one stabiliser per (batch, head) over the sequence (and over
+      `axis_name`'s shards); queries have one per row.
+
+  Returns:
+    phi [B, T, X, F] and c: [B, T, X] for queries, [B, 1, X] for keys, or None.
+  """
+  if feature_map == "elu":
+    return jax.nn.elu(x) + 1, None
+  if feature_map == "relu":
+    return jnp.maximum(x, 0), None
+  if feature_map == "identity":
+    return x, None
+  H = x.shape[-1]
+  M = features.shape[0]
+  xs = x * (H ** -0.25)
+  logits = jnp.einsum("BTXH,MH->BTXM", xs, features.astype(x.dtype))
+  logits = logits - 0.5 * jnp.sum(xs * xs, axis=-1, keepdims=True)
+  c = lax.stop_gradient(jnp.max(logits, axis=-1))
+  if is_key:
+    c = jnp.max(c, axis=1, keepdims=True)
+    if axis_name is not None:
+      c = lax.pmax(c, axis_name)
+  return jnp.exp(logits - c[..., None]) * (M ** -0.5), c
+
+
+def eps_scale(c_q, c_k, groups: int):
+  """exp(-(c_q + c_k)) per query row, [B, T, K, G]; 1 when there are no stabilisers.
+
+  c_q [B, T, N], c_k [B, 1, K] from `featurize`; N = K * groups.
+  """
+  if c_q is None:
+    return 1.0
+  B, T, N = c_q.shape
+  e = -(c_q.reshape(B, T, N // groups, groups) + c_k[..., None])
+  return jnp.exp(jnp.minimum(e, _MAX_EPS_EXPONENT))
