@@ -172,8 +172,11 @@ def check_mask_keywords(fn: str, mask_kwargs, allowed=tuple(MASK_KEYWORDS)) -> N
                     f"{sorted(allowed)}.")
 
 
-def _check_qkv(q, k, v):
-  """q [B, T, N, H], k/v [B, S, K, H] of one float dtype, N % K == 0."""
+def check_qkv(q, k, v, *, value_head_dim: bool = False):
+  """q [B, T, N, H], k/v [B, S, K, H] of one float dtype, N % K == 0.
+
+  value_head_dim: v may have its own head dim, [B, S, K, H_v] (linear attention).
+  """
   q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
   for name, x in (("query", q), ("key", k), ("value", v)):
     if x.ndim != 4:
@@ -185,8 +188,9 @@ def _check_qkv(q, k, v):
     raise ValueError("query, key and value must share one dtype; got "
                      f"{q.dtype}, {k.dtype}, {v.dtype}.")
   B, T, N, H = q.shape
-  if k.shape != v.shape:
-    raise ValueError(f"key and value must have the same shape; got {k.shape} and "
+  if (v.shape[:3] != k.shape[:3]) if value_head_dim else (k.shape != v.shape):
+    what = "batch, length and heads" if value_head_dim else "shape"
+    raise ValueError(f"key and value must have the same {what}; got {k.shape} and "
                      f"{v.shape}.")
   Bk, S, K, Hk = k.shape
   if Bk != B:
@@ -281,7 +285,7 @@ def canonicalize(q, k, v, bias=None, mask=None, **mask_kwargs
   """
   check_mask_keywords("canonicalize", mask_kwargs)
   kw = {**MASK_KEYWORDS, **mask_kwargs}
-  q, k, v = _check_qkv(q, k, v)
+  q, k, v = check_qkv(q, k, v)
   B, T, N, H = q.shape
   S = k.shape[1]
   bias, mask = _check_dense(bias, mask, (B, N, T, S))

@@ -104,7 +104,7 @@ def check_arguments(q, k, v, *, feature_map, is_causal, features, chunk_size,
         f"and changes no result. Got attention_chunk_size={attention_chunk_size!r} "
         f"(chunk_size={chunk_size!r}); use segment_ids to restrict attention to "
         "documents.")
-  q, k, v = _check_qkv(q, k, v)
+  q, k, v = arguments.check_qkv(q, k, v, value_head_dim=True)
   B, T, N, H = q.shape
   S = k.shape[1]
   is_causal = checks.boolean("is_causal", is_causal)
@@ -123,29 +123,6 @@ def check_arguments(q, k, v, *, feature_map, is_causal, features, chunk_size,
     segment_ids = segment_ids.astype(jnp.int32)
   return q, k, v, features, segment_ids, dict(feature_map=feature_map, causal=is_causal,
                                               chunk=chunk_size, eps=eps)
-
-
-def _check_qkv(q, k, v):
-  q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-  for name, x in (("q", q), ("k", k), ("v", v)):
-    if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a float array [batch, seq, heads, head_dim]; "
-                       f"got {x.dtype} {x.shape}.")
-  if not q.dtype == k.dtype == v.dtype:
-    raise ValueError(f"q, k and v must share one dtype; got {q.dtype}, {k.dtype}, "
-                     f"{v.dtype}.")
-  (B, T, N, H), (Bk, S, K, Hk) = q.shape, k.shape
-  if v.shape[:3] != k.shape[:3]:
-    raise ValueError(f"v [B, S, K, H_v] must match k {k.shape} in its first three "
-                     f"dims; got {v.shape}.")
-  if Bk != B or Hk != H:
-    raise ValueError(f"k {k.shape} must have q's batch {B} and head_dim {H}.")
-  if K == 0 or N % K:
-    raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K} "
-                     "(GQA/MQA); pass K key/value heads, do not repeat them.")
-  if T == 0 or S == 0:
-    raise ValueError(f"sequence lengths must be positive; got T={T}, S={S}.")
-  return q, k, v
 
 
 @functools.partial(jax.jit, static_argnames=("feature_map", "causal", "chunk", "eps",

@@ -223,5 +223,5 @@ def test_bad_shapes():
   q, k, v, _, _ = inputs(8, 1, 8, 2, 2, 8)
   with pytest.raises(ValueError, match="as many queries as keys"):
     ra.linear_attention(q[:, :4], k, v, is_causal=True)
-  with pytest.raises(ValueError, match="must match k"):
+  with pytest.raises(ValueError, match="key and value must have the same batch"):
     ra.linear_attention(q, k, v[:, :4])
