@@ -24,6 +24,11 @@ Parameters stay in their param_dtype (float32); the model config's `dtype` is th
 compute dtype. Gradients and optimizer moments have the parameters' dtype and sharding:
 optax's state mirrors the params (nnx.State of nnx.Param with the same logical-axis
 metadata), so `train_state_shardings` shards it with the same rules table.
+
+Non-trainable model state (`BUFFERS`: the FAVOR features of linear-attention layers,
+models.favor) travels beside the parameters in `TrainState.buffers`: the loss reads
+it, but it gets no gradient and the optimizer never sees it; it is checkpointed with
+the rest of the state. The trainer redraws it on its schedule.
 """
 from __future__ import annotations
 
@@ -37,11 +42,14 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from models import favor
 from models import llama
 from ringattn_jax import checks
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
 REQUIRED_BATCH_KEYS = ("tokens", "targets")
+# The model's non-trainable variables (an nnx filter): state, but no parameter.
+BUFFERS = favor.FavorFeatures
 
 
 @flax.struct.dataclass
@@ -54,23 +62,49 @@ class TrainState:
     opt_state: the optimizer's state (mirrors params).
     rng: uint32[2] raw PRNG key data. The step's key is fold_in(rng, step), so a
       resumed run draws the same keys; the model uses none today (no dropout).
+    buffers: nnx.State of the model's non-trainable variables (`BUFFERS`; empty for
+      most models): read by the loss, never differentiated or updated by the step.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  buffers: Any
+
+  def model(self, graphdef) -> nnx.Module:
+    """The model these parameters and buffers make with `graphdef`: the same arrays in
+    new variables, so changing the model's variables (a redraw) leaves the state be."""
+    return nnx.merge(graphdef, self.params, self.buffers, copy=True)
 
   def step_key(self) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(self.rng), self.step)
 
 
-def split_params(model: nnx.Module):
-  """(graphdef, params). Raises ValueError if the model holds non-Param state."""
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+def split_state(model: nnx.Module):
+  """(graphdef, params, buffers): the nnx.Params and the `BUFFERS` variables.
+
+  Raises:
+    ValueError: the model holds other state (neither a parameter nor a buffer).
+  """
+  graphdef, params, buffers, rest = nnx.split(model, nnx.Param, BUFFERS, ...)
   if jax.tree.leaves(rest):
-    raise ValueError("train_step expects a model whose state is only nnx.Param; found "
-                     f"other variables: {jax.tree.structure(rest)}.")
+    raise ValueError("train_step expects a model whose state is nnx.Param and "
+                     f"{BUFFERS.__name__} only; found other variables: "
+                     f"{jax.tree.structure(rest)}.")
+  return graphdef, params, buffers
+
+
+def split_params(model: nnx.Module):
+  """(graphdef, params) of a model without buffers (else use `split_state`).
+
+  Raises:
+    ValueError: the model holds state other than nnx.Param.
+  """
+  graphdef, params, buffers = split_state(model)
+  if jax.tree.leaves(buffers):
+    raise ValueError(f"the model holds non-trainable {BUFFERS.__name__} besides its "
+                     "parameters; use split_state, and pass compute_grads its buffers.")
   return graphdef, params
 
 
@@ -78,12 +112,13 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
                        seed: int = 0) -> TrainState:
   """A TrainState at step 0 for `model`'s parameters.
 
-  The parameters are the model's own arrays (not copied; sharded if the model is), so
+  The parameters and buffers are the model's own arrays (not copied; sharded if the
+  model is), so
   a step jitted with donation (`jit_train_step(..., donate=True)`) consumes the model's
   buffers too: keep using the state, not the model. The optimizer state is created
   under jit with the parameters' shardings when they are sharded.
   """
-  _, params = split_params(model)
+  _, params, buffers = split_state(model)
   rng = jax.random.key_data(jax.random.key(seed))
   leaves = jax.tree.leaves(params)
   sharded = leaves and isinstance(getattr(leaves[0], "sharding", None), NamedSharding)
@@ -95,7 +130,7 @@ def create_train_state(model: nnx.Module, optimizer: optax.GradientTransformatio
   else:
     opt_state = optimizer.init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
-                    rng=rng)
+                    rng=rng, buffers=buffers)
 
 
 def abstract_train_state(config, optimizer: optax.GradientTransformation, mesh=None):
@@ -103,11 +138,12 @@ def abstract_train_state(config, optimizer: optax.GradientTransformation, mesh=N
 
   With a mesh, every leaf carries its NamedSharding.
   """
-  graphdef, params = split_params(llama.abstract_model(config, mesh))
+  graphdef, params, buffers = split_state(llama.abstract_model(config, mesh))
   state = jax.eval_shape(
-      lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                           opt_state=optimizer.init(p),
-                           rng=jax.random.key_data(jax.random.key(0))), params)
+      lambda p, b: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                              opt_state=optimizer.init(p),
+                              rng=jax.random.key_data(jax.random.key(0)), buffers=b),
+      params, buffers)
   if mesh is not None:
     shardings = train_state_shardings(state, mesh, config)
     # `shardings` is a prefix of `state` (a NamedSharding where state has a Param).
@@ -136,13 +172,14 @@ def _tree_shardings(tree, mesh, config):
 
 
 def train_state_shardings(state: TrainState, mesh, config) -> TrainState:
-  """A TrainState of NamedShardings: params and optimizer moments by the rules table
-  (`llama.param_shardings`), step/rng/counts replicated. `state` may be abstract."""
+  """A TrainState of NamedShardings: params, buffers and optimizer moments by the rules
+  table (`llama.param_shardings`), step/rng/counts replicated. `state` may be abstract."""
   replicated = NamedSharding(mesh, P())
   return TrainState(step=replicated,
                     params=llama.param_shardings(state.params, mesh, config),
                     opt_state=_tree_shardings(state.opt_state, mesh, config),
-                    rng=replicated)
+                    rng=replicated,
+                    buffers=llama.param_shardings(state.buffers, mesh, config))
 
 
 def _batch_axes(mesh):
@@ -190,8 +227,11 @@ def _micro_batches(batch: Dict[str, jax.Array], accum_steps: int, mesh):
 
 
 def compute_grads(graphdef, params, batch: Mapping[str, jax.Array], *,
-                  accum_steps: int = 1):
+                  accum_steps: int = 1, buffers=None):
   """Token-weighted mean loss over the whole batch and its gradient w.r.t. params.
+
+  buffers: the model's non-trainable state (`split_state`), if it has any; read by the
+  loss, not differentiated.
 
   Returns (loss, grads, tokens): grads mirror params (same dtype and, with a mesh,
   constrained to the same shardings); tokens = sum(loss_mask). With accum_steps > 1
@@ -202,7 +242,8 @@ def compute_grads(graphdef, params, batch: Mapping[str, jax.Array], *,
   if "loss_mask" not in batch:
     batch["loss_mask"] = jnp.ones(batch["tokens"].shape, jnp.float32)
   batch["loss_mask"] = batch["loss_mask"].astype(jnp.float32)
-  model0 = nnx.merge(graphdef, params)
+  extra = () if buffers is None else (buffers,)
+  model0 = nnx.merge(graphdef, params, *extra)
   mesh, config = model0.mesh, model0.config
   total_tokens = jnp.sum(batch["loss_mask"])
   denom = jnp.maximum(total_tokens, 1.0)
@@ -215,7 +256,7 @@ def compute_grads(graphdef, params, batch: Mapping[str, jax.Array], *,
     return jax.lax.with_sharding_constraint(grads, grad_shardings)
 
   def micro_loss(p, micro):
-    model = nnx.merge(graphdef, p)
+    model = nnx.merge(graphdef, p, *extra)
     mean, weight = model.loss(micro["tokens"], micro["targets"], micro["loss_mask"],
                               positions=micro.get("positions"),
                               segment_ids=micro.get("segment_ids"))
@@ -257,7 +298,7 @@ def train_step(graphdef, state: TrainState, batch: Mapping[str, jax.Array], *,
     (`optim.make_schedule(cfg)(step)`).
   """
   loss, grads, tokens = compute_grads(graphdef, state.params, batch,
-                                      accum_steps=accum_steps)
+                                      accum_steps=accum_steps, buffers=state.buffers)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(loss=loss.astype(jnp.float32),

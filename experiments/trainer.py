@@ -11,6 +11,10 @@ of the step). Unreadable newer ones are set aside (checkpoints.py), and metrics.
 is rewound to the restored step (metrics.py). A run whose loss, gradients or state
 become NaN/Inf stops with `divergence.TrainingDivergedError` at the next logged step
 or save, whichever comes first, and never saves the non-finite state (divergence.py).
+A model with FAVOR features (models.favor) redraws them once every
+model.favor_redraw_interval steps are done (after global step s, with key
+`favor.redraw_key(config.seed, s)`), before step s's checkpoint: the checkpoint holds
+the features step s + 1 uses, so a resumed run continues exactly.
 
 workdir layout:
   checkpoints/      orbax steps
@@ -45,6 +49,7 @@ from experiments import workdir_lock
 from experiments.data import config as data_config_lib
 from experiments.data import make_dataset
 from experiments.metrics import MetricWriter
+from models import favor
 from models import llama
 from models.sharding import make_mesh
 
@@ -70,15 +75,17 @@ def _lm_mask(batch, weight: float):
 class _StageRunner:
   """Model, optimizer, data and jitted step of one stage."""
 
-  def __init__(self, config, stage: config_lib.Stage, params, process_index, process_count):
+  def __init__(self, config, stage: config_lib.Stage, carried, process_index,
+               process_count):
+    """carried: None, or the previous stage's model state (nnx.state of its model)."""
     self.stage = stage
     self.mesh = make_mesh(**stage.mesh)
-    if params is None:
+    if carried is None:
       model = llama.init_model(stage.model, mesh=self.mesh, seed=config.seed)
     else:  # carry the previous stage's parameters onto this stage's mesh and config
       graphdef, _ = nnx.split(llama.abstract_model(stage.model, self.mesh))
-      shardings = llama.param_shardings(params, self.mesh, stage.model)
-      model = nnx.merge(graphdef, jax.device_put(params, shardings))
+      shardings = llama.param_shardings(carried, self.mesh, stage.model)
+      model = nnx.merge(graphdef, jax.device_put(carried, shardings))
     self.optimizer = optim.make_optimizer(stage.optim)
     self.schedule = optim.make_schedule(stage.optim)
     self.graphdef = nnx.graphdef(model)
@@ -93,9 +100,21 @@ class _StageRunner:
     self.batch_sharding = step_lib.batch_sharding(self.mesh)
     self.data = make_dataset(stage.data, "train", process_index, process_count)
     self.lm_weight = float(config.train.lm_loss_weight)
+    graphdef, seed = self.graphdef, config.seed
+
+    def redraw(params, buffers, step):
+      model = nnx.merge(graphdef, params, buffers)
+      favor.redraw_favor_features(model, favor.redraw_key(seed, step))
+      return nnx.state(model, step_lib.BUFFERS)
+    self._redraw = jax.jit(redraw, out_shardings=self.shardings.buffers)
 
   def model(self):
-    return nnx.merge(self.graphdef, self.state.params)
+    return self.state.model(self.graphdef)
+
+  def redraw_favor_features(self, step: int) -> None:
+    """Fresh FAVOR features after `step` (global) optimizer steps, on the mesh."""
+    self.state = self.state.replace(buffers=self._redraw(
+        self.state.params, self.state.buffers, np.int32(step)))
 
   def global_batch(self, step: int):
     local = _lm_mask(self.data.batch(step), self.lm_weight)
@@ -163,14 +182,14 @@ def _train_stages(config, workdir: str, all_stages, writer, ckpt,
   its parameters to the next. Returns the last stage's runner."""
   process_index, process_count = jax.process_index(), jax.process_count()
   resumed = _resume(config, all_stages, writer, ckpt)
-  params, runner = None, None
+  carried, runner = None, None
   for stage in all_stages:
     if resumed is not None and resumed[0].stage.index > stage.index:
       continue
     if resumed is not None:
       (runner, step), resumed = resumed, None
     else:
-      runner = _StageRunner(config, stage, params, process_index, process_count)
+      runner = _StageRunner(config, stage, carried, process_index, process_count)
       step = stage.first_step
     if process_index == 0:
       print(f"stage {stage.index}: steps {stage.first_step}..{stage.last_step}, seq_len "
@@ -183,7 +202,7 @@ def _train_stages(config, workdir: str, all_stages, writer, ckpt,
       _, scalars = _evaluate(config, runner, (stage.data["seq_len"],),
                              os.path.join(workdir, "eval", f"stage{stage.index}"))
       writer.write(step, scalars, f"eval_stage{stage.index}")
-    params = runner.state.params
+    carried = nnx.state(runner.model())
   return runner
 
 
@@ -237,6 +256,8 @@ def _train_stage(config, workdir: str, runner: _StageRunner, step: int,
     batch = runner.global_batch(step)
     runner.state, metrics = runner.step_fn(runner.state, batch)
     step += 1
+    if favor.redraw_due(stage.model, step):
+      runner.redraw_favor_features(step)
     tokens_since += int(np.prod(batch["tokens"].shape))
     if profile and step == profile[1]:
       jax.block_until_ready(runner.state)

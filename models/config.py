@@ -15,6 +15,8 @@ RoPE base 10k, global 1M): `local-global-1b` (Gemma-3-1B's sizes: 26 layers, win
 scaling x8 on the global layers only) and `local-global-tiny`. These are Gemma 3's
 shapes and attention pattern on our LLaMA block, not Gemma 3 itself (which adds q/k
 norms, GeGLU, sandwich norms and a scaled embedding): Gemma weights do not load into it.
+Linear attention: `linear-hybrid-tiny` (3 "linear_attention" layers (elu) : 1 full
+layer, the hybrid pattern of recent long-context models).
 """
 from __future__ import annotations
 
@@ -30,8 +32,10 @@ from ringattn_jax import rope
 # "dot_product" is jax.nn.dot_product_attention (the baseline researchers compare
 # against); "flash" is ringattn_jax.flash_attention on one device (or replicated over
 # the sequence); ring, allgather and ulysses shard the sequence over the mesh's "sp"
-# axis via sharded_attention.
-ATTENTION = ringattn_jax.METHODS
+# axis via sharded_attention. "linear" is ours, not a method of ringattn_jax.attention:
+# shorthand for every layer being "linear_attention" (on one device).
+LINEAR_ATTENTION = "linear"
+ATTENTION = ringattn_jax.METHODS + (LINEAR_ATTENTION,)
 SEQUENCE_PARALLEL_ATTENTION = ringattn_jax.STRATEGIES
 SINGLE_DEVICE_ATTENTION = tuple(m for m in ATTENTION if m not in SEQUENCE_PARALLEL_ATTENTION)
 FLASH_IMPLS = kernel_choice.SEQUENCE_PARALLEL_IMPLS
@@ -42,12 +46,14 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_names
 REMAT_NAMES = ("qkv", "attn_context", "attn_out", "mlp_hidden", "mlp_out")
 DTYPES = ("float32", "bfloat16", "float16")
 # Entries of `layer_types`: Hugging Face's names and values ("chunked_attention" as in
-# Llama 4), plus our "block_sparse_attention". Their order is the order of the branches
-# of a scanned layer's `lax.switch` (see `LlamaConfig.kinds_present`).
+# Llama 4), plus our "block_sparse_attention" and "linear_attention". Their order is the
+# order of the branches of a scanned layer's `lax.switch` (see
+# `LlamaConfig.kinds_present`).
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention",
-               "block_sparse_attention")
-FULL, SLIDING, CHUNKED, BLOCK_SPARSE = LAYER_TYPES
+               "block_sparse_attention", "linear_attention")
+FULL, SLIDING, CHUNKED, BLOCK_SPARSE, LINEAR = LAYER_TYPES
 LAYOUTS = ringattn_jax.LAYOUTS
+FEATURE_MAPS = ringattn_jax.FEATURE_MAPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,11 +67,13 @@ class LlamaConfig:
     Face's dict (see ringattn_jax.rope). max_position_embeddings. tie_word_embeddings.
     attention_bias / mlp_bias: biases on the projections (LLaMA: none).
   Run-time:
-    attention: one of ATTENTION. flash_impl: the attention kernel of "flash" and of
-      the sequence-parallel methods on every device and ring hop ("auto" picks
-      Pallas on GPU/TPU, XLA on CPU; see ringattn_jax.which_kernel). backend: the
-      platform that kernel is built for ("cpu", "gpu", "tpu"; None: the machine's);
-      another platform than the machine's builds a program to export, not to run.
+    attention: one of ATTENTION; "linear": every layer "linear_attention" (layer_types
+      None, or all "linear_attention"), on one device. flash_impl: the attention
+      kernel of "flash" and of the sequence-parallel methods on every device and ring
+      hop ("auto" picks Pallas on GPU/TPU, XLA on CPU; see ringattn_jax.which_kernel).
+      backend: the platform that kernel is built for ("cpu", "gpu", "tpu"; None: the
+      machine's); another platform than the machine's builds a program to export,
+      not to run.
       layout: token layout for the sequence-parallel attentions ("zigzag"/"striped"
       balance causal work); tokens are permuted once at the model input and
       positions carried, not per layer.
@@ -80,7 +88,9 @@ class LlamaConfig:
       attend causally within their chunk of attention_chunk_size (which must then be
       set; Llama 4), "block_sparse_attention" layers run
       ringattn_jax.block_sparse_attention (block_sparse_size and block_sparse_top_k
-      must then be set). A list is stored as a tuple. `layer_kinds` gives the
+      must then be set), "linear_attention" layers run causal
+      ringattn_jax.linear_attention (feature_map, ...; below). A list is stored as a
+      tuple. `layer_kinds` gives the
       per-layer kind, `sliding_layers` which layers are sliding.
     num_sink_tokens: s >= 0 attention sinks (StreamingLLM): keys at true position < s
       stay visible to the sliding layers whatever the window (the causal and segment
@@ -100,6 +110,23 @@ class LlamaConfig:
       by score per query block, >= 0) and local_blocks (blocks ending at the diagonal
       always kept, >= 0, default 1). With a sequence-parallel attention these layers
       run block_sparse_attention on the mesh (layouts contiguous and zigzag only).
+    feature_map, num_features, linear_chunk_size, favor_redraw_interval: the
+      "linear_attention" layers' feature map (one of FEATURE_MAPS, default "elu"), the
+      FAVOR feature count M (a positive int, default 256; used by "favor" only), the
+      compute chunk of the causal form (tokens, default 64; changes no result) and
+      how often training redraws the FAVOR features (None: never; k: after every k
+      optimizer steps, `models.favor`; "favor" only). With "favor" every layer holds
+      its projection W [M, H] as a non-trainable `models.favor.FavorFeatures`
+      variable (stacked [L, M, H], float32), drawn from the model's seed and saved
+      with checkpoints. The sequence-parallel choice is the model's, as for the
+      block-sparse layers: with a sequence-parallel attention (ring, allgather,
+      ulysses; its method then runs the softmax layers) the linear layers run
+      ringattn_jax.sharded_linear_attention on the mesh's "sp" axis, in config.layout
+      (any layout); otherwise linear_attention on one device. So an all-linear model
+      is sequence-parallel with layer_types all "linear_attention" and, say,
+      attention="ring"; attention="linear" is the single-device shorthand. Linear
+      layers take no learned_sinks (no softmax) and cannot be decoded yet (no
+      recurrent-state cache; `models.generate.check_generation`).
     rope_local_theta: None (every layer uses rope_theta and rope_scaling) or the RoPE
       base of the sliding-window layers, which then use it unscaled (Gemma 3's
       rope_local_base_freq: local 10k, global 1M with any scaling on the global
@@ -151,6 +178,10 @@ class LlamaConfig:
   block_sparse_size: Optional[int] = None
   block_sparse_top_k: Optional[int] = None
   block_sparse_local_blocks: int = 1
+  feature_map: str = "elu"
+  num_features: int = 256
+  linear_chunk_size: int = 64
+  favor_redraw_interval: Optional[int] = None
   remat_policy: str = "none"
   remat_names: Tuple[str, ...] = ("attn_out", "mlp_out")
   scan_layers: bool = True
@@ -200,6 +231,7 @@ class LlamaConfig:
       raise ValueError(f"head_dim must be even for rotary embeddings; got {self.head_dim}.")
     for name, valid in (("attention", ATTENTION), ("flash_impl", FLASH_IMPLS),
                         ("layout", LAYOUTS), ("remat_policy", REMAT_POLICIES),
+                        ("feature_map", FEATURE_MAPS),
                         ("dtype", DTYPES), ("param_dtype", DTYPES)):
       checks.choice(name, getattr(self, name), valid)
     bad = [n for n in self.remat_names if n not in REMAT_NAMES]
@@ -215,6 +247,7 @@ class LlamaConfig:
                   optional=True)
     self._validate_attention_kinds()
     self._validate_layer_types()
+    self._validate_linear()
 
   def _validate_attention_kinds(self):
     """The sink, chunk and block-sparse fields, on their own."""
@@ -272,11 +305,50 @@ class LlamaConfig:
           "block_sparse_attention on the mesh: it takes layouts 'contiguous' and 'zigzag' "
           "(a block must be a run of consecutive positions); got layout='striped'.")
 
+  def _validate_linear(self):
+    """The linear-attention fields, and attention="linear" against layer_types."""
+    set_ = lambda name, v: object.__setattr__(self, name, v)
+    set_("num_features", checks.positive_int(
+        "num_features", self.num_features, what="(FAVOR random features per layer)"))
+    set_("linear_chunk_size", checks.positive_int(
+        "linear_chunk_size", self.linear_chunk_size,
+        what="(tokens per compute chunk of the linear_attention layers)"))
+    set_("favor_redraw_interval", checks.positive_int(
+        "favor_redraw_interval", self.favor_redraw_interval, optional=True,
+        what="(optimizer steps between redraws of the FAVOR features; None: never)"))
+    if self.attention == LINEAR_ATTENTION:
+      others = sorted({t for t in self.layer_types or () if t != LINEAR})
+      if others:
+        raise ValueError(
+            f"attention='linear' makes every layer 'linear_attention' but layer_types "
+            f"also has {others}; give layer_types all 'linear_attention' (or None), or "
+            f"choose a softmax attention (one of {ringattn_jax.METHODS}) for a hybrid.")
+      unused = [f"{n}={getattr(self, n)}"
+                for n in ("sliding_window", "attention_chunk_size")
+                if getattr(self, n) is not None]
+      if self.layer_types is None and unused:
+        raise ValueError(f"attention='linear' makes every layer 'linear_attention', so "
+                         f"{' and '.join(unused)} would apply to none; leave it None or "
+                         "set layer_types.")
+    linear = [i for i, t in enumerate(self.layer_kinds) if t == LINEAR]
+    if linear and self.learned_sinks:
+      raise ValueError(f"learned_sinks=True with 'linear_attention' layers {linear}: a "
+                       "sink logit joins a softmax denominator, which linear attention "
+                       "has not; set learned_sinks=False or give those layers another "
+                       "type.")
+    if self.favor_redraw_interval is not None and not self.uses_favor_features:
+      raise ValueError(
+          f"favor_redraw_interval={self.favor_redraw_interval} redraws FAVOR features, "
+          f"but no layer has them (feature_map={self.feature_map!r}, 'linear_attention' "
+          f"layers {linear}); set it to None, or use feature_map='favor' linear layers.")
+
   @property
   def layer_kinds(self) -> Tuple[str, ...]:
     """Per layer: its kind, one of LAYER_TYPES (layer_types, or what None implies)."""
     if self.layer_types is not None:
       return self.layer_types
+    if self.attention == LINEAR_ATTENTION:
+      return (LINEAR,) * self.num_hidden_layers
     kind = (SLIDING if self.sliding_window is not None else
             CHUNKED if self.attention_chunk_size is not None else FULL)
     return (kind,) * self.num_hidden_layers
@@ -286,6 +358,12 @@ class LlamaConfig:
     """The distinct layer kinds, in LAYER_TYPES order: a scanned layer's kind is its
     index here (the branch of its `lax.switch`)."""
     return tuple(k for k in LAYER_TYPES if k in self.layer_kinds)
+
+  @property
+  def uses_favor_features(self) -> bool:
+    """Whether the layers hold FAVOR features: some layer is "linear_attention" with
+    feature_map "favor"."""
+    return self.feature_map == "favor" and LINEAR in self.layer_kinds
 
   @property
   def sliding_layers(self) -> Tuple[bool, ...]:
@@ -398,6 +476,9 @@ PRESETS = {
                             rope_scaling={"rope_type": "linear", "factor": 8.0},
                             **_local_global(34, window=1024)),
     "local-global-tiny": dict(_TINY, num_hidden_layers=6, **_local_global(6, window=32)),
+    # 3 linear-attention layers (elu) : 1 full layer.
+    "linear-hybrid-tiny": dict(_TINY, num_hidden_layers=4,
+                               layer_types=(LINEAR,) * 3 + (FULL,)),
 }
 
 

@@ -29,7 +29,8 @@ logits join each layer's (out, lse) by `softmax.add_sink_logits`, as in the forw
 pass. Sliding layers on one device keep a rolling cache of their sinks and window
 (StreamingLLM), so their memory does not grow with the generated length; full and
 chunked layers (and every layer of a sequence-sharded cache) keep every position.
-Block-sparse layers cannot be decoded exactly (`check_generation`).
+Block-sparse layers cannot be decoded exactly, and linear-attention layers not yet
+(`check_generation`).
 
 Non-finite logits (NaN/Inf: a diverged checkpoint, float16/bfloat16 overflow) would
 still yield token ids (argmax of NaN is an index). The loop carries, per row, the
@@ -61,7 +62,7 @@ from jax import lax
 
 from ringattn_jax import checks
 from ringattn_jax import softmax
-from models.config import BLOCK_SPARSE, CHUNKED, SLIDING
+from models.config import BLOCK_SPARSE, CHUNKED, LINEAR, SLIDING
 from models.decode_attention import make_decode_attention, make_local_attention
 from models.kv_cache import (FULL_STACK, CacheLayout, CachePlan, cache_layout, cache_plan,
                              cache_specs, prompt_multiple)
@@ -350,7 +351,7 @@ def generate(model, prompt_tokens, max_new_tokens: int, *, temperature: float = 
 
   Raises:
     ValueError: bad shapes or arguments (names the argument and what would be valid);
-      a model with block-sparse layers (see `check_generation`).
+      a model with block-sparse or linear-attention layers (see `check_generation`).
     NonFiniteLogitsError: (a FloatingPointError) some logits were non-finite; it
       names the first such step and its rows, and holds the tokens.
   """
@@ -393,8 +394,16 @@ def check_generation(config) -> None:
 
   Block-sparse layers choose each query block's key blocks from the mean of the whole
   block's queries, future tokens included; a token decoded alone cannot know them, so
-  no cache reproduces the forward pass.
+  no cache reproduces the forward pass. Linear-attention layers would need a
+  recurrent-state cache ([K, F, H + 1] per layer instead of keys and values), which
+  does not exist yet.
   """
+  linear = [i for i, k in enumerate(config.layer_kinds) if k == LINEAR]
+  if linear:
+    raise ValueError(
+        f"generate cannot decode a model with 'linear_attention' layers {linear} yet: "
+        "linear-attention decoding needs a recurrent-state cache, which is not "
+        "supported yet. Re-run the model on the whole sequence per token.")
   layers = [i for i, k in enumerate(config.layer_kinds) if k == BLOCK_SPARSE]
   if layers:
     raise ValueError(

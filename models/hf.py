@@ -81,6 +81,10 @@ def load_hf_checkpoint(path, mesh=None, **overrides) -> llama.Llama:
     raise ValueError("learned_sinks=True adds a sink logit per head and layer, which "
                      "Hugging Face LLaMA/Mistral/Ministral checkpoints do not have; load "
                      "without it.")
+  if config.uses_favor_features:
+    raise ValueError("feature_map='favor' with 'linear_attention' layers needs FAVOR "
+                     "features (models.favor), which Hugging Face checkpoints do not "
+                     "have; load with feature_map 'elu', 'relu' or 'identity'.")
   tensors = open_tensors(path)
   specs = tensor_specs(config)
   check_tensors(tensors, specs, config, path)

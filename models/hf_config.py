@@ -27,8 +27,8 @@ from __future__ import annotations
 from typing import Any, Dict, Mapping, Optional
 
 from ringattn_jax import checks
-from models.config import (BLOCK_SPARSE, CHUNKED, DTYPES, FULL, LAYER_TYPES, SLIDING,
-                           LlamaConfig, from_dict)
+from models.config import (BLOCK_SPARSE, CHUNKED, DTYPES, FULL, LAYER_TYPES, LINEAR,
+                           SLIDING, LlamaConfig, from_dict)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "ministral")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
@@ -270,10 +270,11 @@ def config_to_hf(config: LlamaConfig, *, dtype: Optional[str] = None, **extra) -
 def _check_hf_attention(config: LlamaConfig) -> None:
   """Raises unless every layer is one that transformers' LLaMA-block models build."""
   kinds = {k: [i for i, t in enumerate(config.layer_kinds) if t == k]
-           for k in (CHUNKED, BLOCK_SPARSE)}
+           for k in (CHUNKED, BLOCK_SPARSE, LINEAR)}
   why = {CHUNKED: "no LLaMA-block architecture of transformers chunks attention (Llama "
                   "4 does, in a different block: MoE, q/k norms, NoPE layers)",
-         BLOCK_SPARSE: "block-sparse attention is ours"}
+         BLOCK_SPARSE: "block-sparse attention is ours",
+         LINEAR: "linear attention is ours (and FAVOR features are no HF tensor)"}
   for kind, layers in kinds.items():
     if layers:
       raise ValueError(f"layers {layers} are {kind!r}: {why[kind]}; transformers' "

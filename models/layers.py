@@ -4,7 +4,8 @@ Parameter layouts (einsum letters: B batch, T tokens, D model, N query heads, K
 key/value heads, H head dim, F MLP width):
   q_proj [D, N, H], k_proj / v_proj [D, K, H], o_proj [N, H, D],
   sinks [N] (config.learned_sinks), gate_proj / up_proj [D, F], down_proj [F, D],
-  norms [D].
+  norms [D]. Not a parameter: favor_features [M, H] (config.uses_favor_features; see
+  models.favor).
 Every parameter carries `logical_axes` metadata that models.sharding maps to the mesh.
 
 Layers take a static `Runtime` (config, mesh, sharding rules) at call time, so a
@@ -27,8 +28,9 @@ import ringattn_jax
 from ringattn_jax import layouts
 from ringattn_jax import rope
 from ringattn_jax import softmax
+from models import favor
 from models import sharding
-from models.config import BLOCK_SPARSE, CHUNKED, SLIDING, LlamaConfig
+from models.config import BLOCK_SPARSE, CHUNKED, LINEAR, SLIDING, LlamaConfig
 
 SEQ_AXIS = "sp"  # the mesh axis of the sequence-parallel attentions
 
@@ -133,11 +135,18 @@ class Attention(nnx.Module):
       self.o_bias = param(rngs, (D,), ("embed",), cfg, init="zeros")
     if cfg.learned_sinks:  # one sink logit per query head (gpt-oss), zeros at init
       self.sinks = param(rngs, (N,), ("q_heads",), cfg, init="zeros")
+    if cfg.uses_favor_features:  # FAVOR's W [M, H]: state, not a parameter
+      self.favor_features = favor.variable(rngs.params(), cfg)
 
   @property
   def sink_logits(self):
     """[N] learned sink logits (config.learned_sinks), else None."""
     return self.sinks[...] if hasattr(self, "sinks") else None
+
+  @property
+  def features(self):
+    """[M, H] FAVOR features (config.uses_favor_features), else None."""
+    return self.favor_features[...] if hasattr(self, "favor_features") else None
 
   def project_qkv(self, x, cos, sin, rt: Runtime):
     """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H], rotary applied to q and k."""
@@ -170,13 +179,14 @@ class Attention(nnx.Module):
     kind: this layer's kind (see `attend`).
     """
     q, k, v = self.project_qkv(x, cos, sin, rt)
-    ctx = checkpoint_name(attend(q, k, v, segment_ids, rt, kind, self.sink_logits),
-                          "attn_context")
+    ctx = checkpoint_name(attend(q, k, v, segment_ids, rt, kind, self.sink_logits,
+                                 self.features), "attn_context")
     out = self.project_out(ctx, rt)
     return (out, (k, v)) if return_kv else out
 
 
-def attend(q, k, v, segment_ids, rt: Runtime, kind=None, sink_logits=None):
+def attend(q, k, v, segment_ids, rt: Runtime, kind=None, sink_logits=None,
+           features=None):
   """Causal attention of one layer kind by `config.attention`.
 
   q [B, T, N, H]; k, v [B, T, K, H]. Tokens are in the model's layout order (see
@@ -191,6 +201,8 @@ def attend(q, k, v, segment_ids, rt: Runtime, kind=None, sink_logits=None):
   kind compiled, one run). Each kind's window, chunk and block pattern are static in
   its branch, so a ring skips the hops they hide there.
   sink_logits: None or [N] learned sink logits (config.learned_sinks), every kind.
+  features: None or the layer's FAVOR features [M, H] (config.uses_favor_features),
+    which only "linear_attention" layers with feature_map "favor" read.
   """
   cfg = rt.config
   if kind is None:
@@ -199,23 +211,26 @@ def attend(q, k, v, segment_ids, rt: Runtime, kind=None, sink_logits=None):
                        "each layer's `kind`.")
     kind = cfg.kinds_present[0]
   if isinstance(kind, str):
-    return attend_kind(q, k, v, segment_ids, sink_logits, rt=rt, kind=kind)
+    return attend_kind(q, k, v, segment_ids, sink_logits, features, rt=rt, kind=kind)
   branches = [functools.partial(attend_kind, rt=rt, kind=kd) for kd in cfg.kinds_present]
-  return jax.lax.switch(kind, branches, q, k, v, segment_ids, sink_logits)
+  return jax.lax.switch(kind, branches, q, k, v, segment_ids, sink_logits, features)
 
 
-def attend_kind(q, k, v, segment_ids, sink_logits, *, rt: Runtime, kind: str):
+def attend_kind(q, k, v, segment_ids, sink_logits, features=None, *, rt: Runtime,
+                kind: str):
   """`attend` with a static kind.
 
   "full_attention": causal; "sliding_attention": causal within config.sliding_window
   (`local_window_size=(W - 1, 0)`) plus the sinks; "chunked_attention": causal within
   chunks of config.attention_chunk_size; all by `ringattn_jax.attention` with
   `num_sink_tokens=config.num_sink_tokens`. "block_sparse_attention": see
-  `block_sparse`.
+  `block_sparse`; "linear_attention": see `linear`.
   """
   cfg = rt.config
   if kind == BLOCK_SPARSE:
     return block_sparse(q, k, v, segment_ids, sink_logits, rt)
+  if kind == LINEAR:
+    return linear(q, k, v, segment_ids, features, rt)
   sp = cfg.sequence_parallel
   window = (cfg.sliding_window - 1, 0) if kind == SLIDING else None
   chunk = cfg.attention_chunk_size if kind == CHUNKED else None
@@ -256,6 +271,25 @@ def block_sparse(q, k, v, segment_ids, sink_logits, rt: Runtime):
   if sink_logits is not None:
     out, _ = softmax.add_sink_logits(out, lse, sink_logits)
   return _permute(out, rt, inverse=False) if relayout else out
+
+
+def linear(q, k, v, segment_ids, features, rt: Runtime):
+  """A "linear_attention" layer: causal `ringattn_jax.linear_attention`.
+
+  config.feature_map, linear_chunk_size; features [M, H] for "favor" (else unused).
+  With a sequence-parallel attention, `sharded_linear_attention` on rt.mesh's "sp"
+  axis with permuted=True: the tokens are already in config.layout order, the prefix
+  states follow true positions and the output stays in layout order (one all_gather of
+  per-piece states, no token moves; any layout). Otherwise on one device.
+  """
+  cfg = rt.config
+  kw = dict(feature_map=cfg.feature_map, is_causal=True, chunk_size=cfg.linear_chunk_size,
+            features=features if cfg.feature_map == "favor" else None,
+            segment_ids=segment_ids)
+  if cfg.sequence_parallel:
+    return ringattn_jax.sharded_linear_attention(
+        q, k, v, mesh=rt.mesh, layout=cfg.layout, permuted=True, seq_axis=SEQ_AXIS, **kw)
+  return ringattn_jax.linear_attention(q, k, v, **kw)
 
 
 def _permute(a, rt: Runtime, *, inverse: bool):

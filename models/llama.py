@@ -7,8 +7,9 @@
 Layers are stored stacked ([L, ...] parameters) and run with lax.scan
 (`config.scan_layers`) or a Python loop over the same parameters, each wrapped in the
 remat policy `config.remat_policy`. Layers may differ in kind (`config.layer_types`:
-full, sliding-window (with sinks), chunked or block-sparse attention; local or global
-RoPE); `hidden_states` says how the scan chooses per layer.
+full, sliding-window (with sinks), chunked, block-sparse or linear attention; local or
+global RoPE); `hidden_states` says how the scan chooses per layer. FAVOR features of
+linear layers are non-trainable state (`models.favor`).
 
 Sequence parallelism: with a ring/allgather/ulysses attention and a balanced layout,
 tokens, positions, segment ids and targets are permuted into layout order once at the
@@ -37,8 +38,9 @@ from models.remat import apply_remat
 class Llama(nnx.Module):
   """Embedding, L stacked decoder blocks, final RMSNorm, LM head (optionally tied).
 
-  Attributes: embed_tokens [V, D]; layers (a Block whose parameters are [L, ...]);
-  norm; lm_head [D, V] unless config.tie_word_embeddings.
+  Attributes: embed_tokens [V, D]; layers (a Block whose parameters are [L, ...], and
+  FAVOR features [L, M, H] when config.uses_favor_features); norm; lm_head [D, V]
+  unless config.tie_word_embeddings.
   """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, mesh=None):
@@ -368,7 +370,8 @@ def reconfigure(model: Llama, config: LlamaConfig, mesh=None) -> Llama:
   """The same parameters under another run-time config and/or mesh (resharded).
 
   For switching attention, layout, remat, rope scaling or sequence-parallel degree
-  between runs or training stages. The shape fields must match.
+  between runs or training stages. The shape fields must match, and so must whether
+  the layers hold FAVOR features (and their number).
 
   Raises:
     ValueError: a shape field differs (names the field and both values).
@@ -380,6 +383,11 @@ def reconfigure(model: Llama, config: LlamaConfig, mesh=None) -> Llama:
     if getattr(old, field) != getattr(config, field):
       raise ValueError(f"reconfigure cannot change {field}: model has "
                        f"{getattr(old, field)!r}, new config has {getattr(config, field)!r}.")
+  favor = lambda c: (c.uses_favor_features, c.uses_favor_features and c.num_features)
+  if favor(old) != favor(config):
+    raise ValueError(f"reconfigure cannot change the FAVOR features (uses_favor_features, "
+                     f"num_features): model has {favor(old)}, new config has "
+                     f"{favor(config)}; build a new model (models.llama.init_model).")
   graphdef, abstract_state = nnx.split(abstract_model(config, mesh))
   state = nnx.state(model)
   if mesh is not None:

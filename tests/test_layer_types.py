@@ -191,7 +191,7 @@ def test_remat_groups_and_ring_gradients_match_scan():
                                r"\(num_hidden_layers=4\); got 2 entries"),
     (dict(layer_types=(S, F, "local", S)),
      r"layer_types\[2\] must be one of \('full_attention', 'sliding_attention', "
-     r"'chunked_attention', 'block_sparse_attention'\); got 'local'"),
+     r"'chunked_attention', 'block_sparse_attention', 'linear_attention'\); got 'local'"),
     (dict(layer_types="sliding_attention"), "layer_types must be None or a list/tuple"),
     (dict(sliding_window=None), r"'sliding_attention' layers \[0\] but "
                                 "sliding_window is None"),
@@ -223,7 +223,7 @@ def test_config_list_is_stored_as_tuple_and_round_trips():
   assert hash(config) == hash(_cfg())
   assert config.sliding_layers == (True, False, False, False)
   assert config.layer_windows == (W, None, None, None)
-  assert config.kinds_present == LAYER_TYPES
+  assert config.kinds_present == LAYER_TYPES[:4]  # LAYER_TYPES order; no linear layer
   assert from_dict(to_dict(config)) == config
   assert config.replace(layer_types=None, attention_chunk_size=None).sliding_layers == (
       True,) * 4
