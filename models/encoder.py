@@ -41,6 +41,7 @@ from flax import nnx
 import ringattn_jax
 from ringattn_jax import checks
 from models.config import DTYPES, LlamaConfig
+from models.favor import FavorFeatures
 from models.layers import MLP, Attention, RMSNorm, Runtime, param
 
 ATTENTIONS = ("softmax", "linear", "favor", "linformer")
@@ -145,11 +146,6 @@ class EncoderConfig:
         rms_norm_eps=self.rms_norm_eps, max_position_embeddings=self.max_length,
         initializer_range=self.initializer_range, dtype=self.dtype,
         param_dtype="float32")
-
-
-class FavorFeatures(nnx.Variable):
-  """FAVOR+'s random projection W [M, H] of one layer: drawn at init, not trained
-  (excluded from `nnx.Param` filters, so optimizers leave it alone)."""
 
 
 def encoder_attention(q, k, v, pad, config: EncoderConfig, *, features=None,

@@ -80,7 +80,6 @@ def model_loss_and_logits(model, tokens, lengths, labels):
 # Jitted as wholes: eager, every op of a new shape would be compiled on its own.
 model_grads = nnx.jit(nnx.value_and_grad(model_loss_and_logits, has_aux=True,
                                          argnums=nnx.DiffState(0, nnx.Param)))
-forward = nnx.jit(lambda model, tokens, lengths: model(tokens, lengths))
 update = nnx.jit(lambda opt, model, grads: opt.update(model, grads))
 
 
@@ -223,7 +222,9 @@ def test_pad_tokens_do_not_change_logits(attention):
   np.testing.assert_array_equal(np.delete(moved, 1, 0), np.delete(base, 1, 0))
 
 
-@pytest.mark.parametrize("attention", ATTENTIONS)
+# FAVOR: the kind with state the optimizer must leave alone (W); the gradients of
+# every kind are checked against the oracle above.
+@pytest.mark.parametrize("attention", ["favor"])
 def test_adam_learns_token_presence(attention):
   # The model's own initialisation, from an "rbg" key: XLA's RngBitGenerator compiles
   # in a fraction of threefry's time (the test's time is compilation), same draws'
@@ -244,16 +245,6 @@ def test_adam_learns_token_presence(attention):
   # FAVOR's random features are not parameters: the optimizer leaves them alone.
   jax.tree.map(np.testing.assert_array_equal, features,
                float64(nnx.to_pure_dict(nnx.state(model, FavorFeatures))))
-
-
-# The kinds that pass float32 arrays (E, F; W) next to bfloat16 activations.
-@pytest.mark.parametrize("attention", ["favor", "linformer"])
-def test_bfloat16_compute_agrees_with_float32(attention):
-  tokens, lengths, labels = TASK
-  want = np.asarray(model_grads(make_model(attention), tokens, lengths, labels)[0][1])
-  got = forward(make_model(attention, dtype="bfloat16"), tokens, lengths)
-  assert got.dtype == jnp.float32
-  close(got, want, 3e-2, "bfloat16 logits")
 
 
 @pytest.mark.parametrize("field,value", [

@@ -83,18 +83,20 @@ def check_formula(q, k, v, W, seg, *, tol, **kw):
     assert rel_err(g, w) < tol, (name, rel_err(g, w))
 
 
-@pytest.mark.parametrize("fm,causal,n_seg,N,K,chunk,T", [
-    ("elu", True, 4, 4, 2, 5, 37),     # GQA, segments, chunks that do not divide T
-    ("relu", False, 3, 2, 2, 4, 32),   # non-causal segments: prefix and suffix states
-    ("favor", True, None, 4, 1, 64, 24),  # MQA, one chunk larger than T
-    ("favor", False, 3, 2, 2, 8, 24),
-    ("elu", False, None, 2, 2, 64, 16),  # the two-einsum form
+@pytest.mark.parametrize("fm,causal,n_seg,N,K,chunk,T,dtype", [
+    ("elu", True, 4, 4, 2, 5, 37, "float32"),  # GQA, segments, chunks not dividing T
+    ("relu", False, 3, 2, 2, 4, 32, "float32"),  # non-causal segments: both directions
+    ("favor", True, None, 4, 1, 64, 24, "float32"),  # MQA, one chunk larger than T
+    ("favor", False, 3, 2, 2, 8, 24, "float32"),
+    ("elu", False, None, 2, 2, 64, 16, "float32"),  # the two-einsum form
+    ("elu", True, 2, 2, 1, 8, 32, "bfloat16"),  # computed in float32, bf16 in and out
 ])
-def test_matches_formula(fm, causal, n_seg, N, K, chunk, T):
-  q, k, v, W, seg = inputs(0, 2, T, N, K, 8, M=16 if fm == "favor" else None,
+def test_matches_formula(fm, causal, n_seg, N, K, chunk, T, dtype):
+  dtype = jnp.dtype(dtype)
+  q, k, v, W, seg = inputs(0, 2, T, N, K, 8, dtype, M=16 if fm == "favor" else None,
                            n_seg=n_seg)
-  check_formula(q, k, v, W, seg, tol=TOL[jnp.dtype(jnp.float32)][0],
-                feature_map=fm, is_causal=causal, chunk_size=chunk)
+  check_formula(q, k, v, W, seg, tol=TOL[dtype][0], feature_map=fm, is_causal=causal,
+                chunk_size=chunk)
 
 
 def test_identity_map_in_float64_and_eps():
