@@ -2,7 +2,7 @@
 
 `check_config(config, num_devices)` raises a ValueError naming the key for: unknown or
 mistyped model fields, a mesh whose product is not the device count, sequence lengths
-not divisible by the layout's shard multiple (`layouts.shard_multiple`) or the
+not divisible by the model's length multiple (`LlamaConfig.length_multiple`) or the
 loss/FFN chunks, batch sizes not divisible by the data-parallel axes, process count or
 accumulation steps, bad data or optimizer keys, a tokenizer larger than the model's
 vocabulary, bad `train` keys, and malformed stages. `stages(config)` expands the
@@ -25,7 +25,6 @@ from experiments.data import config as data_config_lib
 from experiments.data import make_dataset
 from models import config as model_config_lib
 from ringattn_jax import checks
-from ringattn_jax import layouts
 
 # eval.task: "" follows data.kind (see `eval_task`); a synthetic task: its needle grid;
 # "perplexity": perplexity on the eval split of text data.
@@ -124,8 +123,8 @@ def _divisible(name: str, value: int, by: int, why: str):
 def _check_length(name: str, T: int, st: Stage) -> None:
   """The sequence-length rule of stage `st`'s model on its mesh."""
   sp, cfg = st.mesh["sp"], st.model
-  _divisible(name, T, layouts.shard_multiple(cfg.layout, sp),
-             f"sp={sp}, layout={cfg.layout!r}")
+  _divisible(name, T, cfg.length_multiple(sp),
+             f"sp={sp}, layout={cfg.layout!r}; see LlamaConfig.length_multiple")
   for knob in ("loss_chunks", "ffn_chunks"):
     _divisible(name, T, sp * getattr(cfg, knob), f"sp * model.{knob}")
 

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Optional, Tuple
 import ringattn_jax
 from ringattn_jax import checks
 from ringattn_jax import kernel_choice
+from ringattn_jax import layouts
 from ringattn_jax import rope
 
 # Attention methods of `ringattn_jax.attention`. "reference" is the dense oracle;
@@ -122,7 +123,7 @@ class LlamaConfig:
       block-sparse layers: with a sequence-parallel attention (ring, allgather,
       ulysses; its method then runs the softmax layers) the linear layers run
       ringattn_jax.sharded_linear_attention on the mesh's "sp" axis, in config.layout
-      (any layout); otherwise linear_attention on one device. So an all-linear model
+      (striped needs T divisible by sp * sp, see `length_multiple`); otherwise linear_attention on one device. So an all-linear model
       is sequence-parallel with layer_types all "linear_attention" and, say,
       attention="ring"; attention="linear" is the single-device shorthand. Linear
       layers take no learned_sinks (no softmax) and cannot be decoded yet (no
@@ -378,6 +379,15 @@ class LlamaConfig:
   @property
   def sequence_parallel(self) -> bool:
     return self.attention in SEQUENCE_PARALLEL_ATTENTION
+
+  def length_multiple(self, sp: int) -> int:
+    """The sequence length must be a multiple of this on sp devices: the layout's
+    (`layouts.shard_multiple`), and sp * sp when striped linear layers move their
+    shards to contiguous order (an all_to_all of T / sp tokens into sp parts)."""
+    m = layouts.shard_multiple(self.layout, sp)
+    if sp > 1 and self.layout == "striped" and LINEAR in self.layer_kinds:
+      m = sp * sp
+    return m
 
   def replace(self, **changes) -> "LlamaConfig":
     """A copy with `changes` applied (validated; unknown fields raise)."""

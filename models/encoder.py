@@ -159,19 +159,22 @@ def encoder_attention(q, k, v, pad, config: EncoderConfig, *, features=None,
 
   Returns:
     [B, S, N, H]. Rows at valid positions do not depend on anything at pad positions:
-    k and v are zeroed there for every kind, and
+    v is zeroed there for every kind, k too (for "favor" it copies the row's first
+    key instead, so that FAVOR's key stabiliser, a max over the whole row that cancels
+    mathematically, is a valid key's and independent of the pad tokens), and
     - "softmax", "linear", "favor": pads form their own segment (`segment_ids`: a
       trailing run, which linear attention treats as its own document), so valid
-      queries see valid keys only. Zeroing the keys also makes FAVOR's key stabiliser
-      (a max over the whole sequence, which cancels mathematically) independent of
-      the pad tokens in floating point.
+      queries see valid keys only.
     - "linformer": padded rows contribute nothing to E k and F v. The softmax over the
       k projected keys still sees every projected row (rows of E mix all positions):
       that is Linformer's definition, not a leak, since no projected row depends on a
       pad token.
   """
   keep = (~pad)[:, :, None, None]
-  k = jnp.where(keep, k, jnp.zeros((), k.dtype))
+  # FAVOR's key stabiliser is a max over the row: a pad key copies the first (valid)
+  # key rather than being zero, whose logit 0 could exceed every valid key's.
+  k = jnp.where(keep, k, k[:, :1] if config.attention == "favor" else
+                jnp.zeros((), k.dtype))
   v = jnp.where(keep, v, jnp.zeros((), v.dtype))
   kind = config.attention
   if kind == "linformer":

@@ -280,7 +280,9 @@ def linear(q, k, v, segment_ids, features, rt: Runtime):
   With a sequence-parallel attention, `sharded_linear_attention` on rt.mesh's "sp"
   axis with permuted=True: the tokens are already in config.layout order, the prefix
   states follow true positions and the output stays in layout order (one all_gather of
-  per-piece states, no token moves; any layout). Otherwise on one device.
+  per-piece states; striped shards are moved to contiguous order by an all_to_all
+  and back, which needs T divisible by sp * sp, `LlamaConfig.length_multiple`).
+  Otherwise on one device.
   """
   cfg = rt.config
   kw = dict(feature_map=cfg.feature_map, is_causal=True, chunk_size=cfg.linear_chunk_size,

@@ -98,10 +98,11 @@ class Llama(nnx.Module):
         raise ValueError(f"{name} must have the tokens' shape {tokens.shape}; got "
                          f"{a.shape}.")
     T, n = tokens.shape[1], self.ring_size
-    multiple = layouts.shard_multiple(self.config.layout, n)
+    multiple = self.config.length_multiple(n)
     if T % multiple:
       raise ValueError(f"sequence length {T} must be divisible by {multiple} "
-                       f"(sp={n}, layout={self.config.layout!r}).")
+                       f"(sp={n}, layout={self.config.layout!r}; see "
+                       "LlamaConfig.length_multiple).")
     b = self.config.block_sparse_size
     if b is not None and "block_sparse_attention" in self.config.kinds_present:
       run = layouts.contiguous_run(self.config.layout if n > 1 else "contiguous", n, T // n)

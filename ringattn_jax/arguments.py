@@ -57,6 +57,17 @@ class AttnInputs:
   sink_logits: Optional[jax.Array] = None
 
 
+def check_axis_name(axis_name, fn: str) -> None:
+  """`axis_name` must name an axis (or tuple of axes) of the enclosing shard_map."""
+  try:
+    jax.lax.axis_size(axis_name)
+  except NameError:
+    raise ValueError(
+        f"axis_name={axis_name!r} is not a mesh axis of an enclosing jax.shard_map: "
+        f"with axis_name, call {fn} on local shards inside shard_map (or pass "
+        "axis_name=None on one device).") from None
+
+
 def refuse_sink_logits(x: AttnInputs, fn: str) -> None:
   """A kernel entry point's check: its custom VJP would drop the sink logits' gradient."""
   if x.sink_logits is not None:

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from ringattn_jax import arguments, checks, layouts
-from ringattn_jax.linear_features import check_features, eps_scale, featurize
+from ringattn_jax.linear_features import check_features, featurize, stabilised_ratio
 
 
 def linear_attention(q, k, v, *, feature_map: str = "elu", is_causal: bool = False,
@@ -77,6 +77,8 @@ def linear_attention(q, k, v, *, feature_map: str = "elu", is_causal: bool = Fal
       attention_chunk_size=attention_chunk_size)
   layouts.check_layout(layout)
   T, S = q.shape[1], k.shape[1]
+  if axis_name is not None:
+    arguments.check_axis_name(axis_name, "linear_attention")
   n = 1 if axis_name is None else lax.axis_size(axis_name)
   if n > 1 and layout == "zigzag" and (T % 2 or S % 2):
     raise ValueError(f"layout='zigzag' shards hold two chunks: local lengths must be "
@@ -155,8 +157,7 @@ def _linear(q, k, v, features, seg, *, feature_map, causal, chunk, eps, axis_nam
   else:
     nd = _pieces_attend(qf, kf, va, seg, causal=causal, chunk=chunk,
                         axis_name=axis_name, layout=layout)
-  den = nd[..., Hv] + eps * eps_scale(c_q, c_k, G)
-  out = nd[..., :Hv] / den[..., None]
+  out = stabilised_ratio(nd[..., :Hv], nd[..., Hv], eps, c_q, c_k, G)
   return out.reshape(B, T, N, Hv).astype(q.dtype)
 
 

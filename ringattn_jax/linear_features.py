@@ -13,9 +13,15 @@ The exponentials of "favor" overflow for large logits, so `featurize` returns th
 divided by a stabiliser exp(c): c is each query row's largest logit, and for keys one
 constant per (batch, key head) over the whole sequence (all shards: a `pmax` over the
 sequence axis), since a key-dependent constant would not factor out of the sums. The
-caller divides by `den + eps * exp(-(c_q + c_k))` (see `eps_scale`), which is the
-un-stabilised formula exactly, eps included. The stabilisers are constants for autodiff
+caller takes the ratio with `stabilised_ratio`, which is the un-stabilised formula
+exactly, eps included. The stabilisers are constants for autodiff
 (`stop_gradient`), which is exact because the result does not depend on them.
+A limit of one key constant per row (over every document, every later token, every
+shard): a key whose logit is more than ~87 (float32) below the row's largest has
+features that underflow to zero, so a query whose visible keys all lie that far below
+gets 0 (the formula's value is a weighted mean of their values). Inputs of unit scale
+are far from it (|k| / H^(1/4) would have to exceed ~13); per-chunk key constants
+carried with rescaled states would remove the limit.
 
 Letter legend: B batch, T sequence, X heads (query or key/value heads), H head dim,
 M random features, F feature size (H, or M for "favor").
@@ -29,11 +35,6 @@ import jax.numpy as jnp
 from jax import lax
 
 FEATURE_MAPS = ("elu", "relu", "favor", "identity")
-
-# exp(-(c_q + c_k)) is clipped at exp(_MAX_EPS_EXPONENT): beyond it eps * exp(...) would
-# overflow float32, and the result (numerator / that) is zero in float32 either way.
-_MAX_EPS_EXPONENT = 80.0
-
 
 def favor_features(key, num_features: int, head_dim: int, *, orthogonal: bool = True,
                    dtype=jnp.float32) -> jax.Array:
@@ -54,7 +55,11 @@ def favor_features(key, num_features: int, head_dim: int, *, orthogonal: bool = 
     return jax.random.normal(k_rows, (M, H), dtype)
   blocks = -(-M // H)
   g = jax.random.normal(k_rows, (blocks, H, H), jnp.float32)
-  q, _ = jnp.linalg.qr(g)  # [blocks, H, H], orthonormal columns
+  q, r = jnp.linalg.qr(g)  # [blocks, H, H], orthonormal columns
+  # LAPACK's QR fixes the signs (R's diagonal negative), which would bias the rows'
+  # directions; sign(diag R) makes Q Haar-distributed, so each row's direction is
+  # uniform and the estimator unbiased.
+  q = q * jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))[:, None, :]
   rows = jnp.swapaxes(q, 1, 2).reshape(blocks * H, H)[:M]
   norms = jnp.linalg.norm(jax.random.normal(k_norm, (M, H), jnp.float32), axis=1)
   return (rows * norms[:, None]).astype(dtype)
@@ -119,13 +124,21 @@ def featurize(x, feature_map: str, features=None, *, is_key: bool = False,
   return jnp.exp(logits - c[..., None]) * (M ** -0.5), c
 
 
-def eps_scale(c_q, c_k, groups: int):
-  """exp(-(c_q + c_k)) per query row, [B, T, K, G]; 1 when there are no stabilisers.
+def stabilised_ratio(num, den, eps, c_q, c_k, groups: int):
+  """num / (den + eps) of the un-stabilised features, from the stabilised num', den'.
 
-  c_q [B, T, N], c_k [B, 1, K] from `featurize`; N = K * groups.
+  With stabilisers, num = num' * exp(c) and den = den' * exp(c), c = c_q + c_k, so
+  the result is num' / (den' + eps * exp(-c)) = num' exp(c) / (den' exp(c) + eps).
+  The first form is used where c >= 0, the second where c < 0: exactly the formula, and
+  no factor exceeds 1 (nothing overflows; what underflows is below float precision).
+
+  Args:
+    num: [B, T, K, G, H_v]; den: [B, T, K, G]; c_q [B, T, N] and c_k [B, 1, K] from
+      `featurize` (both None: no stabiliser), N = K * groups.
   """
   if c_q is None:
-    return 1.0
+    return num / (den + eps)[..., None]
   B, T, N = c_q.shape
-  e = -(c_q.reshape(B, T, N // groups, groups) + c_k[..., None])
-  return jnp.exp(jnp.minimum(e, _MAX_EPS_EXPONENT))
+  c = c_q.reshape(B, T, N // groups, groups) + c_k[..., None]
+  up, down = jnp.exp(jnp.minimum(c, 0)), jnp.exp(-jnp.maximum(c, 0))
+  return num * up[..., None] / (den * up + eps * down)[..., None]

@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 import jax
 from jax.sharding import PartitionSpec as P
 
+from ringattn_jax import checks
 from ringattn_jax import layouts
 from ringattn_jax import linear
 from ringattn_jax import sharded
@@ -56,6 +57,7 @@ def sharded_linear_attention(q, k, v, *, mesh, layout: str = "contiguous",
       chunk_size=chunk_size, segment_ids=segment_ids, eps=eps,
       attention_chunk_size=attention_chunk_size)
   layouts.check_layout(layout)
+  permuted = checks.boolean("permuted", permuted)
   batch_axes, head_axis = sharded._resolve_axes(mesh, seq_axis, batch_axes, head_axis)
   layout = layout if permuted else "contiguous"
   n = mesh.shape[seq_axis]

@@ -76,17 +76,6 @@ def _check_projections(e_proj, f_proj, S: int, where: str):
   return e_proj, f_proj
 
 
-def _check_axis(axis_name) -> None:
-  """axis_name must name an axis (or tuple of axes) of the enclosing shard_map."""
-  try:
-    lax.axis_size(axis_name)
-  except NameError:
-    raise ValueError(
-        f"axis_name={axis_name!r} is not a mesh axis of an enclosing jax.shard_map: "
-        "with axis_name, call linformer_attention on local shards inside shard_map "
-        "(or pass axis_name=None on one device).") from None
-
-
 def linformer_attention(q, k, v, e_proj, f_proj, *, is_causal: bool = False,
                         scale: Optional[float] = None, axis_name: Any = None):
   """Linformer attention: softmax(scale * q (E k)^T) (F v), bidirectional.
@@ -132,7 +121,7 @@ def linformer_attention(q, k, v, e_proj, f_proj, *, is_causal: bool = False,
   q, k, v = x.q, x.k, x.v
   where = ""
   if axis_name is not None:
-    _check_axis(axis_name)
+    arguments.check_axis_name(axis_name, "linformer_attention")
     where = f" of this device's shard along axis_name={axis_name!r} (local S)"
   e_proj, f_proj = _check_projections(e_proj, f_proj, k.shape[1], where)
 

@@ -188,6 +188,23 @@ def test_favor_approaches_softmax_with_many_features():
   assert err[4096] < err[64] / 3, err
 
 
+def test_favor_features_are_unbiased_and_orthogonal():
+  """E[phi(q) . phi(k)] = exp(q . k / sqrt(H)) over draws of W (Monte Carlo, 1000
+  draws; q + k along -e_0, where a sign convention of the QR would bias it), and the
+  rows of each block of H are orthogonal."""
+  H, M, draws = 8, 16, 1000
+  q = np.full(H, -0.3) + 0.2 * np.arange(H) / H
+  k = np.full(H, -0.4)
+  W = np.asarray(jax.vmap(lambda key: ra.favor_features(key, M, H))(
+      jax.random.split(jax.random.key(3), draws)), np.float64)  # [draws, M, H]
+  feat = lambda x: np.exp(W @ (x / H ** 0.25) - 0.5 * np.sum((x / H ** 0.25) ** 2))
+  est = np.sum(feat(q) * feat(k), -1) / M  # [draws]
+  want = np.exp(q @ k / np.sqrt(H))
+  assert abs(est.mean() - want) < 4 * est.std() / np.sqrt(draws), (est.mean(), want)
+  block = W[0, :H] / np.linalg.norm(W[0, :H], axis=1, keepdims=True)
+  np.testing.assert_allclose(block @ block.T, np.eye(H), atol=1e-5)
+
+
 def test_memory_linear_in_length():
   """Forward+backward temp memory of the causal form at 32K <= 2.2x that at 16K."""
   def temp(T):
@@ -216,6 +233,12 @@ def test_bad_arguments(kw, match):
   q, k, v, _, _ = inputs(7, 2, 8, 2, 2, 8)
   with pytest.raises(ValueError, match=match):
     ra.linear_attention(q, k, v, **kw)
+
+
+def test_axis_name_outside_shard_map():
+  q, k, v, _, _ = inputs(8, 1, 8, 2, 2, 8)
+  with pytest.raises(ValueError, match="axis_name='sp' is not a mesh axis"):
+    ra.linear_attention(q, k, v, axis_name="sp")
 
 
 def test_bad_shapes():

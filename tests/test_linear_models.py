@@ -250,6 +250,10 @@ def test_config_round_trips_presets_and_refusals():
   config = _cfg(**FAVOR, favor_redraw_interval=100)
   assert from_dict(to_dict(config)) == config and config.uses_favor_features
   assert _cfg(attention="linear", layer_types=None).layer_kinds == (LINEAR, LINEAR)
+  # Striped linear layers move T / sp tokens into sp parts: T must divide by sp * sp.
+  assert _cfg(layout="striped").length_multiple(4) == 16
+  assert _cfg(layout="striped", layer_types=(FULL, FULL)).length_multiple(4) == 4
+  assert _cfg(layout="zigzag").length_multiple(4) == 8
   assert not _cfg(**FAVOR, layer_types=(FULL, FULL)).uses_favor_features
   hybrid = preset("linear-hybrid-tiny")
   assert hybrid.layer_kinds == (LINEAR,) * 3 + (FULL,) and hybrid.feature_map == "elu"
