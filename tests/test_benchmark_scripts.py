@@ -128,3 +128,41 @@ def test_benchmark_masks_quick(tmp_path):
   assert res["hops"]["window_sinks"] == [2, 3] and res["hops"]["causal"] == [1, 2]
   assert "window_sinks speed-up vs causal, one device, T=256" in res["summary"]
   assert "| window_sinks | 2 |" in (tmp_path / "mask_benchmark.md").read_text()
+
+
+@pytest.mark.slow
+def test_benchmark_linear_quick(tmp_path):
+  # One-device rows only (the sp rows' compiles would double the test's time).
+  _run("experiments.benchmark_linear", "--quick", "--seq_lens=128,256",
+       "--variants=flash_causal,linear_elu_causal",
+       "--flash_max_len=128", f"--out_dir={tmp_path}")
+  res = json.loads((tmp_path / "linear_benchmark.json").read_text())
+  assert set(res) == {"env", "rows", "paired", "targets"}
+  assert set(res["env"]) >= {"cpu", "command", "load_avg", "settings", "wall_s"}
+  assert res["env"]["cpu"].startswith("cpu: ")
+  assert set(res["env"]["load_avg"]) == {"start", "end"}
+  got = {(r["variant"], r["T"], r["sp"]) for r in res["rows"]}
+  assert got == {(v, T, 1) for v in ("flash_causal", "linear_elu_causal")
+                 for T in (128, 256)}
+  for r in res["rows"]:
+    assert r["temp_bytes"] > 0 and r["fwd_flops"] > 0  # memory at every T
+    if r["variant"] == "flash_causal" and r["T"] == 256:  # beyond --flash_max_len
+      assert r["fwd_bwd_ms"] is None and r["skipped"] and r["repeats"] == 0
+    else:
+      assert r["fwd_bwd_ms"] > 0 and r["repeats"] == 1 and r["skipped"] is None
+  # Targets at the longest T (256) vs 128: (a) needs flash at 256, which was skipped.
+  goals = res["targets"]
+  assert [g["target"][:3] for g in goals] == ["(a)", "(b)", "(c)"]
+  assert goals[0]["value"] is None and goals[0]["met"] is None
+  assert all(g["value"] > 0 and g["met"] in (True, False) for g in goals[1:])
+  # (b) comes from the programs at 128 and 256 run alternately (2 rounds in quick).
+  paired = res["paired"]
+  assert (paired["half"], paired["T"], paired["rounds"]) == (128, 256, 2)
+  assert [len(paired["times_ms"][t]) for t in ("128", "256")] == [2, 2]
+  assert set(paired["minor_faults_per_run"]) == set(paired["sys_ms_per_run"]) == {
+      "128", "256"}
+  assert goals[1]["value"] == pytest.approx(paired["ratio"], abs=1e-3)
+  md = (tmp_path / "linear_benchmark.md").read_text()
+  for heading in ("## Time", "## Memory", "## Work", "## Targets (one device)"):
+    assert heading in md
+  assert "| flash_causal | 1 |" in md and "skipped" in md and "not measured" in md
