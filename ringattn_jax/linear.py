@@ -9,8 +9,8 @@ How it is computed (v carries a column of ones, so S and z are one state [F, H +
   (a `psum` of S over the sequence axis when sharded).
 - Causal (or with segments): chunks of `chunk_size` tokens (flash-linear-attention's
   "chunk" form). Inside a chunk a masked [C, C] quadratic product; across chunks the
-  exclusive prefix of the chunks' states, [T / C, K, F, H + 1] (a cumulative sum, or a
-  linear recurrence that resets at segment boundaries, as an associative scan). No
+  exclusive prefix of the chunks' states, [T / C, K, F, H + 1] (a running sum, or a
+  linear recurrence that resets at segment boundaries, as one sequential scan). No
   [T, T] or [T, F, H] tensor exists, forward or backward: autodiff through these ops
   keeps O(T) memory, so no custom VJP is needed. Non-causal with segments adds the
   mirror-image suffix states.
@@ -241,9 +241,9 @@ def _chunked(qf, kf, va, run, *, causal, chunk):
   nd = jnp.einsum("bcKGTS,bcSKE->bcTKGE", s, vc)
 
   head = None
-  if rc is None:  # one run: the prefix is a cumulative sum of the chunk states
+  if rc is None:  # one run: the prefix is a running sum of the chunk states
     local = jnp.einsum("bcSKF,bcSKE->bcKFE", kc, vc)
-    incl = jnp.cumsum(local, axis=1)
+    incl = _recurrence(jnp.ones(local.shape[:2], bool), local)
     nd = nd + jnp.einsum("bcTKGF,bcKFE->bcTKGE", qc, _shift(incl))
     tail = incl[:, -1]
     return nd.reshape((b, nc * C) + nd.shape[3:])[:, :L], head, tail
