@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ringattn_jax.reference import reference_attention
 
@@ -96,3 +97,32 @@ def check_against_reference(fn, q, k, v, bias=None, *, grads=True, out_tol=None,
          if e > (tol_o if n in ("out", "lse") else tol_g)}
   assert not bad, f"errors above tolerance ({tol_o}, {tol_g}): {errs}"
   return errs
+
+
+def packed_batch(vocab_size: int, T: int, seed: int = 1):
+  """A [2, T] language-model batch of two packed documents per row (cut at T // 3 and
+  T // 2; positions restart per document) with a random loss mask."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, vocab_size, (2, T)).astype(np.int32)
+  cut = [T // 3, T // 2]
+  seg = np.stack([np.where(np.arange(T) < c, 1, 2) for c in cut]).astype(np.int32)
+  pos = np.stack([np.where(np.arange(T) < c, np.arange(T), np.arange(T) - c)
+                  for c in cut]).astype(np.int32)
+  return {k: jnp.asarray(v) for k, v in dict(
+      tokens=tokens, targets=np.roll(tokens, -1, axis=1), segment_ids=seg,
+      positions=pos, loss_mask=(rng.random((2, T)) > 0.2).astype(np.float32)).items()}
+
+
+@nnx.jit
+def model_logits(model, b):
+  """A models.llama model's logits on a `packed_batch` (one jitted function, shared)."""
+  return model(b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"])
+
+
+@nnx.jit
+def model_loss_and_grads(model, b):
+  """A models.llama model's loss on a `packed_batch` and its gradients."""
+  def f(m):
+    return m.loss(b["tokens"], b["targets"], b["loss_mask"], positions=b["positions"],
+                  segment_ids=b["segment_ids"])[0]
+  return nnx.value_and_grad(f)(model)

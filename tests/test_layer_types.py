@@ -26,6 +26,7 @@ from ringattn_jax import rope
 from ringattn_jax import softmax
 from configs import base
 from experiments import config_lib
+from helpers import model_logits, model_loss_and_grads, packed_batch
 from models import llama
 from models import hf
 from models.config import (LAYER_TYPES, LlamaConfig, from_dict, local_global_pattern,
@@ -65,28 +66,11 @@ def _variant(mesh=None, **kw):
 
 
 def _batch():
-  rng = np.random.default_rng(1)
-  tokens = rng.integers(0, BASE["vocab_size"], (2, T)).astype(np.int32)
-  cut = [T // 3, T // 2]  # two packed documents per row; positions restart per document
-  seg = np.stack([np.where(np.arange(T) < c, 1, 2) for c in cut]).astype(np.int32)
-  pos = np.stack([np.where(np.arange(T) < c, np.arange(T), np.arange(T) - c)
-                  for c in cut]).astype(np.int32)
-  return {k: jnp.asarray(v) for k, v in dict(
-      tokens=tokens, targets=np.roll(tokens, -1, axis=1), segment_ids=seg,
-      positions=pos, loss_mask=(rng.random((2, T)) > 0.2).astype(np.float32)).items()}
+  return packed_batch(BASE["vocab_size"], T)
 
 
-@nnx.jit
-def _logits(model, b):
-  return model(b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"])
-
-
-@nnx.jit
-def _loss_and_grads(model, b):
-  def f(m):
-    return m.loss(b["tokens"], b["targets"], b["loss_mask"], positions=b["positions"],
-                  segment_ids=b["segment_ids"])[0]
-  return nnx.value_and_grad(f)(model)
+_logits = model_logits
+_loss_and_grads = model_loss_and_grads
 
 
 @functools.partial(jax.jit, static_argnums=4)

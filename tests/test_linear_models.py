@@ -25,6 +25,7 @@ from experiments import trainer
 from models import favor
 from models import generate
 from models import hf
+from helpers import model_logits, packed_batch
 from models import llama
 from models.config import LINEAR, from_dict, preset, to_dict
 from models.sharding import make_mesh
@@ -50,28 +51,10 @@ def _model(**kw):
 
 
 def _batch():
-  rng = np.random.default_rng(1)
-  tokens = rng.integers(0, BASE["vocab_size"], (2, T)).astype(np.int32)
-  cut = [T // 3, T // 2]  # two packed documents per row; positions restart per document
-  seg = np.stack([np.where(np.arange(T) < c, 1, 2) for c in cut]).astype(np.int32)
-  pos = np.stack([np.where(np.arange(T) < c, np.arange(T), np.arange(T) - c)
-                  for c in cut]).astype(np.int32)
-  return {k: jnp.asarray(v) for k, v in dict(
-      tokens=tokens, targets=np.roll(tokens, -1, axis=1), segment_ids=seg,
-      positions=pos, loss_mask=(rng.random((2, T)) > 0.2).astype(np.float32)).items()}
+  return packed_batch(BASE["vocab_size"], T)
 
 
-@nnx.jit
-def _logits(model, b):
-  return model(b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"])
-
-
-@nnx.jit
-def _loss_and_grads(model, b):
-  def f(m):
-    return m.loss(b["tokens"], b["targets"], b["loss_mask"], positions=b["positions"],
-                  segment_ids=b["segment_ids"])[0]
-  return nnx.value_and_grad(f)(model)
+_logits = model_logits
 
 
 def _elu1(x):
