@@ -123,9 +123,10 @@ class LlamaConfig:
       block-sparse layers: with a sequence-parallel attention (ring, allgather,
       ulysses; its method then runs the softmax layers) the linear layers run
       ringattn_jax.sharded_linear_attention on the mesh's "sp" axis, in config.layout
-      (striped needs T divisible by sp * sp, see `length_multiple`); otherwise linear_attention on one device. So an all-linear model
-      is sequence-parallel with layer_types all "linear_attention" and, say,
-      attention="ring"; attention="linear" is the single-device shorthand. Linear
+      (striped needs T divisible by sp * sp, see `length_multiple`); otherwise
+      linear_attention on one device. So an all-linear model is sequence-parallel
+      with layer_types all "linear_attention" and, say, attention="ring";
+      attention="linear" is the single-device shorthand. Linear
       layers take no learned_sinks (no softmax) and cannot be decoded yet (no
       recurrent-state cache; `models.generate.check_generation`).
     rope_local_theta: None (every layer uses rope_theta and rope_scaling) or the RoPE

@@ -28,10 +28,10 @@ from ringattn_jax.schedule import work_per_device
 
 __all__ = [
     "FEATURE_MAPS", "KernelChoice", "LAYOUTS", "METHODS", "STRATEGIES", "attention",
-    "flash_attention", "block_sparse_attention", "block_sparse_hop_counts",
-    "favor_features", "layout_positions", "linear_attention", "linformer_attention", "permute_to_layout", "reference_attention", "ring_attention",
-    "ring_hop_counts", "sharded_attention", "sharded_linear_attention",
-    "simulate_cpu_devices",
+    "block_sparse_attention", "block_sparse_hop_counts", "favor_features",
+    "flash_attention", "layout_positions", "linear_attention", "linformer_attention",
+    "permute_to_layout", "reference_attention", "ring_attention", "ring_hop_counts",
+    "sharded_attention", "sharded_linear_attention", "simulate_cpu_devices",
     "unpermute_from_layout", "which_kernel", "work_per_device",
 ]
 __version__ = "0.1.0"
