@@ -31,6 +31,7 @@ ELSEWHERE = {
     "experiments.benchmark_ring": "tests/test_benchmark_scripts.py",
     "experiments.accelerator_check": "tests/test_accelerator_check.py (--quick)",
     "experiments.tune_kernels": "tests/test_benchmark_scripts.py (--quick)",
+    "experiments.benchmark_linear": "tests/test_benchmark_scripts.py (--quick)",
     "experiments.compare_public_rings": "run by hand on fetched public code, not here",
     "make test": "the test suite itself",
     "make clean": "deletes .venv: never run by the tests",
