@@ -24,7 +24,7 @@ temp bytes (per device) of the compiled forward+backward (`memory_analysis()`), 
 at every T, also where a program is not run: flash programs are not run beyond
 --flash_max_len (their time cells say "skipped"), only compiled.
 
-Targets (the linear-attention issue), at T = --target_len (32K) on one device:
+Targets checked, at T = --target_len (32K) on one device:
   (a) causal linear elu fwd+bwd >= 5x faster than causal flash;
   (b) causal linear elu fwd+bwd time grows <= 2.3x from T/2 to T; measured again with
       the two programs run alternately (--paired_rounds rounds, medians): the table's
@@ -304,8 +304,9 @@ def single_rows(s: Dict) -> Dict:
 
 
 def targets(s: Dict, rows: List[Dict], paired: Optional[Dict]) -> List[Dict]:
-  """The issue's three targets at T = target_len (vs T/2), one device; (b) from the
-  paired timing where there is one (else from the table's rows)."""
+  """The three targets (speed-up over flash, time growth, memory growth) at
+  T = target_len (vs T/2), one device; (b) from the paired timing where there is one
+  (else from the table's rows)."""
   by = {(r["variant"], r["T"], r["sp"]): r for r in rows}
   T, half = s["target_len"], s["target_len"] // 2
   get = lambda v, t, key: (by.get((v, t, 1)) or {}).get(key)
