@@ -34,6 +34,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ringattn_jax import checks
+
 FEATURE_MAPS = ("elu", "relu", "favor", "identity")
 
 def favor_features(key, num_features: int, head_dim: int, *, orthogonal: bool = True,
@@ -46,7 +48,6 @@ def favor_features(key, num_features: int, head_dim: int, *, orthogonal: bool = 
   (lower variance). `orthogonal=False` draws iid Gaussian rows. Redrawing (a new key) is
   the caller's choice.
   """
-  from ringattn_jax import checks  # local: keeps this module's imports light
   M = checks.positive_int("num_features", num_features)
   H = checks.positive_int("head_dim", head_dim)
   checks.boolean("orthogonal", orthogonal)
