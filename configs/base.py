@@ -3,7 +3,8 @@
 Not meant to be launched on its own (it is the tiny model on a passkey task); see
 configs/tiny.py for the CPU demo. Sections:
   model   LlamaConfig fields (models/config.py), starting from `model.preset`.
-  mesh    device mesh sizes dp, fsdp, tp, sp (product = number of devices).
+  mesh    device mesh sizes dp, fsdp, tp, sp, sp_ulysses (product = number of devices;
+          sp_ulysses > 1: 2D context parallelism, model.attention="ulysses_ring").
   data    experiments/data/config.py keys (synthetic task or text/tokens files),
           built from its DataConfig dataclass.
   optim   experiments/optim.py keys (AdamW, schedule, clipping, weight decay).
@@ -39,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = model_config()
-  c.mesh = ml_collections.ConfigDict(dict(dp=1, fsdp=1, tp=1, sp=1))
+  c.mesh = ml_collections.ConfigDict(dict(dp=1, fsdp=1, tp=1, sp=1, sp_ulysses=1))
   c.data = data_config()
   c.optim = ml_collections.ConfigDict(dict(
       learning_rate=1e-3, schedule="cosine", warmup_steps=50, total_steps=1000,

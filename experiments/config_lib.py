@@ -121,12 +121,12 @@ def _divisible(name: str, value: int, by: int, why: str):
 
 
 def _check_length(name: str, T: int, st: Stage) -> None:
-  """The sequence-length rule of stage `st`'s model on its mesh."""
-  sp, cfg = st.mesh["sp"], st.model
-  _divisible(name, T, cfg.length_multiple(sp),
-             f"sp={sp}, layout={cfg.layout!r}; see LlamaConfig.length_multiple")
-  for knob in ("loss_chunks", "ffn_chunks"):
-    _divisible(name, T, sp * getattr(cfg, knob), f"sp * model.{knob}")
+  """The sequence-length rule of stage `st`'s mesh: batches are placed sharded over the
+  sequence axes (sp * sp_ulysses devices), which needs T divisible by their product;
+  the model pads to its other multiples itself (`LlamaConfig.length_multiple`)."""
+  sp, u = st.mesh["sp"], st.mesh.get("sp_ulysses", 1)
+  _divisible(name, T, sp * u, f"the batch is sharded over the sequence axes "
+             f"sp*sp_ulysses={sp}*{u}")
 
 
 def check_config(config, num_devices: int, process_count: int = 1) -> List[Stage]:
@@ -138,18 +138,26 @@ def check_config(config, num_devices: int, process_count: int = 1) -> List[Stage
   for st in result:
     where = f"stage {st.index}" if len(result) > 1 else "config"
     m = st.mesh
-    unknown = sorted(set(m) - {"dp", "fsdp", "tp", "sp"})
+    unknown = sorted(set(m) - {"dp", "fsdp", "tp", "sp", "sp_ulysses"})
     if unknown:
-      raise ValueError(f"config.mesh has unknown axes {unknown}; valid: dp, fsdp, tp, sp.")
-    total = m["dp"] * m["fsdp"] * m["tp"] * m["sp"]
+      raise ValueError(f"config.mesh has unknown axes {unknown}; valid: dp, fsdp, tp, sp, "
+                       "sp_ulysses.")
+    u = m.get("sp_ulysses", 1)
+    total = m["dp"] * m["fsdp"] * m["tp"] * m["sp"] * u
     if total != num_devices:
-      raise ValueError(f"{where}: mesh dp*fsdp*tp*sp = {m['dp']}*{m['fsdp']}*{m['tp']}*"
-                       f"{m['sp']} = {total} but there are {num_devices} devices.")
+      raise ValueError(f"{where}: mesh dp*fsdp*tp*sp*sp_ulysses = {m['dp']}*{m['fsdp']}*"
+                       f"{m['tp']}*{m['sp']}*{u} = {total} but there are {num_devices} "
+                       "devices.")
     cfg = st.model
     if m["sp"] > 1 and not cfg.sequence_parallel:
       raise ValueError(f"{where}: mesh.sp={m['sp']} needs a sequence-parallel "
                        f"model.attention ({model_config_lib.SEQUENCE_PARALLEL_ATTENTION});"
                        f" got {cfg.attention!r}.")
+    if (u > 1) != (cfg.attention == "ulysses_ring"):
+      raise ValueError(f"{where}: mesh.sp_ulysses={u} and model.attention="
+                       f"{cfg.attention!r}: 2D context parallelism is attention="
+                       "'ulysses_ring' with mesh.sp_ulysses > 1 (the all-to-all's axis), "
+                       "and only it uses that axis.")
     _check_length(f"{where}: data.seq_len", st.data["seq_len"], st)
     dp = m["dp"] * m["fsdp"]
     B = st.data["batch_size"]

@@ -205,7 +205,7 @@ def save_grid(grid: Dict[str, Any], directory: str, title: str = "") -> Optional
 
 
 def mesh_devices(workdir: str) -> int:
-  """How many devices the run in `workdir` used: dp*fsdp*tp*sp of its saved config
+  """How many devices the run in `workdir` used: dp*fsdp*tp*sp*sp_ulysses of its config
   (stages trade dp for sp, so every stage has the same count). Read without JAX, so
   the evaluate command can simulate that many CPU devices before the backend starts."""
   path = os.path.join(workdir, "config.json")
@@ -214,7 +214,8 @@ def mesh_devices(workdir: str) -> int:
                             "workdir?")
   with open(path, encoding="utf-8") as f:
     mesh = json.load(f)["mesh"]
-  return int(np.prod([mesh[axis] for axis in ("dp", "fsdp", "tp", "sp")]))
+  return int(np.prod([mesh.get(axis, 1)
+                      for axis in ("dp", "fsdp", "tp", "sp", "sp_ulysses")]))
 
 
 def main(argv):

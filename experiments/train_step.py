@@ -186,10 +186,23 @@ def _batch_axes(mesh):
   return tuple(a for a in ("dp", "fsdp") if a in mesh.axis_names)
 
 
+def _seq_axes(mesh):
+  """The mesh axes that shard the sequence: "sp", and "sp_ulysses" after it."""
+  axes = tuple(a for a in ("sp", "sp_ulysses") if a in mesh.axis_names)
+  return axes[0] if len(axes) == 1 else (axes or None)
+
+
+def seq_devices(mesh) -> int:
+  """How many devices share one sequence (the product of the sequence axes)."""
+  if mesh is None:
+    return 1
+  return int(np.prod([mesh.shape[a] for a in ("sp", "sp_ulysses")
+                      if a in mesh.axis_names]))
+
+
 def batch_sharding(mesh) -> NamedSharding:
-  """P(("dp", "fsdp"), "sp") restricted to the axes `mesh` has."""
-  seq = "sp" if "sp" in mesh.axis_names else None
-  return NamedSharding(mesh, P(_batch_axes(mesh) or None, seq))
+  """P(("dp", "fsdp"), ("sp", "sp_ulysses")) restricted to the axes `mesh` has."""
+  return NamedSharding(mesh, P(_batch_axes(mesh) or None, _seq_axes(mesh)))
 
 
 # -- the step -----------------------------------------------------------------------
@@ -219,7 +232,7 @@ def _micro_batches(batch: Dict[str, jax.Array], accum_steps: int, mesh):
     if mesh is not None:
       axes = _batch_axes(mesh)
       n = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-      seq = "sp" if "sp" in mesh.axis_names and T % mesh.shape["sp"] == 0 else None
+      seq = _seq_axes(mesh) if T % seq_devices(mesh) == 0 else None
       spec = P(None, axes if axes and (G // accum_steps) % n == 0 else None, seq)
       x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
     return x

@@ -21,6 +21,7 @@ layer, the hybrid pattern of recent long-context models).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Tuple
 
 import ringattn_jax
@@ -33,7 +34,8 @@ from ringattn_jax import rope
 # "dot_product" is jax.nn.dot_product_attention (the baseline researchers compare
 # against); "flash" is ringattn_jax.flash_attention on one device (or replicated over
 # the sequence); ring, allgather and ulysses shard the sequence over the mesh's "sp"
-# axis via sharded_attention. "linear" is ours, not a method of ringattn_jax.attention:
+# axis via sharded_attention, ulysses_ring over "sp" x "sp_ulysses" (2D: an all-to-all
+# over "sp_ulysses", the ring over "sp"; softmax layers only). "linear" is ours, not a method of ringattn_jax.attention:
 # shorthand for every layer being "linear_attention" (on one device).
 LINEAR_ATTENTION = "linear"
 ATTENTION = ringattn_jax.METHODS + (LINEAR_ATTENTION,)
@@ -306,6 +308,10 @@ class LlamaConfig:
           f"with a sequence-parallel attention ({self.attention!r}) run "
           "block_sparse_attention on the mesh: it takes layouts 'contiguous' and 'zigzag' "
           "(a block must be a run of consecutive positions); got layout='striped'.")
+    if self.attention == "ulysses_ring" and {LINEAR, BLOCK_SPARSE} & set(kinds):
+      raise ValueError("attention='ulysses_ring' runs softmax layers only; layer_types "
+                       f"has {sorted({LINEAR, BLOCK_SPARSE} & set(kinds))} layers (use "
+                       "attention='ring' for them).")
 
   def _validate_linear(self):
     """The linear-attention fields, and attention="linear" against layer_types."""
@@ -381,14 +387,17 @@ class LlamaConfig:
   def sequence_parallel(self) -> bool:
     return self.attention in SEQUENCE_PARALLEL_ATTENTION
 
-  def length_multiple(self, sp: int) -> int:
-    """The sequence length must be a multiple of this on sp devices: the layout's
-    (`layouts.shard_multiple`), and sp * sp when striped linear layers move their
-    shards to contiguous order (an all_to_all of T / sp tokens into sp parts)."""
-    m = layouts.shard_multiple(self.layout, sp)
+  def length_multiple(self, sp: int, sp_ulysses: int = 1) -> int:
+    """The model pads sequences to a multiple of this on sp (x sp_ulysses) devices: the
+    layout's (`layouts.shard_multiple`; sp * sp when striped linear layers all_to_all
+    their shards into sp parts), whole loss / feed-forward chunks on every device, and
+    whole blocks in the block-sparse layers' runs of consecutive positions."""
+    n, m = sp * sp_ulysses, layouts.shard_multiple(self.layout, sp)
     if sp > 1 and self.layout == "striped" and LINEAR in self.layer_kinds:
       m = sp * sp
-    return m
+    if BLOCK_SPARSE in self.layer_kinds:
+      m = math.lcm(m, layouts.shard_multiple(self.layout, sp) * self.block_sparse_size)
+    return math.lcm(m, n * self.ffn_chunks, n * self.loss_chunks)
 
   def replace(self, **changes) -> "LlamaConfig":
     """A copy with `changes` applied (validated; unknown fields raise)."""

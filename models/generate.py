@@ -396,8 +396,14 @@ def check_generation(config) -> None:
   block's queries, future tokens included; a token decoded alone cannot know them, so
   no cache reproduces the forward pass. Linear-attention layers would need a
   recurrent-state cache ([K, F, H + 1] per layer instead of keys and values), which
-  does not exist yet.
+  does not exist yet. 2D context parallelism ("ulysses_ring") has no sharded cache.
   """
+  if config.attention == "ulysses_ring":
+    raise ValueError(
+        "generate does not decode with attention='ulysses_ring' (its KV cache is "
+        "sharded over 'sp' only): reconfigure the model for decoding, e.g. "
+        "models.llama.reconfigure(model, config.replace(attention='ring'), "
+        "mesh=models.sharding.make_mesh(sp=...)).")
   linear = [i for i, k in enumerate(config.layer_kinds) if k == LINEAR]
   if linear:
     raise ValueError(

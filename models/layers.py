@@ -240,6 +240,7 @@ def attend_kind(q, k, v, segment_ids, sink_logits, features=None, *, rt: Runtime
       backend=cfg.backend if kernel else None,
       mesh=rt.mesh if sp else None, layout=cfg.layout if sp else "contiguous",
       permuted=sp, is_causal=True, segment_ids=segment_ids, local_window_size=window,
+      ulysses_axis=sharding.ULYSSES_AXIS if cfg.attention == "ulysses_ring" else None,
       num_sink_tokens=cfg.num_sink_tokens, attention_chunk_size=chunk,
       sink_logits=sink_logits)
 

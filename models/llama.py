@@ -26,7 +26,6 @@ import numpy as np
 from flax import nnx
 
 import ringattn_jax
-from ringattn_jax import layouts
 from ringattn_jax import rope
 from models import sharding
 from models.config import SLIDING, LlamaConfig
@@ -73,6 +72,24 @@ class Llama(nnx.Module):
                        "axis; pass mesh=models.sharding.make_mesh(sp=...).")
     return self.mesh.shape["sp"]
 
+  @property
+  def ulysses_size(self) -> int:
+    """The size of the mesh's "sp_ulysses" axis for attention="ulysses_ring", else 1."""
+    if self.config.attention != "ulysses_ring":
+      return 1
+    if sharding.ULYSSES_AXIS not in self.mesh.axis_names:
+      raise ValueError(f"attention='ulysses_ring' needs a mesh with a "
+                       f"{sharding.ULYSSES_AXIS!r} axis (the all-to-all's); pass "
+                       "mesh=models.sharding.make_mesh(sp=..., sp_ulysses=...).")
+    return self.mesh.shape[sharding.ULYSSES_AXIS]
+
+  def padded_length(self, T: int) -> int:
+    """The length the model runs a [B, T] batch at: T rounded up to
+    `LlamaConfig.length_multiple` (pads at the end, after every real token, so causal
+    attention never shows them to a real token; their logits and loss are dropped)."""
+    m = self.config.length_multiple(self.ring_size, self.ulysses_size)
+    return -(-T // m) * m
+
   def permutes_tokens(self) -> bool:
     """Whether tokens are permuted into a balanced layout at the input."""
     return self.config.sequence_parallel and self.config.layout != "contiguous"
@@ -97,24 +114,7 @@ class Llama(nnx.Module):
       if a is not None and a.shape != tokens.shape:
         raise ValueError(f"{name} must have the tokens' shape {tokens.shape}; got "
                          f"{a.shape}.")
-    T, n = tokens.shape[1], self.ring_size
-    multiple = self.config.length_multiple(n)
-    if T % multiple:
-      raise ValueError(f"sequence length {T} must be divisible by {multiple} "
-                       f"(sp={n}, layout={self.config.layout!r}; see "
-                       "LlamaConfig.length_multiple).")
-    b = self.config.block_sparse_size
-    if b is not None and "block_sparse_attention" in self.config.kinds_present:
-      run = layouts.contiguous_run(self.config.layout if n > 1 else "contiguous", n, T // n)
-      if run % b:
-        raise ValueError(f"config.block_sparse_size={b} must divide the block-sparse "
-                         f"layers' runs of consecutive positions, {run} tokens (T={T}, "
-                         f"sp={n}, layout={self.config.layout!r}).")
-    for name, c in (("ffn_chunks", self.config.ffn_chunks),
-                    ("loss_chunks", self.config.loss_chunks)):
-      if (T // n) % c:
-        raise ValueError(f"config.{name}={c} must divide the per-device sequence "
-                         f"length {T // n} (T={T}, sp={n}).")
+    self.padded_length(tokens.shape[1])  # (checks the mesh)
 
   # -- forward --------------------------------------------------------------------
 
@@ -157,11 +157,13 @@ class Llama(nnx.Module):
       return tables, None
     return tables, self.rotary_tables(positions, seq_len, local=True)
 
-  def hidden_states(self, tokens, positions, segment_ids):
+  def hidden_states(self, tokens, positions, segment_ids, seq_len=None):
     """Final hidden states [B, T, D] in the order given (no permutation here).
 
     tokens [B, T] int; positions [B, T] int (RoPE positions: true token positions,
-    restarting per packed document if wanted); segment_ids [B, T] int or None.
+    restarting per packed document if wanted); segment_ids [B, T] int or None;
+    seq_len: the length RoPE scaling sees (dynamic NTK, longrope), the caller's
+    unpadded length (default: T).
 
     Layer kinds (config.layer_kinds: full, sliding-window, chunked or block-sparse
     attention; local or global RoPE). Where a layer's kind is known while tracing it is
@@ -188,7 +190,7 @@ class Llama(nnx.Module):
     """
     cfg, rt = self.config, self.runtime
     x = self.embed(tokens)
-    tables = self.layer_rotary_tables(positions, seq_len=tokens.shape[1])
+    tables = self.layer_rotary_tables(positions, seq_len=seq_len or tokens.shape[1])
     graphdef, stacked = nnx.split(self.layers)
 
     def layer(x, layer_state, kind):
@@ -231,13 +233,29 @@ class Llama(nnx.Module):
         x = run_group(x, jax.tree.map(lambda a: a[i], groups))  # pylint: disable=cell-var-from-loop
     return self.norm(x)
 
+  def _pad(self, a, mode="constant"):
+    """[B, T, ...] -> [B, padded_length(T), ...], padded at the end (see padded_length).
+
+    mode "constant": zeros; "edge": the last entry repeated (segment ids: the pads join
+    the last document); "next": the last entry + 1, + 2, ... (positions)."""
+    extra = self.padded_length(a.shape[1]) - a.shape[1]
+    if not extra:
+      return a
+    if mode == "next":
+      return jnp.concatenate([a, a[:, -1:] + 1 + jnp.arange(extra, dtype=a.dtype)], 1)
+    widths = [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2)
+    return jnp.pad(a, widths, mode=mode)
+
   def _inputs(self, tokens, positions, segment_ids):
+    """Checked, padded (`padded_length`) and in layout order: tokens, positions,
+    segment ids."""
     self._check_tokens(tokens, positions, segment_ids)
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                    tokens.shape)
-    lay = lambda a: None if a is None else self.to_layout(a)
-    return lay(tokens), lay(positions), lay(segment_ids)
+    lay = lambda a, mode="constant": None if a is None else self.to_layout(
+        self._pad(a, mode))
+    return lay(tokens), lay(positions, "next"), lay(segment_ids, "edge")
 
   @property
   def head_weight(self):
@@ -251,11 +269,12 @@ class Llama(nnx.Module):
 
     Materialises [B, T, V]: for training use `loss`, which never does.
     """
-    h = self.hidden_states(*self._inputs(tokens, positions, segment_ids))
+    h = self.hidden_states(*self._inputs(tokens, positions, segment_ids),
+                           seq_len=tokens.shape[1])
     logits = jnp.einsum("BTD,DV->BTV", h, self.head_weight.astype(h.dtype),
                         preferred_element_type=jnp.float32)
     logits = self.runtime.constrain(logits, ("batch", "seq", "act_vocab"))
-    return self.from_layout(logits)
+    return self.from_layout(logits)[:, :tokens.shape[1]]
 
   def loss(self, tokens, targets, loss_mask=None, positions=None, segment_ids=None):
     """Next-token cross-entropy. Returns (mean loss over loss_mask, sum of loss_mask).
@@ -272,9 +291,10 @@ class Llama(nnx.Module):
       raise ValueError(f"loss_mask must have the tokens' shape {tokens.shape}; got "
                        f"{loss_mask.shape}.")
     tokens_l, positions_l, segments_l = self._inputs(tokens, positions, segment_ids)
-    h = self.hidden_states(tokens_l, positions_l, segments_l)
-    total, weight = cross_entropy(h, self.head_weight, self.to_layout(targets),
-                                  self.to_layout(loss_mask.astype(jnp.float32)),
+    h = self.hidden_states(tokens_l, positions_l, segments_l, seq_len=tokens.shape[1])
+    # Pads carry weight 0: they add nothing to the loss or its gradient.
+    total, weight = cross_entropy(h, self.head_weight, self.to_layout(self._pad(targets)),
+                                  self.to_layout(self._pad(loss_mask.astype(jnp.float32))),
                                   chunks=self.config.loss_chunks)
     return total / jnp.maximum(weight, 1.0), weight
 

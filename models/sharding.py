@@ -5,7 +5,10 @@ says which mesh axes shard each name (MaxText's `logical_axis_rules`). Mesh axes
   dp   data parallel (batch; parameters replicated),
   fsdp fully sharded data parallel (batch; parameters sharded),
   tp   tensor parallel (heads, MLP width, vocabulary),
-  sp   sequence parallel (the ring).
+  sp   sequence parallel (the ring),
+  sp_ulysses  the second sequence axis of 2D context parallelism (attention
+       "ulysses_ring": an all-to-all over it, the ring over "sp"); the sequence is
+       sharded over ("sp", "sp_ulysses"), "sp" major.
 A mesh may have any subset of them; rules that name an absent axis drop it.
 """
 from __future__ import annotations
@@ -20,6 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ringattn_jax import checks
 
 MESH_AXES = ("dp", "fsdp", "tp", "sp")
+ULYSSES_AXIS = "sp_ulysses"  # in a mesh only when make_mesh(sp_ulysses > 1)
 
 # Logical name -> mesh axes, for parameters and activations. "embed" of parameters is
 # sharded over fsdp (and also sp when config.shard_params_over_sp).
@@ -35,7 +39,7 @@ LOGICAL_RULES: Dict[str, Tuple[str, ...]] = {
     "norm": (),
     # activations
     "batch": ("dp", "fsdp"),
-    "seq": ("sp",),
+    "seq": ("sp", ULYSSES_AXIS),
     "act_embed": (),
     "act_heads": ("tp",),
     "act_kv_heads": ("tp",),
@@ -45,22 +49,30 @@ LOGICAL_RULES: Dict[str, Tuple[str, ...]] = {
 
 
 def make_mesh(dp: int = 1, fsdp: int = 1, tp: int = 1, sp: int = 1,
-              devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A mesh with axes ("dp", "fsdp", "tp", "sp") over `devices` (default: all).
+              devices: Optional[Sequence[jax.Device]] = None,
+              sp_ulysses: int = 1) -> Mesh:
+  """A mesh with axes ("dp", "fsdp", "tp", "sp") over `devices` (default: all), and
+  "sp_ulysses" last when sp_ulysses > 1 (2D context parallelism; neighbouring devices,
+  the fast links inside a host, form its all-to-all groups).
 
   Axis types are Auto (sharding propagated by XLA; the model places constraints).
 
   Raises:
-    ValueError: a size < 1, or dp * fsdp * tp * sp != number of devices.
+    ValueError: a size < 1, or dp * fsdp * tp * sp * sp_ulysses != number of devices.
   """
   sizes = {name: checks.positive_int(f"mesh axis {name}", size)
-           for name, size in dict(dp=dp, fsdp=fsdp, tp=tp, sp=sp).items()}
+           for name, size in dict(dp=dp, fsdp=fsdp, tp=tp, sp=sp,
+                                  sp_ulysses=sp_ulysses).items()}
   devices = list(jax.devices() if devices is None else devices)
   total = int(np.prod(list(sizes.values())))
   if total != len(devices):
-    raise ValueError(f"mesh dp*fsdp*tp*sp = {dp}*{fsdp}*{tp}*{sp} = {total} must equal "
-                     f"the number of devices ({len(devices)}).")
-  return Mesh(np.asarray(devices).reshape(dp, fsdp, tp, sp), MESH_AXES)
+    raise ValueError(f"mesh dp*fsdp*tp*sp*sp_ulysses = {dp}*{fsdp}*{tp}*{sp}*"
+                     f"{sp_ulysses} = {total} must equal the number of devices "
+                     f"({len(devices)}).")
+  if sp_ulysses == 1:
+    return Mesh(np.asarray(devices).reshape(dp, fsdp, tp, sp), MESH_AXES)
+  return Mesh(np.asarray(devices).reshape(dp, fsdp, tp, sp, sp_ulysses),
+              MESH_AXES + (ULYSSES_AXIS,))
 
 
 def rules_for(mesh: Optional[Mesh], shard_params_over_sp: bool = False):

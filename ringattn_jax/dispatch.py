@@ -7,8 +7,9 @@ module argument) call this instead of branching themselves:
   "flash"        `flash_attention` on one device (`impl` picks its kernel)
   "dot_product"  `jax.nn.dot_product_attention` (the baseline everything is measured
                  against; segment ids become a dense mask)
-  "ring", "allgather", "ulysses"
+  "ring", "allgather", "ulysses", "ulysses_ring"
                  `sharded_attention` over `mesh`, the sequence sharded over `seq_axis`
+                 (and `ulysses_axis` for "ulysses_ring")
 
 The word `method` names this choice; `backend` is kept for the platform ("cpu", "gpu",
 "tpu").
@@ -51,7 +52,8 @@ def _dot_product(q, k, v, bias, mask, mask_kwargs):
 def attention(q, k, v, bias=None, mask=None, *, method: str = "flash", mesh=None,
               impl: str = "auto", backend: Optional[str] = None, block_sizes=None,
               layout: str = "contiguous",
-              permuted: bool = False, seq_axis: str = "sp", batch_axes: Any = AUTO,
+              permuted: bool = False, seq_axis: str = "sp",
+              ulysses_axis: Optional[str] = None, batch_axes: Any = AUTO,
               head_axis: Optional[str] = AUTO, **mask_kwargs):
   """Attention computed by the method named `method`.
 
@@ -64,7 +66,8 @@ def attention(q, k, v, bias=None, mask=None, *, method: str = "flash", mesh=None
       rejected by the others).
     impl, backend, block_sizes: the kernel of "flash" and of the sequence-parallel
       methods' devices, and the platform it is built for (see `kernel_choice`).
-    layout, permuted, seq_axis, batch_axes, head_axis: sequence-parallel methods only
+    layout, permuted, seq_axis, ulysses_axis, batch_axes, head_axis:
+      sequence-parallel methods only
       (see `sharded_attention`).
     **mask_kwargs: the shared mask keywords (is_causal, segment_ids,
       local_window_size, logit_softcap, scale, ...; see `flash_attention`).
@@ -82,7 +85,7 @@ def attention(q, k, v, bias=None, mask=None, *, method: str = "flash", mesh=None
       raise ValueError(f"method={method!r} does not take dense bias/mask tensors; express "
                        "the mask with is_causal, local_window_size or segment_ids.")
     return sharded_attention(q, k, v, mesh=mesh, strategy=method, seq_axis=seq_axis,
-                             batch_axes=batch_axes, head_axis=head_axis, layout=layout,
+                             ulysses_axis=ulysses_axis, batch_axes=batch_axes, head_axis=head_axis, layout=layout,
                              permuted=permuted, impl=impl, backend=backend,
                              block_sizes=block_sizes, **mask_kwargs)
   if mesh is not None:

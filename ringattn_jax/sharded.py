@@ -13,6 +13,19 @@ sequence axis `seq_axis` (size n):
   full-sequence local attention on N/n heads, all-to-all back. Needs the (local) query
   heads divisible by n, and key/value heads divisible by n (or dividing n: they are
   then repeated, e.g. MQA).
+- "ulysses_ring": 2D context parallelism over two mesh axes (USP's ulysses x ring,
+  TransformerEngine's a2a+p2p): the sequence is sharded over (`ring_axis`,
+  `ulysses_axis`), of sizes n and u. An all-to-all over `ulysses_axis` moves each
+  group of u devices from sequence to head sharding (each then holds T/n consecutive
+  tokens of N/u heads), the ring runs over `ring_axis` on those (hop skipping, layouts,
+  GQA, every mask keyword), and an all-to-all moves back. Typical use: the
+  all-to-all inside a host (fast links), the ring across hosts. Heads as for ulysses,
+  with u in place of n. The layout is the ring's (over n devices): T/n-token shards in
+  zigzag/striped order, each split over its u devices.
+
+Any sequence length: lengths that the mesh does not split evenly (the ring size, 2n
+for zigzag, n * u for ulysses_ring) are padded at the end here, the pads made invisible
+(`ringattn_jax.padding`), and the result returned at the caller's length.
 
 Batch may be sharded over `batch_axes` (default: whichever of "dp", "fsdp" the mesh
 has) and heads over `head_axis` (default "tp" if the mesh has it).
@@ -42,11 +55,13 @@ from ringattn_jax import arguments
 from ringattn_jax import flash
 from ringattn_jax import kernel_choice
 from ringattn_jax import layouts
+from ringattn_jax import padding
 from ringattn_jax import ring
 from ringattn_jax import softmax
 from ringattn_jax import tuning
 
-STRATEGIES = ("ring", "allgather", "ulysses")
+STRATEGIES = ("ring", "allgather", "ulysses", "ulysses_ring")
+DEFAULT_ULYSSES_AXIS = "sp_ulysses"
 DEFAULT_BATCH_AXES = ("dp", "fsdp")
 DEFAULT_HEAD_AXIS = "tp"
 AUTO = "auto"
@@ -58,7 +73,8 @@ class _Plan:
 
   mesh: Any
   strategy: str
-  seq_axis: str
+  seq_axis: str  # the ring's axis (the only sequence axis unless ulysses_axis)
+  ulysses_axis: Optional[str]  # "ulysses_ring": the all-to-all's axis
   batch_axes: Tuple[str, ...]
   head_axis: Optional[str]
   layout: str
@@ -72,7 +88,24 @@ class _Plan:
 
   @property
   def n(self) -> int:
+    """The ring size (the layout's device count)."""
     return self.mesh.shape[self.seq_axis]
+
+  @property
+  def u(self) -> int:
+    """The size of the ulysses axis of "ulysses_ring" (1 otherwise)."""
+    return self.mesh.shape[self.ulysses_axis] if self.ulysses_axis else 1
+
+  @property
+  def seq_spec(self):
+    """The sequence dim's PartitionSpec entry: ring-major over (ring, ulysses), so that
+    a ulysses group's shards are consecutive tokens."""
+    return (self.seq_axis, self.ulysses_axis) if self.ulysses_axis else self.seq_axis
+
+  @property
+  def length_multiple(self) -> int:
+    """Global lengths must be multiples of this (shorter ones are padded up to one)."""
+    return math.lcm(layouts.shard_multiple(self.layout, self.n), self.n * self.u)
 
   @property
   def batch_spec(self):
@@ -89,11 +122,12 @@ def _axis_sizes(mesh, names) -> int:
   return math.prod(mesh.shape[a] for a in names)
 
 
-def _resolve_axes(mesh, seq_axis, batch_axes, head_axis):
+def _resolve_axes(mesh, seq_axis, ulysses_axis, batch_axes, head_axis):
   names = tuple(mesh.axis_names)
-  if seq_axis not in names:
-    raise ValueError(f"seq_axis {seq_axis!r} is not an axis of the mesh; mesh axes are "
-                     f"{names}.")
+  for what, axis in (("seq_axis", seq_axis), ("ulysses_axis", ulysses_axis)):
+    if axis is not None and axis not in names:
+      raise ValueError(f"{what} {axis!r} is not an axis of the mesh; mesh axes are "
+                       f"{names}.")
   if isinstance(batch_axes, str) and batch_axes == AUTO:
     batch_axes = tuple(a for a in DEFAULT_BATCH_AXES if a in names)
   elif batch_axes is None:
@@ -103,24 +137,48 @@ def _resolve_axes(mesh, seq_axis, batch_axes, head_axis):
   batch_axes = tuple(batch_axes)
   if isinstance(head_axis, str) and head_axis == AUTO:
     head_axis = DEFAULT_HEAD_AXIS if DEFAULT_HEAD_AXIS in names else None
-  used = (seq_axis,) + batch_axes + ((head_axis,) if head_axis else ())
+  used = ((seq_axis,) + ((ulysses_axis,) if ulysses_axis else ()) + batch_axes
+          + ((head_axis,) if head_axis else ()))
   missing = [a for a in used if a not in names]
   if missing:
     raise ValueError(f"mesh axes {missing} not found; mesh axes are {names} "
                      f"(seq_axis={seq_axis!r}, batch_axes={batch_axes}, "
                      f"head_axis={head_axis!r}).")
   if len(set(used)) != len(used):
-    raise ValueError(f"seq_axis, batch_axes and head_axis must be distinct; got {used}.")
+    raise ValueError(f"the ring/sequence axis, ulysses_axis, batch_axes and head_axis "
+                     f"must be distinct; got {used}.")
   return batch_axes, head_axis
+
+
+def _check_heads(plan: _Plan, N: int, K: int, nh: int) -> None:
+  """ulysses / ulysses_ring: the local heads must split over the all-to-all's axis."""
+  if plan.strategy not in ("ulysses", "ulysses_ring"):
+    return
+  axis, size = ((plan.seq_axis, plan.n) if plan.strategy == "ulysses" else
+                (plan.ulysses_axis, plan.u))
+  Nl, Kl = N // nh, K // nh
+  if Nl % size or (Kl % size and size % Kl):
+    other = ("'ring' or 'allgather'" if plan.strategy == "ulysses" else
+             f"'ring', or a smaller {axis!r} axis")
+    raise ValueError(
+        f"strategy={plan.strategy!r} shards heads over the mesh axis {axis!r} of size "
+        f"{size}: query heads per device ({Nl} = N={N} / head-axis size {nh}) must be "
+        f"divisible by {size}, and key/value heads per device ({Kl}) must be divisible "
+        f"by {size} or divide it; use strategy={other}.")
 
 
 def _check_shapes(plan: _Plan, x: arguments.AttnInputs):
   B, T, N, _ = x.q.shape
   S, K = x.k.shape[1], x.k.shape[2]
   n, mesh = plan.n, plan.mesh
-  where = f" (mesh axis {plan.seq_axis!r} of size {n})"
-  layouts.check_length("query", T, plan.layout, n, where)
-  layouts.check_length("key/value", S, plan.layout, n, where)
+  if plan.permuted:  # in layout order already: no room for pads
+    where = (f" (mesh axis {plan.seq_axis!r} of size {n}; permuted=True inputs are not "
+             "padded)")
+    for name, L in (("query", T), ("key/value", S)):
+      layouts.check_length(name, L, plan.layout, n, where)
+      if plan.u > 1 and L % (n * plan.u):
+        raise ValueError(f"{name} length {L} must be divisible by the {n * plan.u} "
+                         f"devices of axes {plan.seq_spec}{where}.")
   nb = _axis_sizes(mesh, plan.batch_axes)
   if B % nb:
     raise ValueError(f"batch {B} must be divisible by the size {nb} of batch axes "
@@ -129,17 +187,12 @@ def _check_shapes(plan: _Plan, x: arguments.AttnInputs):
   if N % nh or K % nh:
     raise ValueError(f"query heads N={N} and key/value heads K={K} must be divisible by "
                      f"the size {nh} of head axis {plan.head_axis!r}.")
-  if plan.strategy == "ulysses":
-    Nl, Kl = N // nh, K // nh
-    if Nl % n or (Kl % n and n % Kl):
-      raise ValueError(
-          f"strategy='ulysses' shards heads over the sequence axis {plan.seq_axis!r} of "
-          f"size {n}: query heads per device ({Nl} = N={N} / head-axis size {nh}) must "
-          f"be divisible by {n}, and key/value heads per device ({Kl}) must be "
-          f"divisible by {n} or divide it; use strategy='ring' or 'allgather'.")
+  _check_heads(plan, N, K, nh)
 
 
 def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = "sp",
+                      ring_axis: Optional[str] = None,
+                      ulysses_axis: Optional[str] = None,
                       batch_axes: Union[str, Sequence[str], None] = AUTO,
                       head_axis: Optional[str] = AUTO, layout: str = "contiguous",
                       permuted: bool = False, impl: str = "auto",
@@ -154,8 +207,13 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
   Args:
     q: [B, T, N, H] queries; k, v: [B, S, K, H], N % K == 0 (GQA/MQA).
     mesh: a `jax.sharding.Mesh` (from `Mesh(...)` or `jax.make_mesh`).
-    strategy: "ring", "allgather" or "ulysses" (see the module docstring).
+    strategy: "ring", "allgather", "ulysses" or "ulysses_ring" (see the module
+      docstring).
     seq_axis: mesh axis that shards the sequence (the ring).
+    ring_axis: another name for seq_axis (given, it replaces seq_axis), as
+      "ulysses_ring" calls it.
+    ulysses_axis: strategy="ulysses_ring" only: the mesh axis of the all-to-all
+      (default "sp_ulysses"); the sequence is sharded over (ring axis, ulysses_axis).
     batch_axes: mesh axes that shard the batch; "auto": those of ("dp", "fsdp") that
       the mesh has; None or () for none.
     head_axis: mesh axis that shards heads; "auto": "tp" if the mesh has it; None for
@@ -180,8 +238,9 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
       `flash_pallas.BlockSizes`). None: the machine's tuned table for the shapes each
       device's kernel sees, else the kernel's defaults (`ringattn_jax.tuning`; the
       ring also caps them at its layout's runs, see `ring_attention`).
-    head_groups: strategy="ring" only: passes of the ring, each over that fraction of
-      the (per-device) key/value heads (see `ring_attention`); default automatic.
+    head_groups: strategy="ring" or "ulysses_ring" only: passes of the ring, each over
+      that fraction of the (per-device) key/value heads (see `ring_attention`);
+      default automatic.
     return_lse: also return the log-sum-exp [B, T, N] float32.
     **mask_kwargs: the mask keywords of `arguments.SEQUENCE_PARALLEL_KEYWORDS`:
       is_causal, segment_ids [B, T], kv_segment_ids [B, S], local_window_size,
@@ -192,14 +251,21 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
       q_positions, kv_positions: [T] / [S] int positions for causal/window (default
         arange), in the caller's order.
 
+  Any lengths T and S: where the mesh does not split them evenly (`permuted=False`),
+  q, k, v are padded at the end to the next multiple, the pads are made invisible and
+  the result is cut back to T rows (`ringattn_jax.padding`); no gradient reaches a pad.
+
   Returns:
     [B, T, N, H] in q's dtype (and the lse), sharded like the inputs' spec
-    P(batch_axes, seq_axis, head_axis).
+    P(batch_axes, seq_axis, head_axis) (P(batch_axes, (ring_axis, ulysses_axis),
+    head_axis) for "ulysses_ring"; where T was padded, unevenly, or on a mesh with
+    Explicit axes replicated along the sequence axes).
 
   Raises:
-    ValueError: unknown strategy or layout, missing mesh axes, lengths not divisible by
-      the ring size (2 * ring size for zigzag), batch/heads not divisible by their
-      axes, heads not divisible by the ring size for "ulysses", invalid mask arguments.
+    ValueError: unknown strategy or layout, missing or repeated mesh axes, permuted
+      inputs whose lengths the mesh does not split evenly, batch/heads not divisible
+      by their axes, heads that do not split over the all-to-all's axis ("ulysses":
+      the ring size; "ulysses_ring": ulysses_axis), invalid mask arguments.
   """
   if strategy not in STRATEGIES:
     raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}.")
@@ -210,17 +276,28 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
   if block_sizes is not None:
     block_sizes = ring.check_kernel_block_sizes(ring.hop_kernel(choice), choice,
                                                 block_sizes)
-  if head_groups is not None and strategy != "ring":
-    raise ValueError(f"head_groups applies to strategy='ring' only; got strategy="
-                     f"{strategy!r}.")
-  batch_axes, head_axis = _resolve_axes(mesh, seq_axis, batch_axes, head_axis)
+  if head_groups is not None and strategy not in ("ring", "ulysses_ring"):
+    raise ValueError(f"head_groups applies to strategies 'ring' and 'ulysses_ring' "
+                     f"only; got strategy={strategy!r}.")
+  if ulysses_axis is not None and strategy != "ulysses_ring":
+    raise ValueError(f"ulysses_axis={ulysses_axis!r} applies to strategy="
+                     f"'ulysses_ring' only; got strategy={strategy!r}.")
+  if strategy == "ulysses_ring" and ulysses_axis is None:
+    ulysses_axis = DEFAULT_ULYSSES_AXIS
+  seq_axis = seq_axis if ring_axis is None else ring_axis
+  batch_axes, head_axis = _resolve_axes(mesh, seq_axis, ulysses_axis, batch_axes,
+                                        head_axis)
   x, spec = arguments.canonicalize(q, k, v, **mask_kwargs)
-  plan = _Plan(mesh=mesh, strategy=strategy, seq_axis=seq_axis, batch_axes=batch_axes,
+  plan = _Plan(mesh=mesh, strategy=strategy, seq_axis=seq_axis,
+               ulysses_axis=ulysses_axis, batch_axes=batch_axes,
                head_axis=head_axis, layout=layout, permuted=bool(permuted),
                choice=choice, block_sizes=block_sizes, head_groups=head_groups, spec=spec,
                has_q_positions=mask_kwargs.get("q_positions") is not None,
                has_kv_positions=mask_kwargs.get("kv_positions") is not None)
   _check_shapes(plan, x)
+  if padding.needs_segments(spec, x.q.shape[1], x.k.shape[1], plan.length_multiple,
+                            (plan.has_q_positions, plan.has_kv_positions)):
+    plan = dataclasses.replace(plan, spec=dataclasses.replace(spec, has_segments=True))
   if x.q.shape[0] == 0:  # no rows (XLA cannot partition the ring's empty backward)
     out = jnp.zeros(x.q.shape, x.q.dtype)
     lse = jnp.zeros(x.q.shape[:3], arguments.accum_dtype(x.q.dtype))
@@ -235,10 +312,14 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
 
 @functools.partial(jax.jit, static_argnames=("plan",))
 def _sharded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, plan: _Plan):
-  b, s, h = plan.batch_spec, plan.seq_axis, plan.head_axis
+  T = q.shape[1]
+  q, k, v, q_seg, kv_seg, q_pos, kv_pos = padding.pad(
+      q, k, v, q_seg, kv_seg, q_pos, kv_pos, multiple=plan.length_multiple,
+      segments=plan.spec.has_segments)
+  b, s, h = plan.batch_spec, plan.seq_spec, plan.head_axis
   x_spec, lse_spec, ids_spec, pos_spec = P(b, s, h, None), P(b, s, h), P(b, s), P(s)
   local = {"ring": _ring_local, "allgather": _allgather_local,
-           "ulysses": _ulysses_local}[plan.strategy]
+           "ulysses": _ulysses_local, "ulysses_ring": _ring_local}[plan.strategy]
   args = (q, k, v, q_seg, kv_seg, q_pos, kv_pos)
   specs = (x_spec,) * 3 + (ids_spec,) * 2 + (pos_spec,) * 2
   # Absent optional arguments (None) are empty pytrees: give them no spec.
@@ -246,6 +327,7 @@ def _sharded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, plan: _Plan):
   # Layout permutation: inside the shard_map with collectives that move O(T/n) per
   # device (`_permute_local`) where possible, else as a global gather (which XLA
   # implements by gathering the whole sequence on every device).
+  # (ulysses_ring: the ring's shards of T/n tokens, after the ulysses all-to-all.)
   permutes = plan.layout != "contiguous" and not plan.permuted and plan.n > 1
   local_perm = permutes and _permutes_locally(plan, q.shape[1] // plan.n,
                                               k.shape[1] // plan.n)
@@ -255,19 +337,37 @@ def _sharded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, plan: _Plan):
                for a, sp in zip(args, in_specs))
 
   def run(*args):
+    if plan.ulysses_axis:
+      args = _ulysses_gather(plan, *args)
     if local_perm:  # the sequence is dim 1 (dim 0 for positions: a 1-entry spec)
       args = [None if a is None else _permute_local(plan, a, 0 if len(sp) == 1 else 1)
               for a, sp in zip(args, in_specs)]
     out, lse = local(plan, *args)
     if local_perm:
       out, lse = (_permute_local(plan, a, 1, inverse=True) for a in (out, lse))
+    if plan.ulysses_axis:  # [B, T/n, N/u, ...] -> [B, T/(n u), N, ...]
+      out, lse = (lax.all_to_all(a, plan.ulysses_axis, 1, 2, tiled=True)
+                  for a in (out, lse))
     return out, lse
 
   interpreted = plan.choice.impl == "pallas" and plan.choice.interpret
   out, lse = jax.shard_map(run, mesh=plan.mesh, in_specs=in_specs,
                            out_specs=(x_spec, lse_spec), check_vma=not interpreted)(*args)
-  return (_relayout(plan, out, x_spec, inverse=True, permute=glob_perm),
-          _relayout(plan, lse, lse_spec, inverse=True, permute=glob_perm))
+  out, lse = (_relayout(plan, out, x_spec, inverse=True, permute=glob_perm),
+              _relayout(plan, lse, lse_spec, inverse=True, permute=glob_perm))
+  if out.shape[1] != T:  # drop the padded queries' rows
+    out, lse = _cut(plan, out, T), _cut(plan, lse, T)
+  return out, lse
+
+
+def _cut(plan: _Plan, a, T: int):
+  """a[:, :T]. On a mesh with Explicit axes T rows cannot stay sharded over the
+  sequence axes (they do not divide them): the result is replicated along them."""
+  if not is_explicit(plan.mesh):
+    return a[:, :T]
+  spec = P(plan.batch_spec, None, plan.head_axis, *(None,) * (a.ndim - 3))
+  return jax.sharding.auto_axes(lambda a: a[:, :T],
+                                out_sharding=NamedSharding(plan.mesh, spec))(a)
 
 
 def _permutes_locally(plan: _Plan, T_local: int, S_local: int) -> bool:
@@ -359,6 +459,23 @@ def _allgather_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
   return _attend(plan, q, _gather_seq(plan, k), _gather_seq(plan, v), q_seg,
                  _gather_seq(plan, kv_seg), _local_positions(plan, q_pos, Tl),
                  _all_positions(plan, kv_pos, Sl))
+
+
+def _ulysses_gather(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
+  """ulysses_ring: this ulysses group's T/n consecutive tokens of N/u heads per device.
+
+  [B, T/(n u), N, H] -> [B, T/n, N/u, H] by an all-to-all over the ulysses axis (key/
+  value heads fewer than u are repeated up to u first, as for "ulysses"); segment ids
+  and positions, which have no heads, are gathered.
+  """
+  u, axis = plan.u, plan.ulysses_axis
+  if k.shape[2] % u:
+    k, v = (jnp.repeat(a, u // k.shape[2], axis=2) for a in (k, v))
+  seq_to_heads = lambda a: lax.all_to_all(a, axis, 2, 1, tiled=True)
+  gather = lambda a, dim: None if a is None else lax.all_gather(a, axis, axis=dim,
+                                                                tiled=True)
+  return (seq_to_heads(q), seq_to_heads(k), seq_to_heads(v), gather(q_seg, 1),
+          gather(kv_seg, 1), gather(q_pos, 0), gather(kv_pos, 0))
 
 
 def _ulysses_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):

@@ -33,7 +33,8 @@ def _reference_model():
   return llama.init_model(_cfg(), seed=0)
 
 
-def _batch(seed=1, segments=False):
+def _batch(seed=1, segments=False, length=T):
+  T = length  # pylint: disable=redefined-outer-name
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, BASE["vocab_size"], (2, T)).astype(np.int32)
   targets = np.roll(tokens, -1, axis=1)
@@ -164,22 +165,33 @@ def test_param_count_matches_state():
     (dict(remat_layer_group=3), "remat_layer_group=3 must divide num_hidden_layers=2"),
     (dict(bogus=1), "Unknown LlamaConfig fields \\['bogus'\\]"),
     (dict(rope_scaling={"rope_type": "linear"}), "factor"),
+    (dict(attention="ulysses_ring", layer_types=("linear_attention", "full_attention")),
+     r"attention='ulysses_ring' runs softmax layers only; layer_types has "
+     r"\['linear_attention'\]"),
 ])
 def test_config_errors(kw, match):
   with pytest.raises(ValueError, match=match):
     _cfg(**kw)
 
 
+def test_any_length_on_a_2d_mesh_matches_single_device():
+  """attention="ulysses_ring" on sp=4 x sp_ulysses=2, striped, T = 61 with packed
+  documents and loss_chunks=3: the model pads to 72 (`LlamaConfig.length_multiple`:
+  sp * sp_ulysses * loss_chunks = 24) and matches the unpadded reference model."""
+  model = _variant(make_mesh(sp=4, sp_ulysses=2), attention="ulysses_ring",
+                   layout="striped", loss_chunks=3)
+  assert model.padded_length(61) == 72
+  _compare(model, _batch(segments=True, length=61))
+
+
 def test_input_errors():
   model = _variant(make_mesh(sp=8), attention="ring", layout="zigzag")
-  with pytest.raises(ValueError, match="divisible by 16"):
-    model(jnp.zeros((1, 24), jnp.int32))
+  with pytest.raises(ValueError, match="needs a mesh with a 'sp_ulysses' axis"):
+    _variant(make_mesh(sp=8), attention="ulysses_ring")(jnp.zeros((1, 32), jnp.int32))
   with pytest.raises(ValueError, match="tokens must be"):
     model(jnp.zeros((1, 32), jnp.float32))
   with pytest.raises(ValueError, match="needs a mesh"):
     _variant(None, attention="ring")(jnp.zeros((1, 32), jnp.int32))
-  with pytest.raises(ValueError, match="loss_chunks=3"):
-    _variant(loss_chunks=3).loss(jnp.zeros((1, 32), jnp.int32), jnp.zeros((1, 32), jnp.int32))
   with pytest.raises(ValueError, match="cannot change hidden_size"):
     llama.reconfigure(_reference_model(), _cfg(hidden_size=32, num_attention_heads=4))
   with pytest.raises(ValueError, match="must equal the number of devices"):

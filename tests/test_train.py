@@ -24,10 +24,13 @@ def _losses(workdir):
 
 @pytest.mark.parametrize("change, match", [
     (lambda c: c.mesh.update(sp=3), "mesh dp\\*fsdp\\*tp\\*sp"),
-    (lambda c: c.data.update(seq_len=92), "data.seq_len=92 must be divisible by 8"),
+    (lambda c: c.data.update(seq_len=94), "data.seq_len=94 must be divisible by 4 "
+     r"\(the batch is sharded over the sequence axes"),
     (lambda c: c.data.update(seq_len=72), "too short"),
     (lambda c: c.data.update(batch_size=3), "data.batch_size=3 must be divisible by 2"),
     (lambda c: c.model.update(attention="flash"), "needs a sequence-parallel"),
+    (lambda c: c.mesh.update(dp=1, sp=4, sp_ulysses=2), "mesh.sp_ulysses=2 and model.attention="
+     "'ring': 2D context parallelism is attention='ulysses_ring'"),
     (lambda c: c.model.update(num_key_value_heads=3), "config.model"),
     (lambda c: c.optim.update(schedule="wavy"), "config.optim"),
     (lambda c: c.data.update(kind="poems"), "config.data"),
