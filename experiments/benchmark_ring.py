@@ -29,8 +29,9 @@ Measures, on an `sp` mesh of `--sp` devices (B=1, N=8, H=128 by default):
    the working set when they are large).
 3. Causal work balance: tiles per device max/mean from `schedule.work_per_device` for
    each layout. Target: <= 1.05 for zigzag and striped.
-4. Strategies ring / allgather / ulysses, causal float32, at several T: forward+backward
-   time and compiled per-device temp memory.
+4. Strategies ring / allgather / ulysses / ulysses_ring (2D: all-to-all over 2 devices,
+   ring over sp/2), causal float32, at several T: forward+backward time and compiled
+   per-device temp memory.
 
 Timings are the median of `--repeats` runs after one warm-up run (`--long_repeats` at
 T >= 16384), with `block_until_ready`; each program is compiled once and its memory
@@ -78,8 +79,9 @@ flags.DEFINE_integer("sp", 8, "Devices on the sequence axis (the ring).")
 flags.DEFINE_integer("target_len", None, "T of the target rows (default: preset's).")
 flags.DEFINE_list("target_layouts", ["zigzag", "contiguous"],
                   "Ring layouts of the target rows and the memory table.")
-flags.DEFINE_list("strategies", ["ring", "allgather", "ulysses"],
-                  "Strategies of the strategy table (causal, --strategy_dtype).")
+flags.DEFINE_list("strategies", ["ring", "allgather", "ulysses", "ulysses_ring"],
+                  "Strategies of the strategy table (causal, --strategy_dtype); "
+                  "ulysses_ring on a 2 x sp/2 mesh (sp_ulysses x sp).")
 flags.DEFINE_string("strategy_layout", "zigzag",
                     "Layout for ring and allgather in the strategy table (ulysses, whose "
                     "per-device work is balanced by heads, always uses contiguous).")

@@ -88,10 +88,11 @@ def _balance_markdown(balance) -> List[str]:
 def _strategies_markdown(strategies) -> List[str]:
   md = ["", "## Strategies (causal, forward+backward, sharded_attention)", "",
         "Temp memory here is that of the timed program (loss `sum(out)`).", "",
-        "| strategy | layout | dtype | T | sp | ms | TFLOP/s | single (1-dev proc) ms | "
+        "| strategy | layout | dtype | T | devices | ms | TFLOP/s | single (1-dev proc) ms | "
         "single (this proc) ms | vs single | temp MiB / device | single-device temp MiB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-  md += [f"| {r['strategy']} | {r['layout']} | {r['dtype']} | {r['T']} | {r['sp']} | "
+  md += [f"| {r['strategy']} | {r['layout']} | {r['dtype']} | {r['T']} | "
+         f"{r.get('mesh', r['sp'])} | "
          f"{r['fwd_bwd_ms']:.1f} | {r['tflops']:.3f} | {_f(r['single_1dev_ms'], '.1f')} | "
          f"{r['single_ms']:.1f} | {r['vs_single']:.2f} | {_mib(r['temp_bytes'])} | "
          f"{_mib(r['single_temp_bytes'])} |" for r in strategies]

@@ -5,7 +5,9 @@ Programs, all forward+backward of causal attention on [B, T, N, H] inputs:
   "single"     `flash_attention(impl="xla")` on one device.
   a strategy   `sharded_attention(strategy=..., layout=...)` on an `sp` mesh of n
                devices, inputs placed with NamedSharding ("ring", "allgather",
-               "ulysses").
+               "ulysses"); "ulysses_ring" on a 2D mesh ("sp_ulysses" of
+               `ULYSSES_SIZE` x "sp" of n / ULYSSES_SIZE), the sequence sharded over
+               ("sp", "sp_ulysses").
   "ring_core"  `ring_attention` under `jax.shard_map`, inputs taken to be in layout
                order already (no per-call permutation).
 """
@@ -22,6 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from experiments import bench_lib
 from ringattn_jax import ring_attention, sharded_attention
+
+ULYSSES_SIZE = 2  # "ulysses_ring": the all-to-all's axis (sp=8 -> a 2 x 4 mesh)
 
 
 @dataclasses.dataclass
@@ -47,8 +51,18 @@ def seq_mesh(n: int) -> Mesh:
   return Mesh(np.asarray(devices[:n]), ("sp",))
 
 
+def mesh_2d(n: int) -> Mesh:
+  """("sp_ulysses", "sp") of ULYSSES_SIZE x n / ULYSSES_SIZE devices."""
+  if n % ULYSSES_SIZE:
+    raise ValueError(f"strategy 'ulysses_ring' needs --sp divisible by {ULYSSES_SIZE}; "
+                     f"got {n}.")
+  devices = np.asarray(seq_mesh(n).devices).reshape(ULYSSES_SIZE, n // ULYSSES_SIZE)
+  return Mesh(devices, ("sp_ulysses", "sp"))
+
+
 def seq_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(None, "sp", None, None))
+  seq = ("sp", "sp_ulysses") if "sp_ulysses" in mesh.axis_names else "sp"
+  return NamedSharding(mesh, P(None, seq, None, None))
 
 
 def sharded_fn(mesh, strategy: str, layout: str, block_sizes) -> Callable:
@@ -101,7 +115,7 @@ class Runner:
     self.cfg = cfg
     self.block_sizes = block_sizes
     self.cache: Dict[tuple, Dict] = {}
-    self.meshes: Dict[int, Mesh] = {}
+    self.meshes: Dict[tuple, Mesh] = {}
 
   def repeats(self, T: int) -> int:
     r = self.cfg.repeats
@@ -112,9 +126,10 @@ class Runner:
     if kind == "single":
       return (bench_lib.attention_fn("xla", True, bs),
               jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-    if n not in self.meshes:
-      self.meshes[n] = seq_mesh(n)
-    mesh = self.meshes[n]
+    two_d = kind == "ulysses_ring"
+    if (n, two_d) not in self.meshes:
+      self.meshes[n, two_d] = mesh_2d(n) if two_d else seq_mesh(n)
+    mesh = self.meshes[n, two_d]
     if kind == "ring_core":
       return ring_core_fn(mesh, layout, bs), seq_sharding(mesh)
     return sharded_fn(mesh, kind, layout, bs), seq_sharding(mesh)

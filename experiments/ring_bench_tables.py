@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Dict, List, Optional
 
 from experiments import bench_lib
-from experiments.ring_bench_runner import Config, Runner
+from experiments.ring_bench_runner import ULYSSES_SIZE, Config, Runner
 from ringattn_jax import ring as ring_lib
 from ringattn_jax import schedule
 
@@ -106,7 +106,9 @@ def run_strategies(run: Runner, strategies: List[str], seq_lens: List[int],
     for strategy in strategies:
       lay = "contiguous" if strategy == "ulysses" else layout
       r = run.measure(strategy, dtype, T, cfg.sp, lay)
-      rows.append(dict(strategy=strategy, layout=lay, dtype=dtype, T=T, sp=cfg.sp,
+      mesh = (f"{ULYSSES_SIZE}x{cfg.sp // ULYSSES_SIZE}" if strategy == "ulysses_ring"
+              else str(cfg.sp))  # (sp_ulysses x sp for the 2D strategy)
+      rows.append(dict(strategy=strategy, layout=lay, dtype=dtype, T=T, sp=cfg.sp, mesh=mesh,
                        fwd_bwd_ms=r["fwd_bwd_ms"], tflops=r["fwd_bwd_tflops"],
                        temp_bytes=r["temp_bytes"], single_ms=single["fwd_bwd_ms"],
                        single_1dev_ms=s1, single_temp_bytes=single["temp_bytes"],
