@@ -16,9 +16,10 @@ and an attention method chosen by name (`method`, one of `METHODS`), computed by
   "reference"    ringattn_jax.reference_attention (dense; for checking)
   "flash"        ringattn_jax.flash_attention (one device)
   "dot_product"  jax.nn.dot_product_attention (no logit_softcap)
-  "ring", "allgather", "ulysses"
+  "ring", "allgather", "ulysses", "ulysses_ring"
                  ringattn_jax.sharded_attention over `mesh` (the sequence sharded over
-                 `seq_axis`, in token `layout`); inputs and outputs stay in the caller's
+                 `seq_axis`, and "sp_ulysses" for the 2D "ulysses_ring", in token
+                 `layout`); inputs and outputs stay in the caller's
                  token order, so the rest of the model needs no change.
 
 `flash_impl` picks the kernel of "flash" and of the sequence-parallel methods (every
@@ -228,10 +229,11 @@ _DOC_ARGS = """
     head_dim: H (default D // N).
     out_features: E (default D).
     method: the attention method, one of METHODS: "reference", "flash",
-      "dot_product", "ring", "allgather" or "ulysses" (module docstring).
+      "dot_product", "ring", "allgather", "ulysses" or "ulysses_ring" (module
+      docstring).
     backend: the platform the attention kernel is built for ("cpu", "gpu", "tpu";
       None: the machine's); with a method name, a deprecated alias of `method` (warns).
-    mesh: a jax.sharding.Mesh; required by "ring", "allgather" and "ulysses".
+    mesh: a jax.sharding.Mesh; required by the sequence-parallel methods.
     layout: token layout over the ring ("contiguous", "zigzag", "striped"); inputs and
       outputs stay in the caller's order either way.
     seq_axis, batch_axes, head_axis: mesh axes for the sequence, batch and heads (see

@@ -141,6 +141,25 @@ def test_sharded_ring_lowers_with_pallas_kernels(platform, no_xla_kernel):
   assert "= stablehlo.dot_general" not in module
 
 
+def test_2d_unaligned_lowers_with_pallas_kernels(no_xla_kernel):
+  """ulysses_ring on a 2 x 4 mesh at an unaligned length (1000 tokens, padded to 1008)
+  lowers for CUDA with the Pallas kernels in the ring and all-to-alls around it."""
+  mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("sp_ulysses", "sp"))
+  B, Tg, N, K, H = 1, 1000, 4, 2, 128
+
+  def loss(q, k, v):
+    out = sharded_attention(q, k, v, mesh=mesh, strategy="ulysses_ring", layout="zigzag",
+                            backend="gpu", is_causal=True)
+    return jnp.sum(out.astype(jnp.float32))
+
+  kv = jax.ShapeDtypeStruct((B, Tg, K, H), jnp.bfloat16)
+  args = (jax.ShapeDtypeStruct((B, Tg, N, H), jnp.bfloat16), kv, kv)
+  module = _export(jax.grad(loss, argnums=(0, 1, 2)), args, "cuda")
+  _assert_kernels(module, "cuda")
+  assert "stablehlo.all_to_all" in module
+  assert "= stablehlo.dot_general" not in module
+
+
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_ring_with_sinks_and_chunks_lowers_with_pallas_kernels(platform, no_xla_kernel):
   """Sinks (the kernels' sink-prefix loops, the collected sink keys), chunks and sink
