@@ -44,6 +44,7 @@ SINGLE_DEVICE_ATTENTION = tuple(m for m in ATTENTION if m not in SEQUENCE_PARALL
 FLASH_IMPLS = kernel_choice.SEQUENCE_PARALLEL_IMPLS
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_names",
                   "offload")
+REMAT_COMPRESS = ("bf16", "int8", "fp8")  # how saved layer inputs are stored (models.remat)
 # Intermediate tensors a layer tags with `checkpoint_name`, for the "save_names" and
 # "offload" remat policies.
 REMAT_NAMES = ("qkv", "attn_context", "attn_out", "mlp_hidden", "mlp_out")
@@ -75,31 +76,26 @@ class LlamaConfig:
       kernel of "flash" and of the sequence-parallel methods on every device and ring
       hop ("auto" picks Pallas on GPU/TPU, XLA on CPU; see ringattn_jax.which_kernel).
       backend: the platform that kernel is built for ("cpu", "gpu", "tpu"; None: the
-      machine's); another platform than the machine's builds a program to export,
-      not to run.
-      layout: token layout for the sequence-parallel attentions ("zigzag"/"striped"
-      balance causal work); tokens are permuted once at the model input and
-      positions carried, not per layer.
+      machine's; another one builds a program to export, not to run). layout: token
+      layout for the sequence-parallel attentions ("zigzag"/"striped" balance causal
+      work); tokens are permuted once at the model input, positions carried.
     sliding_window: None or a window W (Hugging Face's meaning: a query sees the keys
       at distance < W, itself included, i.e. local_window_size=(W - 1, 0)). Without
       layer_types it applies to every layer.
     layer_types: None (every layer alike: sliding when sliding_window is set, chunked
-      when attention_chunk_size is set, else full; not both) or one entry per layer,
-      each one of LAYER_TYPES: "sliding_attention" layers attend within sliding_window
-      (which must then be set), "full_attention" layers attend to the whole causal
-      context (Hugging Face's field; Gemma 3, Ministral), "chunked_attention" layers
-      attend causally within their chunk of attention_chunk_size (which must then be
-      set; Llama 4), "block_sparse_attention" layers run
-      ringattn_jax.block_sparse_attention (block_sparse_size and block_sparse_top_k
-      must then be set), "linear_attention" layers run causal
-      ringattn_jax.linear_attention (feature_map, ...; below). A list is stored as a
-      tuple. `layer_kinds` gives the
+      when attention_chunk_size is set, else full; not both) or one entry per layer
+      (stored as a tuple), each one of LAYER_TYPES: "sliding_attention" (within
+      sliding_window, which must be set), "full_attention" (the whole causal context;
+      Hugging Face's field; Gemma 3, Ministral), "chunked_attention" (causally within
+      a chunk of attention_chunk_size, which must be set; Llama 4),
+      "block_sparse_attention" (ringattn_jax.block_sparse_attention; block_sparse_size
+      and block_sparse_top_k must be set), "linear_attention" (causal
+      ringattn_jax.linear_attention; feature_map, ... below). `layer_kinds` gives the
       per-layer kind, `sliding_layers` which layers are sliding.
     num_sink_tokens: s >= 0 attention sinks (StreamingLLM): keys at true position < s
       stay visible to the sliding layers whatever the window (the causal and segment
-      rules still apply), and block-sparse layers always keep the blocks holding them.
-      Passed to every attention call; it changes nothing in full or chunked layers.
-      Generation keeps the sinks in the sliding layers' rolling cache.
+      rules still apply), and block-sparse layers always keep their blocks; nothing
+      changes in full or chunked layers. Generation keeps them in the rolling cache.
     learned_sinks: a learned sink logit per query head in every layer (parameter
       `self_attn.sinks` [N], zeros at init, logical axes ("q_heads",)), joining every
       softmax denominator as a key with value zero (gpt-oss; `sink_logits`).
@@ -108,11 +104,10 @@ class LlamaConfig:
       layer_types it makes every layer chunked (Llama 4 chunks its RoPE layers and
       leaves its NoPE layers full; every layer of this block uses RoPE).
     block_sparse_size, block_sparse_top_k, block_sparse_local_blocks: the
-      "block_sparse_attention" layers' block_size (tokens per block; must divide the
-      sequence, a device's shard, and half of it for zigzag), top_k (key blocks kept
-      by score per query block, >= 0) and local_blocks (blocks ending at the diagonal
-      always kept, >= 0, default 1). With a sequence-parallel attention these layers
-      run block_sparse_attention on the mesh (layouts contiguous and zigzag only).
+      "block_sparse_attention" layers' block_size (tokens per block), top_k (key
+      blocks kept by score per query block, >= 0) and local_blocks (blocks ending at
+      the diagonal always kept, >= 0, default 1). With a sequence-parallel attention
+      they run block_sparse_attention on the mesh (layouts contiguous and zigzag).
     feature_map, num_features, linear_chunk_size, favor_redraw_interval: the
       "linear_attention" layers' feature map (one of FEATURE_MAPS, default "elu"), the
       FAVOR feature count M (a positive int, default 256; used by "favor" only), the
@@ -121,16 +116,14 @@ class LlamaConfig:
       optimizer steps, `models.favor`; "favor" only). With "favor" every layer holds
       its projection W [M, H] as a non-trainable `models.favor.FavorFeatures`
       variable (stacked [L, M, H], float32), drawn from the model's seed and saved
-      with checkpoints. The sequence-parallel choice is the model's, as for the
-      block-sparse layers: with a sequence-parallel attention (ring, allgather,
-      ulysses; its method then runs the softmax layers) the linear layers run
-      ringattn_jax.sharded_linear_attention on the mesh's "sp" axis, in config.layout
-      (striped needs T divisible by sp * sp, see `length_multiple`); otherwise
-      linear_attention on one device. So an all-linear model is sequence-parallel
-      with layer_types all "linear_attention" and, say, attention="ring";
-      attention="linear" is the single-device shorthand. Linear
-      layers take no learned_sinks (no softmax) and cannot be decoded yet (no
-      recurrent-state cache; `models.generate.check_generation`).
+      with checkpoints. With a sequence-parallel attention (which then runs the
+      softmax layers) the linear layers run ringattn_jax.sharded_linear_attention on
+      the mesh's "sp" axis in config.layout (striped needs T divisible by sp * sp,
+      see `length_multiple`), else linear_attention on one device: an all-linear
+      model is sequence-parallel with layer_types all "linear_attention" and, say,
+      attention="ring"; attention="linear" is the single-device shorthand. Linear
+      layers take no learned_sinks and cannot be decoded yet (no recurrent-state
+      cache; `models.generate.check_generation`).
     rope_local_theta: None (every layer uses rope_theta and rope_scaling) or the RoPE
       base of the sliding-window layers, which then use it unscaled (Gemma 3's
       rope_local_base_freq: local 10k, global 1M with any scaling on the global
@@ -144,6 +137,10 @@ class LlamaConfig:
       every group's input and recomputes a group's forward before its backward, so the
       saved layer inputs drop from L to L/g + g (e.g. 32 -> 12 for g=4) for one extra
       forward pass; must divide num_hidden_layers.
+    remat_compress: None or one of REMAT_COMPRESS (models.remat): each layer (each
+      group when remat_layer_group > 1) saves only its input, as "bf16" (float32
+      compute only), "int8" or "fp8" (+ a float32 scale per token), and is recomputed
+      from the decompressed x' (gradients at x' ~= x); remat_policy rules that recompute.
     ffn_chunks: split the feed-forward over this many token chunks (1 = off), bounding
       the [B, T, F] intermediate.
     loss_chunks: token chunks for the cross-entropy, which never materialises
@@ -190,6 +187,7 @@ class LlamaConfig:
   remat_names: Tuple[str, ...] = ("attn_out", "mlp_out")
   scan_layers: bool = True
   remat_layer_group: int = 1
+  remat_compress: Optional[str] = None
   ffn_chunks: int = 1
   loss_chunks: int = 1
   dtype: str = "float32"
@@ -238,6 +236,12 @@ class LlamaConfig:
                         ("feature_map", FEATURE_MAPS),
                         ("dtype", DTYPES), ("param_dtype", DTYPES)):
       checks.choice(name, getattr(self, name), valid)
+    if self.remat_compress not in (None,) + REMAT_COMPRESS:
+      raise ValueError(f"remat_compress must be None or one of {REMAT_COMPRESS}; got "
+                       f"{self.remat_compress!r}.")
+    if self.remat_compress == "bf16" and self.dtype != "float32":
+      raise ValueError(f"remat_compress='bf16' does not compress a {self.dtype} compute "
+                       "dtype; use 'int8' or 'fp8', or dtype='float32'.")
     bad = [n for n in self.remat_names if n not in REMAT_NAMES]
     if bad:
       raise ValueError(f"remat_names must be drawn from {REMAT_NAMES}; got {bad}.")
