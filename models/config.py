@@ -137,8 +137,8 @@ class LlamaConfig:
       every group's input and recomputes a group's forward before its backward, so the
       saved layer inputs drop from L to L/g + g (e.g. 32 -> 12 for g=4) for one extra
       forward pass; must divide num_hidden_layers.
-    remat_compress: None or one of REMAT_COMPRESS (models.remat): each layer (each
-      group when remat_layer_group > 1) saves only its input, as "bf16" (float32
+    remat_compress: None or one of REMAT_COMPRESS (models.remat): each layer (and
+      each group when remat_layer_group > 1) saves only its input, as "bf16" (float32
       compute only), "int8" or "fp8" (+ a float32 scale per token), and is recomputed
       from the decompressed x' (gradients at x' ~= x); remat_policy rules that recompute.
     ffn_chunks: split the feed-forward over this many token chunks (1 = off), bounding

@@ -220,3 +220,9 @@ def test_memory_the_int8_stack_replaces_the_bf16_stack_and_its_cpu_shadow():
            - int8.memory_analysis().temp_size_in_bytes)
   codes = L * B * T * (D + 4)
   assert 0.99 * (shadow - codes) <= saved <= L * B * T * D * (2 + 4), (saved, shadow)
+  # Groups of 4: 8 int8 group inputs across the stack, a group's 4 int8 layer inputs
+  # in its backward, no float stack of either.
+  hlo = compiled(cfg.replace(remat_compress="int8", remat_layer_group=4)).as_text()
+  for n in (L // 4, 4):
+    dims = f"{n},{B},{T},{D}"
+    assert f"s8[{dims}]" in hlo and f"bf16[{dims}]" not in hlo and f"f32[{dims}]" not in hlo
