@@ -68,7 +68,7 @@ import jax
 from experiments import bench_lib
 from experiments import ring_bench_report as report
 from experiments import ring_bench_tables as tables
-from experiments.ring_bench_runner import Config, Runner
+from experiments.ring_bench_runner import ULYSSES_SIZE, Config, Runner
 from ringattn_jax import layouts
 
 FLAGS = flags.FLAGS
@@ -214,6 +214,9 @@ def main(argv):
   cfg = resolve_config()
   if cfg.sp < 2:
     raise app.UsageError("--sp must be at least 2.")
+  if "ulysses_ring" in FLAGS.strategies and cfg.sp % ULYSSES_SIZE:
+    raise app.UsageError(f"--strategies has ulysses_ring, which needs --sp divisible by "
+                         f"{ULYSSES_SIZE}; got --sp={cfg.sp}.")
   sections = selected_sections()
   env = bench_lib.environment(device_kind=str(jax.devices()[0].device_kind),
                               devices=len(jax.devices()))

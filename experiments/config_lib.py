@@ -2,8 +2,8 @@
 
 `check_config(config, num_devices)` raises a ValueError naming the key for: unknown or
 mistyped model fields, a mesh whose product is not the device count, sequence lengths
-not divisible by the model's length multiple (`LlamaConfig.length_multiple`) or the
-loss/FFN chunks, batch sizes not divisible by the data-parallel axes, process count or
+not divisible by the sequence axes (the batch is sharded over them; the model pads to
+its other multiples itself) or by block_sparse_size (block-sparse layers), batch sizes not divisible by the data-parallel axes, process count or
 accumulation steps, bad data or optimizer keys, a tokenizer larger than the model's
 vocabulary, bad `train` keys, and malformed stages. `stages(config)` expands the
 progressive stages.
@@ -127,6 +127,9 @@ def _check_length(name: str, T: int, st: Stage) -> None:
   sp, u = st.mesh["sp"], st.mesh.get("sp_ulysses", 1)
   _divisible(name, T, sp * u, f"the batch is sharded over the sequence axes "
              f"sp*sp_ulysses={sp}*{u}")
+  if "block_sparse_attention" in st.model.kinds_present:
+    _divisible(name, T, st.model.block_sparse_size, "model.block_sparse_size: "
+               "block-sparse layers cannot be padded inside a block")
 
 
 def check_config(config, num_devices: int, process_count: int = 1) -> List[Stage]:

@@ -52,12 +52,12 @@ def seq_mesh(n: int) -> Mesh:
 
 
 def mesh_2d(n: int) -> Mesh:
-  """("sp_ulysses", "sp") of ULYSSES_SIZE x n / ULYSSES_SIZE devices."""
+  """("sp", "sp_ulysses") of n / ULYSSES_SIZE x ULYSSES_SIZE devices."""
   if n % ULYSSES_SIZE:
     raise ValueError(f"strategy 'ulysses_ring' needs --sp divisible by {ULYSSES_SIZE}; "
                      f"got {n}.")
-  devices = np.asarray(seq_mesh(n).devices).reshape(ULYSSES_SIZE, n // ULYSSES_SIZE)
-  return Mesh(devices, ("sp_ulysses", "sp"))
+  devices = np.asarray(seq_mesh(n).devices).reshape(n // ULYSSES_SIZE, ULYSSES_SIZE)
+  return Mesh(devices, ("sp", "sp_ulysses"))  # neighbours form the all-to-all groups
 
 
 def seq_sharding(mesh: Mesh) -> NamedSharding:

@@ -11,7 +11,7 @@ the memory planner and tests).
 
 The batch is a dict of [G, T] arrays (G the global batch): tokens, targets (int),
 loss_mask (float, optional: default ones), positions, segment_ids (int, optional).
-With a mesh it is sharded P(("dp", "fsdp"), "sp") (`batch_sharding`).
+With a mesh it is sharded P(("dp", "fsdp"), sequence axes) (`batch_sharding`).
 
 Gradient accumulation splits the G rows into `accum_steps` micro-batches of G /
 accum_steps rows, strided (row j * accum_steps + i goes to micro-batch i) so that each
@@ -44,6 +44,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from models import favor
 from models import llama
+from models import sharding
 from ringattn_jax import checks
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "positions", "segment_ids")
@@ -187,21 +188,18 @@ def _batch_axes(mesh):
 
 
 def _seq_axes(mesh):
-  """The mesh axes that shard the sequence: "sp", and "sp_ulysses" after it."""
-  axes = tuple(a for a in ("sp", "sp_ulysses") if a in mesh.axis_names)
+  """The mesh axes that shard the sequence (the "seq" rule of models.sharding)."""
+  axes = sharding.rules_for(mesh)["seq"]
   return axes[0] if len(axes) == 1 else (axes or None)
 
 
 def seq_devices(mesh) -> int:
   """How many devices share one sequence (the product of the sequence axes)."""
-  if mesh is None:
-    return 1
-  return int(np.prod([mesh.shape[a] for a in ("sp", "sp_ulysses")
-                      if a in mesh.axis_names]))
+  return int(np.prod([mesh.shape[a] for a in sharding.rules_for(mesh)["seq"]]))
 
 
 def batch_sharding(mesh) -> NamedSharding:
-  """P(("dp", "fsdp"), ("sp", "sp_ulysses")) restricted to the axes `mesh` has."""
+  """P(("dp", "fsdp"), the sequence axes) restricted to the axes `mesh` has."""
   return NamedSharding(mesh, P(_batch_axes(mesh) or None, _seq_axes(mesh)))
 
 

@@ -35,8 +35,8 @@ from ringattn_jax import rope
 # against); "flash" is ringattn_jax.flash_attention on one device (or replicated over
 # the sequence); ring, allgather and ulysses shard the sequence over the mesh's "sp"
 # axis via sharded_attention, ulysses_ring over "sp" x "sp_ulysses" (2D: an all-to-all
-# over "sp_ulysses", the ring over "sp"; softmax layers only). "linear" is ours, not a method of ringattn_jax.attention:
-# shorthand for every layer being "linear_attention" (on one device).
+# over "sp_ulysses", the ring over "sp"; softmax layers only). "linear" is ours, not a
+# method of ringattn_jax.attention: every layer "linear_attention" (on one device).
 LINEAR_ATTENTION = "linear"
 ATTENTION = ringattn_jax.METHODS + (LINEAR_ATTENTION,)
 SEQUENCE_PARALLEL_ATTENTION = ringattn_jax.STRATEGIES
@@ -104,7 +104,8 @@ class LlamaConfig:
       layer_types it makes every layer chunked (Llama 4 chunks its RoPE layers and
       leaves its NoPE layers full; every layer of this block uses RoPE).
     block_sparse_size, block_sparse_top_k, block_sparse_local_blocks: the
-      "block_sparse_attention" layers' block_size (tokens per block), top_k (key
+      "block_sparse_attention" layers' block_size (tokens per block; sequence lengths
+      must be multiples of it, the model pads the rest), top_k (key
       blocks kept by score per query block, >= 0) and local_blocks (blocks ending at
       the diagonal always kept, >= 0, default 1). With a sequence-parallel attention
       they run block_sparse_attention on the mesh (layouts contiguous and zigzag).

@@ -26,12 +26,14 @@ import numpy as np
 from flax import nnx
 
 import ringattn_jax
+from ringattn_jax import checks
+from ringattn_jax import padding
 from ringattn_jax import rope
 from models import sharding
-from models.config import SLIDING, LlamaConfig
+from models.config import BLOCK_SPARSE, SLIDING, LlamaConfig
 from models.layers import Block, RMSNorm, Runtime, param
 from models.loss import cross_entropy
-from models.remat import apply_remat
+from models.remat import apply_remat, compress_residual
 
 
 class Llama(nnx.Module):
@@ -75,9 +77,14 @@ class Llama(nnx.Module):
   @property
   def ulysses_size(self) -> int:
     """The size of the mesh's "sp_ulysses" axis for attention="ulysses_ring", else 1."""
+    axes = () if self.mesh is None else self.mesh.axis_names
     if self.config.attention != "ulysses_ring":
+      if sharding.ULYSSES_AXIS in axes and self.mesh.shape[sharding.ULYSSES_AXIS] > 1:
+        raise ValueError(f"a mesh with a {sharding.ULYSSES_AXIS!r} axis > 1 is for "
+                         "attention='ulysses_ring' (2D context parallelism); got "
+                         f"attention={self.config.attention!r}.")
       return 1
-    if sharding.ULYSSES_AXIS not in self.mesh.axis_names:
+    if sharding.ULYSSES_AXIS not in axes:
       raise ValueError(f"attention='ulysses_ring' needs a mesh with a "
                        f"{sharding.ULYSSES_AXIS!r} axis (the all-to-all's); pass "
                        "mesh=models.sharding.make_mesh(sp=..., sp_ulysses=...).")
@@ -86,9 +93,19 @@ class Llama(nnx.Module):
   def padded_length(self, T: int) -> int:
     """The length the model runs a [B, T] batch at: T rounded up to
     `LlamaConfig.length_multiple` (pads at the end, after every real token, so causal
-    attention never shows them to a real token; their logits and loss are dropped)."""
-    m = self.config.length_multiple(self.ring_size, self.ulysses_size)
-    return -(-T // m) * m
+    attention never shows them to a real token; their logits and loss are dropped).
+
+    Raises:
+      ValueError: block-sparse layers and T not a multiple of block_sparse_size (a pad
+        in a real token's block would change the block's mean, which selects blocks).
+    """
+    b = self.config.block_sparse_size
+    if BLOCK_SPARSE in self.config.kinds_present and T % b:
+      raise ValueError(f"sequence length {T} must be a multiple of config."
+                       f"block_sparse_size={b}: block-sparse layers choose key blocks by "
+                       "the blocks' means, so the model cannot pad inside a block.")
+    return checks.round_up(T, self.config.length_multiple(self.ring_size,
+                                                          self.ulysses_size))
 
   def permutes_tokens(self) -> bool:
     """Whether tokens are permuted into a balanced layout at the input."""
@@ -187,6 +204,12 @@ class Llama(nnx.Module):
     (uniform layers, or g = 6 for a 5:1 pattern) the groups share one static tuple of
     kinds, else each group's kinds are scanned in with it; within a group, layers of
     one kind are chosen statically and mixed ones by the switch, as above.
+
+    config.remat_compress: each layer is wrapped in `models.remat.compress_residual`,
+    which saves only its compressed input, and so is each group when g > 1 (in place
+    of the group's checkpoint): the stack keeps L/g compressed group inputs and a
+    group's backward g compressed layer inputs. remat_policy decides what a layer's
+    recompute keeps while that layer's backward runs.
     """
     cfg, rt = self.config, self.runtime
     x = self.embed(tokens)
@@ -197,7 +220,11 @@ class Llama(nnx.Module):
       cos, sin = pick_rope(tables, kind, cfg)
       return nnx.merge(graphdef, layer_state)(x, cos, sin, segment_ids, rt, kind=kind)
 
+    g, how = cfg.remat_layer_group, cfg.remat_compress
     remat = lambda f: apply_remat(f, cfg.remat_policy, cfg.remat_names)
+    if how is not None:
+      policy = remat
+      remat = lambda f: compress_residual(policy(f), how)
     by_kind = {k: remat(functools.partial(layer, kind=k)) for k in cfg.kinds_present}
     traced_kind = remat(layer)
 
@@ -212,7 +239,6 @@ class Llama(nnx.Module):
       return x
 
     kinds = cfg.layer_kinds
-    g = cfg.remat_layer_group
     if g == 1:
       return self.norm(run_layers(x, stacked, kinds))
     # Outer checkpoint over groups of g layers: only group inputs stay live across the
@@ -220,6 +246,8 @@ class Llama(nnx.Module):
     groups = jax.tree.map(lambda a: a.reshape(a.shape[0] // g, g, *a.shape[1:]), stacked)
     group_kinds = [kinds[i:i + g] for i in range(0, len(kinds), g)]
     checkpoint = lambda f: jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)
+    if how is not None:
+      checkpoint = lambda f: compress_residual(f, how)
     if cfg.scan_layers and len(set(group_kinds)) == 1:
       run_group = checkpoint(functools.partial(run_layers, kinds=group_kinds[0]))
       x, _ = jax.lax.scan(lambda x, s: (run_group(x, s), None), x, groups)
@@ -233,18 +261,17 @@ class Llama(nnx.Module):
         x = run_group(x, jax.tree.map(lambda a: a[i], groups))  # pylint: disable=cell-var-from-loop
     return self.norm(x)
 
-  def _pad(self, a, mode="constant"):
-    """[B, T, ...] -> [B, padded_length(T), ...], padded at the end (see padded_length).
+  def _pad(self, a, kind="zeros"):
+    """[B, T] -> [B, padded_length(T)], padded at the end (see padded_length).
 
-    mode "constant": zeros; "edge": the last entry repeated (segment ids: the pads join
-    the last document); "next": the last entry + 1, + 2, ... (positions)."""
-    extra = self.padded_length(a.shape[1]) - a.shape[1]
-    if not extra:
+    kind "zeros"; "positions": the last + 1, + 2, ...; "segments": an id no real token
+    has (`ringattn_jax.padding`)."""
+    L = self.padded_length(a.shape[1])
+    if L == a.shape[1]:
       return a
-    if mode == "next":
-      return jnp.concatenate([a, a[:, -1:] + 1 + jnp.arange(extra, dtype=a.dtype)], 1)
-    widths = [(0, 0), (0, extra)] + [(0, 0)] * (a.ndim - 2)
-    return jnp.pad(a, widths, mode=mode)
+    if kind == "positions":
+      return padding.pad_positions(a, L)
+    return padding.pad_seq(a, L, padding.pad_id(a, a) if kind == "segments" else 0)
 
   def _inputs(self, tokens, positions, segment_ids):
     """Checked, padded (`padded_length`) and in layout order: tokens, positions,
@@ -253,9 +280,8 @@ class Llama(nnx.Module):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32),
                                    tokens.shape)
-    lay = lambda a, mode="constant": None if a is None else self.to_layout(
-        self._pad(a, mode))
-    return lay(tokens), lay(positions, "next"), lay(segment_ids, "edge")
+    lay = lambda a, kind="zeros": None if a is None else self.to_layout(self._pad(a, kind))
+    return lay(tokens), lay(positions, "positions"), lay(segment_ids, "segments")
 
   @property
   def head_weight(self):

@@ -21,9 +21,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ringattn_jax import checks
+from ringattn_jax.sharded import DEFAULT_ULYSSES_AXIS
 
 MESH_AXES = ("dp", "fsdp", "tp", "sp")
-ULYSSES_AXIS = "sp_ulysses"  # in a mesh only when make_mesh(sp_ulysses > 1)
+ULYSSES_AXIS = DEFAULT_ULYSSES_AXIS  # in a mesh only when make_mesh(sp_ulysses > 1)
 
 # Logical name -> mesh axes, for parameters and activations. "embed" of parameters is
 # sharded over fsdp (and also sp when config.shard_params_over_sp).

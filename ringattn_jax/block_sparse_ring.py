@@ -47,8 +47,8 @@ from jax.sharding import PartitionSpec as P
 
 from ringattn_jax import block_sparse_blocks as blocks
 from ringattn_jax import layouts
+from ringattn_jax import mesh_axes
 from ringattn_jax import rotation
-from ringattn_jax import sharded as sharded_attn
 from ringattn_jax import softmax
 from ringattn_jax import vma
 from ringattn_jax.block_sparse_blocks import SparseConfig, Slots
@@ -129,7 +129,7 @@ def _sharded(q, k, v, seg, *, ring: _Ring, mesh, counts: bool):
     return res if counts else tuple(_permute(ring, a, inverse=True) for a in res)
 
   out_specs = (P(ring.axis_name),) * 2 if counts else (spec, spec)
-  args = tuple(None if a is None else sharded_attn.place(mesh, a, spec)
+  args = tuple(None if a is None else mesh_axes.place(mesh, a, spec)
                for a in (q, k, v, seg))
   return jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3 + (
       None if seg is None else spec,), out_specs=out_specs, check_vma=True)(*args)

@@ -24,7 +24,8 @@ from ringattn_jax import arguments
 from ringattn_jax import checks
 from ringattn_jax.flash import flash_attention
 from ringattn_jax.reference import reference_attention
-from ringattn_jax.sharded import AUTO, STRATEGIES, sharded_attention
+from ringattn_jax.mesh_axes import AUTO
+from ringattn_jax.sharded import STRATEGIES, sharded_attention
 
 METHODS = ("reference", "flash", "dot_product") + STRATEGIES
 
@@ -85,9 +86,10 @@ def attention(q, k, v, bias=None, mask=None, *, method: str = "flash", mesh=None
       raise ValueError(f"method={method!r} does not take dense bias/mask tensors; express "
                        "the mask with is_causal, local_window_size or segment_ids.")
     return sharded_attention(q, k, v, mesh=mesh, strategy=method, seq_axis=seq_axis,
-                             ulysses_axis=ulysses_axis, batch_axes=batch_axes, head_axis=head_axis, layout=layout,
-                             permuted=permuted, impl=impl, backend=backend,
-                             block_sizes=block_sizes, **mask_kwargs)
+                             ulysses_axis=ulysses_axis, batch_axes=batch_axes,
+                             head_axis=head_axis, layout=layout, permuted=permuted,
+                             impl=impl, backend=backend, block_sizes=block_sizes,
+                             **mask_kwargs)
   if mesh is not None:
     raise ValueError(f"mesh is only used by the sequence-parallel methods {STRATEGIES}; "
                      f"got method={method!r}.")

@@ -50,7 +50,7 @@ from ringattn_jax import checks
 from ringattn_jax import kernel_choice
 from ringattn_jax import rope as rope_lib
 from ringattn_jax.dispatch import METHODS, attention, is_sequence_parallel
-from ringattn_jax.sharded import AUTO
+from ringattn_jax.mesh_axes import AUTO
 
 BACKENDS = METHODS  # deprecated: the former name of the method choices
 

@@ -19,13 +19,13 @@ from jax.sharding import PartitionSpec as P
 from ringattn_jax import checks
 from ringattn_jax import layouts
 from ringattn_jax import linear
-from ringattn_jax import sharded
+from ringattn_jax import mesh_axes
 
 
 def sharded_linear_attention(q, k, v, *, mesh, layout: str = "contiguous",
                              permuted: bool = False, seq_axis: str = "sp",
-                             batch_axes: Union[str, Sequence[str], None] = sharded.AUTO,
-                             head_axis: Optional[str] = sharded.AUTO,
+                             batch_axes: Union[str, Sequence[str], None] = mesh_axes.AUTO,
+                             head_axis: Optional[str] = mesh_axes.AUTO,
                              feature_map: str = "elu", is_causal: bool = False,
                              features=None, chunk_size: int = 64, segment_ids=None,
                              eps: float = 1e-6, attention_chunk_size=None):
@@ -58,7 +58,7 @@ def sharded_linear_attention(q, k, v, *, mesh, layout: str = "contiguous",
       attention_chunk_size=attention_chunk_size)
   layouts.check_layout(layout)
   permuted = checks.boolean("permuted", permuted)
-  batch_axes, head_axis = sharded._resolve_axes(mesh, seq_axis, batch_axes, head_axis)
+  batch_axes, head_axis = mesh_axes.resolve_axes(mesh, seq_axis, batch_axes, head_axis)
   layout = layout if permuted else "contiguous"
   n = mesh.shape[seq_axis]
   where = f" (mesh axis {seq_axis!r} of size {n})"
@@ -67,7 +67,7 @@ def sharded_linear_attention(q, k, v, *, mesh, layout: str = "contiguous",
   if layout == "striped" and not layouts.permutes_locally(layout, n, q.shape[1] // n):
     raise ValueError(f"layout='striped' needs the local length T/n = {q.shape[1] // n} "
                      f"divisible by the size {n} of {seq_axis!r}.")
-  nb = sharded._axis_sizes(mesh, batch_axes)
+  nb = mesh_axes.axis_sizes(mesh, batch_axes)
   if q.shape[0] % nb:
     raise ValueError(f"batch {q.shape[0]} must be divisible by the size {nb} of batch "
                      f"axes {batch_axes}.")
@@ -96,6 +96,6 @@ def _sharded(q, k, v, features, segment_ids, *, mesh, layout, specs, seq_axis, s
   args = (q, k, v, features, segment_ids)
   in_specs = (x_spec,) * 3 + (P(), ids_spec)
   in_specs = tuple(None if a is None else sp for a, sp in zip(args, in_specs))
-  args = tuple(None if a is None else sharded.place(mesh, a, sp)
+  args = tuple(None if a is None else mesh_axes.place(mesh, a, sp)
                for a, sp in zip(args, in_specs))
   return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=x_spec)(*args)

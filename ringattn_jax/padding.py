@@ -12,8 +12,10 @@ The pads must change nothing for the real tokens:
   smallest real id, or one above the largest when the smallest is int32's minimum;
   ids spanning the whole int32 range are not supported) and the real tokens keep
   theirs (0 when the caller gave none).
-- Pad queries share the pads' segment, so each sees at least itself (no empty softmax
-  rows, no NaN in the backward), and their rows are dropped.
+- Pad queries share the pads' segment and their rows are dropped. Where a pad query
+  sees no key (only the keys were padded, or a causal pad query precedes every pad
+  key) its row is empty, which every kernel returns as out 0, lse -inf, with zero
+  gradients.
 - Gradients: a pad key is invisible to every kept row and a pad query's row is
   dropped, so no gradient reaches q, k or v through a pad, and the padded inputs are
   slices of nothing the caller owns.
@@ -29,11 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ringattn_jax import arguments
-
-
-def round_up(length: int, multiple: int) -> int:
-  """The smallest multiple of `multiple` >= length."""
-  return -(-length // multiple) * multiple
+from ringattn_jax import checks
 
 
 def needs_segments(spec: arguments.MaskSpec, T: int, S: int, multiple: int,
@@ -47,22 +45,25 @@ def needs_segments(spec: arguments.MaskSpec, T: int, S: int, multiple: int,
   return not (spec.is_causal and T == S and not any(has_positions))
 
 
-def _pad_id(q_seg, kv_seg):
-  """A segment id that no real query or key has."""
+def pad_id(q_seg, kv_seg):
+  """A segment id that no real query or key has (int32 scalar)."""
   low = jnp.minimum(q_seg.min(), kv_seg.min())
   high = jnp.maximum(q_seg.max(), kv_seg.max())
   return jnp.where(low > np.iinfo(np.int32).min, low - 1, high + 1).astype(jnp.int32)
 
 
-def _pad_seq(a, length: int, value=0):
+def pad_seq(a, length: int, value=0):
+  """a [B, T, ...] padded with `value` along dim 1 to `length`."""
   widths = [(0, 0)] * a.ndim
   widths[1] = (0, length - a.shape[1])
   return jnp.pad(a, widths, constant_values=value)
 
 
-def _pad_positions(pos, length: int):
-  extra = length - pos.shape[0]
-  return jnp.concatenate([pos, pos[-1] + 1 + jnp.arange(extra, dtype=pos.dtype)])
+def pad_positions(pos, length: int):
+  """Positions [..., T] continued along the last axis to `length`: last + 1, + 2, ..."""
+  extra = length - pos.shape[-1]
+  return jnp.concatenate(
+      [pos, pos[..., -1:] + 1 + jnp.arange(extra, dtype=pos.dtype)], axis=-1)
 
 
 def pad(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, multiple: int, segments: bool):
@@ -81,15 +82,15 @@ def pad(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, multiple: int, segments: bool)
     The seven arguments, padded.
   """
   T, S = q.shape[1], k.shape[1]
-  T_pad, S_pad = round_up(T, multiple), round_up(S, multiple)
+  T_pad, S_pad = checks.round_up(T, multiple), checks.round_up(S, multiple)
   if (T_pad, S_pad) == (T, S):
     return q, k, v, q_seg, kv_seg, q_pos, kv_pos
   if segments:
     B = q.shape[0]
     if q_seg is None:
       q_seg, kv_seg = jnp.zeros((B, T), jnp.int32), jnp.zeros((B, S), jnp.int32)
-    pad_id = _pad_id(q_seg, kv_seg) if B else 0  # (an empty batch has no ids)
-    q_seg, kv_seg = _pad_seq(q_seg, T_pad, pad_id), _pad_seq(kv_seg, S_pad, pad_id)
-  pos = lambda p, L: None if p is None else _pad_positions(p, L)
-  return (_pad_seq(q, T_pad), _pad_seq(k, S_pad), _pad_seq(v, S_pad), q_seg, kv_seg,
+    pad = pad_id(q_seg, kv_seg) if B else 0  # (an empty batch has no ids)
+    q_seg, kv_seg = pad_seq(q_seg, T_pad, pad), pad_seq(kv_seg, S_pad, pad)
+  pos = lambda p, L: None if p is None else pad_positions(p, L)
+  return (pad_seq(q, T_pad), pad_seq(k, S_pad), pad_seq(v, S_pad), q_seg, kv_seg,
           pos(q_pos, T_pad), pos(kv_pos, S_pad))

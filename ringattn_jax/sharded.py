@@ -52,19 +52,18 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ringattn_jax import arguments
+from ringattn_jax import checks
 from ringattn_jax import flash
 from ringattn_jax import kernel_choice
 from ringattn_jax import layouts
 from ringattn_jax import padding
+from ringattn_jax.mesh_axes import AUTO, axis_sizes, is_explicit, place, resolve_axes
 from ringattn_jax import ring
 from ringattn_jax import softmax
 from ringattn_jax import tuning
 
 STRATEGIES = ("ring", "allgather", "ulysses", "ulysses_ring")
 DEFAULT_ULYSSES_AXIS = "sp_ulysses"
-DEFAULT_BATCH_AXES = ("dp", "fsdp")
-DEFAULT_HEAD_AXIS = "tp"
-AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,38 +117,6 @@ class _Plan:
     return arguments.spec_keywords(self.spec)
 
 
-def _axis_sizes(mesh, names) -> int:
-  return math.prod(mesh.shape[a] for a in names)
-
-
-def _resolve_axes(mesh, seq_axis, ulysses_axis, batch_axes, head_axis):
-  names = tuple(mesh.axis_names)
-  for what, axis in (("seq_axis", seq_axis), ("ulysses_axis", ulysses_axis)):
-    if axis is not None and axis not in names:
-      raise ValueError(f"{what} {axis!r} is not an axis of the mesh; mesh axes are "
-                       f"{names}.")
-  if isinstance(batch_axes, str) and batch_axes == AUTO:
-    batch_axes = tuple(a for a in DEFAULT_BATCH_AXES if a in names)
-  elif batch_axes is None:
-    batch_axes = ()
-  elif isinstance(batch_axes, str):
-    batch_axes = (batch_axes,)
-  batch_axes = tuple(batch_axes)
-  if isinstance(head_axis, str) and head_axis == AUTO:
-    head_axis = DEFAULT_HEAD_AXIS if DEFAULT_HEAD_AXIS in names else None
-  used = ((seq_axis,) + ((ulysses_axis,) if ulysses_axis else ()) + batch_axes
-          + ((head_axis,) if head_axis else ()))
-  missing = [a for a in used if a not in names]
-  if missing:
-    raise ValueError(f"mesh axes {missing} not found; mesh axes are {names} "
-                     f"(seq_axis={seq_axis!r}, batch_axes={batch_axes}, "
-                     f"head_axis={head_axis!r}).")
-  if len(set(used)) != len(used):
-    raise ValueError(f"the ring/sequence axis, ulysses_axis, batch_axes and head_axis "
-                     f"must be distinct; got {used}.")
-  return batch_axes, head_axis
-
-
 def _check_heads(plan: _Plan, N: int, K: int, nh: int) -> None:
   """ulysses / ulysses_ring: the local heads must split over the all-to-all's axis."""
   if plan.strategy not in ("ulysses", "ulysses_ring"):
@@ -179,7 +146,7 @@ def _check_shapes(plan: _Plan, x: arguments.AttnInputs):
       if plan.u > 1 and L % (n * plan.u):
         raise ValueError(f"{name} length {L} must be divisible by the {n * plan.u} "
                          f"devices of axes {plan.seq_spec}{where}.")
-  nb = _axis_sizes(mesh, plan.batch_axes)
+  nb = axis_sizes(mesh, plan.batch_axes)
   if B % nb:
     raise ValueError(f"batch {B} must be divisible by the size {nb} of batch axes "
                      f"{plan.batch_axes}.")
@@ -188,6 +155,14 @@ def _check_shapes(plan: _Plan, x: arguments.AttnInputs):
     raise ValueError(f"query heads N={N} and key/value heads K={K} must be divisible by "
                      f"the size {nh} of head axis {plan.head_axis!r}.")
   _check_heads(plan, N, K, nh)
+  if plan.strategy == "ulysses_ring" and plan.head_groups is not None:
+    Kr = max(K // nh // plan.u, 1)  # after the all-to-all (fewer are repeated up to u)
+    g = plan.head_groups  # (not a positive int: the ring says so)
+    if checks.is_int(g) and g > 0 and Kr % g:
+      raise ValueError(
+          f"head_groups={plan.head_groups} must divide the {Kr} key/value heads each "
+          f"device's ring holds after the all-to-all over {plan.ulysses_axis!r} (K={K} / "
+          f"head-axis size {nh} / {plan.ulysses_axis!r} size {plan.u}, at least 1).")
 
 
 def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = "sp",
@@ -210,8 +185,7 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
     strategy: "ring", "allgather", "ulysses" or "ulysses_ring" (see the module
       docstring).
     seq_axis: mesh axis that shards the sequence (the ring).
-    ring_axis: another name for seq_axis (given, it replaces seq_axis), as
-      "ulysses_ring" calls it.
+    ring_axis: another name for seq_axis, as "ulysses_ring" calls it (pass one).
     ulysses_axis: strategy="ulysses_ring" only: the mesh axis of the all-to-all
       (default "sp_ulysses"); the sequence is sharded over (ring axis, ulysses_axis).
     batch_axes: mesh axes that shard the batch; "auto": those of ("dp", "fsdp") that
@@ -239,8 +213,9 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
       device's kernel sees, else the kernel's defaults (`ringattn_jax.tuning`; the
       ring also caps them at its layout's runs, see `ring_attention`).
     head_groups: strategy="ring" or "ulysses_ring" only: passes of the ring, each over
-      that fraction of the (per-device) key/value heads (see `ring_attention`);
-      default automatic.
+      that fraction of the (per-device) key/value heads (see `ring_attention`; for
+      "ulysses_ring" the heads a device holds after the all-to-all, max(K / (head-axis
+      size * ulysses size), 1)); default automatic.
     return_lse: also return the log-sum-exp [B, T, N] float32.
     **mask_kwargs: the mask keywords of `arguments.SEQUENCE_PARALLEL_KEYWORDS`:
       is_causal, segment_ids [B, T], kv_segment_ids [B, S], local_window_size,
@@ -284,9 +259,13 @@ def sharded_attention(q, k, v, *, mesh, strategy: str = "ring", seq_axis: str = 
                      f"'ulysses_ring' only; got strategy={strategy!r}.")
   if strategy == "ulysses_ring" and ulysses_axis is None:
     ulysses_axis = DEFAULT_ULYSSES_AXIS
+  if ring_axis is not None and seq_axis not in ("sp", ring_axis):
+    raise ValueError(f"ring_axis={ring_axis!r} and seq_axis={seq_axis!r} name the same "
+                     "axis (the ring's); pass one of them.")
+  seq_name = "seq_axis" if ring_axis is None else "ring_axis"
   seq_axis = seq_axis if ring_axis is None else ring_axis
-  batch_axes, head_axis = _resolve_axes(mesh, seq_axis, ulysses_axis, batch_axes,
-                                        head_axis)
+  batch_axes, head_axis = resolve_axes(mesh, seq_axis, batch_axes, head_axis,
+                                       ulysses_axis=ulysses_axis, seq_name=seq_name)
   x, spec = arguments.canonicalize(q, k, v, **mask_kwargs)
   plan = _Plan(mesh=mesh, strategy=strategy, seq_axis=seq_axis,
                ulysses_axis=ulysses_axis, batch_axes=batch_axes,
@@ -346,8 +325,7 @@ def _sharded(q, k, v, q_seg, kv_seg, q_pos, kv_pos, *, plan: _Plan):
     if local_perm:
       out, lse = (_permute_local(plan, a, 1, inverse=True) for a in (out, lse))
     if plan.ulysses_axis:  # [B, T/n, N/u, ...] -> [B, T/(n u), N, ...]
-      out, lse = (lax.all_to_all(a, plan.ulysses_axis, 1, 2, tiled=True)
-                  for a in (out, lse))
+      out, lse = _heads_to_seq(plan.ulysses_axis, out, lse)
     return out, lse
 
   interpreted = plan.choice.impl == "pallas" and plan.choice.interpret
@@ -400,20 +378,6 @@ def _relayout(plan: _Plan, a, spec: P, *, inverse: bool, permute: bool):
   return place(plan.mesh, fn(a, plan.layout, plan.n, axis) if permute else a, spec)
 
 
-def is_explicit(mesh) -> bool:
-  """Whether any axis of `mesh` is Explicit (`jax.make_mesh`'s default)."""
-  return any(t == jax.sharding.AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
-
-
-def place(mesh, a, spec: P):
-  """`a` (under jit) laid out as `spec` on `mesh`, ready for a shard_map with that
-  in_spec: a reshard on meshes with Explicit axes, a sharding constraint otherwise."""
-  sharding = NamedSharding(mesh, spec)
-  if is_explicit(mesh):
-    return jax.sharding.reshard(a, sharding)
-  return lax.with_sharding_constraint(a, sharding)
-
-
 def _ring_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
   return ring.ring_attention(
       q, k, v, axis_name=plan.seq_axis, segment_ids=q_seg, kv_segment_ids=kv_seg,
@@ -461,35 +425,38 @@ def _allgather_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
                  _all_positions(plan, kv_pos, Sl))
 
 
+def _seq_to_heads(axis, q, k, v):
+  """[B, L, N, H] -> [B, L * u, N / u, H] over mesh axis `axis` (size u): gather the
+  sequence, scatter the heads, by one all-to-all each for q, k and v. Key/value heads
+  fewer than u (e.g. MQA) are repeated up to u first."""
+  u, K = lax.axis_size(axis), k.shape[2]
+  if K % u:
+    k, v = (jnp.repeat(a, u // K, axis=2) for a in (k, v))
+  return tuple(lax.all_to_all(a, axis, 2, 1, tiled=True) for a in (q, k, v))
+
+
+def _heads_to_seq(axis, *arrays):
+  """The inverse of `_seq_to_heads` for (out [B, L * u, N / u, H], lse [..., N / u])."""
+  return tuple(lax.all_to_all(a, axis, 1, 2, tiled=True) for a in arrays)
+
+
 def _ulysses_gather(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
   """ulysses_ring: this ulysses group's T/n consecutive tokens of N/u heads per device.
 
-  [B, T/(n u), N, H] -> [B, T/n, N/u, H] by an all-to-all over the ulysses axis (key/
-  value heads fewer than u are repeated up to u first, as for "ulysses"); segment ids
-  and positions, which have no heads, are gathered.
+  [B, T/(n u), N, H] -> [B, T/n, N/u, H] (`_seq_to_heads` over the ulysses axis);
+  segment ids and positions, which have no heads, are gathered.
   """
-  u, axis = plan.u, plan.ulysses_axis
-  if k.shape[2] % u:
-    k, v = (jnp.repeat(a, u // k.shape[2], axis=2) for a in (k, v))
-  seq_to_heads = lambda a: lax.all_to_all(a, axis, 2, 1, tiled=True)
-  gather = lambda a, dim: None if a is None else lax.all_gather(a, axis, axis=dim,
-                                                                tiled=True)
-  return (seq_to_heads(q), seq_to_heads(k), seq_to_heads(v), gather(q_seg, 1),
+  gather = lambda a, dim: None if a is None else lax.all_gather(
+      a, plan.ulysses_axis, axis=dim, tiled=True)
+  return (*_seq_to_heads(plan.ulysses_axis, q, k, v), gather(q_seg, 1),
           gather(kv_seg, 1), gather(q_pos, 0), gather(kv_pos, 0))
 
 
 def _ulysses_local(plan: _Plan, q, k, v, q_seg, kv_seg, q_pos, kv_pos):
-  n, axis = plan.n, plan.seq_axis
-  Tl, Sl, Kl = q.shape[1], k.shape[1], k.shape[2]
-  if Kl % n:  # fewer key/value heads than devices (e.g. MQA): repeat them up to n
-    k, v = jnp.repeat(k, n // Kl, axis=2), jnp.repeat(v, n // Kl, axis=2)
-  # [B, Tl, Nl, H] -> [B, T, Nl / n, H]: gather the sequence, scatter the heads.
-  seq_to_heads = lambda a: lax.all_to_all(a, axis, 2, 1, tiled=True)
+  Tl, Sl = q.shape[1], k.shape[1]
   if q_seg is not None and kv_seg is None:
     kv_seg = q_seg
-  out, lse = _attend(plan, seq_to_heads(q), seq_to_heads(k), seq_to_heads(v),
+  out, lse = _attend(plan, *_seq_to_heads(plan.seq_axis, q, k, v),
                      _gather_seq(plan, q_seg), _gather_seq(plan, kv_seg),
                      _all_positions(plan, q_pos, Tl), _all_positions(plan, kv_pos, Sl))
-  # [B, T, Nl / n, ...] -> [B, Tl, Nl, ...]
-  heads_to_seq = lambda a: lax.all_to_all(a, axis, 1, 2, tiled=True)
-  return heads_to_seq(out), heads_to_seq(lse)
+  return _heads_to_seq(plan.seq_axis, out, lse)

@@ -188,6 +188,15 @@ def test_input_errors():
   model = _variant(make_mesh(sp=8), attention="ring", layout="zigzag")
   with pytest.raises(ValueError, match="needs a mesh with a 'sp_ulysses' axis"):
     _variant(make_mesh(sp=8), attention="ulysses_ring")(jnp.zeros((1, 32), jnp.int32))
+  with pytest.raises(ValueError, match="'sp_ulysses' axis > 1 is for attention="
+                     "'ulysses_ring'"):
+    _variant(make_mesh(sp=4, sp_ulysses=2), attention="ring").padded_length(32)
+  sparse = llama.abstract_model(_cfg(layer_types=("block_sparse_attention",) * 2,
+                                     block_sparse_size=8, block_sparse_top_k=1))
+  assert sparse.padded_length(64) == 64
+  with pytest.raises(ValueError, match="sequence length 61 must be a multiple of "
+                     "config.block_sparse_size=8"):
+    sparse.padded_length(61)
   with pytest.raises(ValueError, match="tokens must be"):
     model(jnp.zeros((1, 32), jnp.float32))
   with pytest.raises(ValueError, match="needs a mesh"):

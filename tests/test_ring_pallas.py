@@ -142,10 +142,10 @@ def test_sharded_ring_lowers_with_pallas_kernels(platform, no_xla_kernel):
 
 
 def test_2d_unaligned_lowers_with_pallas_kernels(no_xla_kernel):
-  """ulysses_ring on a 2 x 4 mesh at an unaligned length (1000 tokens, padded to 1008)
+  """ulysses_ring on a 2 x 4 mesh at an unaligned length (1004 tokens, padded to 1008)
   lowers for CUDA with the Pallas kernels in the ring and all-to-alls around it."""
   mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("sp_ulysses", "sp"))
-  B, Tg, N, K, H = 1, 1000, 4, 2, 128
+  B, Tg, N, K, H = 1, 1004, 4, 2, 128
 
   def loss(q, k, v):
     out = sharded_attention(q, k, v, mesh=mesh, strategy="ulysses_ring", layout="zigzag",
