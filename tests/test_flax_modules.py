@@ -52,7 +52,9 @@ OPTIONS = {
 }
 
 
-def _mesh():
+def _mesh(method="ring"):
+  if method == "ulysses_ring":  # 2D: a ring of 4, all-to-alls over pairs
+    return Mesh(np.asarray(jax.devices()[:8]).reshape(4, 2), ("sp", "sp_ulysses"))
   return Mesh(np.asarray(jax.devices()[:8]), ("sp",))
 
 
@@ -160,7 +162,7 @@ def _nnx_run(model):
 
 def _method_kwargs(method, layout="zigzag"):
   if method in ringattn_jax.STRATEGIES:
-    return dict(method=method, mesh=_mesh(), layout=layout)
+    return dict(method=method, mesh=_mesh(method), layout=layout)
   return dict(method=method, flash_impl="xla") if method == "flash" else dict(
       method=method)
 
