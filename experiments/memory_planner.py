@@ -8,7 +8,16 @@ arrays, and reads per-device bytes from `compiled.memory_analysis()`:
 
   params, opt_state  the state's per-device shard bytes (from the shardings),
   argument/output/alias/temp  memory_analysis() of the SPMD program (per device),
-  total = argument + output - alias + temp   (the state is donated: output aliases it).
+  total = argument + output - alias + temp   (the state is donated: output aliases it),
+  host_*  the same for host memory (memory kinds "pinned_host"/"unpinned_host").
+
+`temp` is attributed as far as the optimized HLO allows (`attribute_temp`): gradients
+(one per parameter), the residual stacks the layer scans save (every [n, B, T_local, D]
+array of the HLO in any dtype, with the [n, B, T_local, 1] scales of
+remat_compress), ring buffers (the largest sum of collective-permute results in one
+HLO computation: the k/v blocks and their gradients in flight on a ring hop) and the
+rest. These are buffer sizes, not a liveness analysis: at the peak a buffer may be
+shared with another.
 
 `search_max_length` then finds the longest sequence that fits a per-device budget:
 powers of two (galloping from `start`) to bracket it, then bisection on multiples of
@@ -32,7 +41,7 @@ the optimizer update dominates (short sequences, unsharded state). Other CPU-onl
 upcasts of bf16 temporaries (within one layer) stay in both numbers.
 
 Usage (the command line is `experiments.memory_report`):
-  python -m experiments.memory_planner    # the standard plans (~40 compiles)
+  python -m experiments.memory_planner    # the standard plans (~60 compiles)
   python -m experiments.memory_planner --plans=ring_lwm --preset=llama2-7b
   python -m experiments.memory_planner --plans=custom --preset=tiny --sp=8 \
       --attention=ring --remat=full --seq_lens=8192,32768   # points only, no search
@@ -156,6 +165,64 @@ def cpu_bf16_shadow_bytes(hlo_text: str, residual_stack: Sequence[int]) -> int:
   return 0
 
 
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2,
+              "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8,
+              "s64": 8, "u64": 8}
+_HLO_ARRAY = r"\b({})\[{}\]"
+
+
+def residual_stack_bytes(hlo_text: str, residual_stack: Sequence[int]) -> int:
+  """Bytes of every distinct array of the stack's shape [n, B, T_local, D] in the HLO
+  (each element type once: a bf16 stack and its f32 shadow count both; an int8 stack
+  of remat_compress counts 1 byte per element) plus its [n, B, T_local, 1] scales."""
+  total = 0
+  for shape in (tuple(residual_stack), tuple(residual_stack[:-1]) + (1,)):
+    dims = ",".join(str(int(d)) for d in shape)
+    types = set(re.findall(_HLO_ARRAY.format("|".join(_HLO_BYTES), dims), hlo_text))
+    total += sum(_HLO_BYTES[t] for t in types) * int(np.prod(shape, dtype=np.int64))
+  return total
+
+
+_PERMUTE = re.compile(r"= ([a-z0-9]+)\[([0-9,]*)\][^ ]* collective-permute(?:-start)?\(")
+
+
+def ring_buffer_bytes(hlo_text: str) -> int:
+  """The largest sum, over one HLO computation, of its collective-permute results: the
+  blocks a ring hop has in flight (k and v forward; k, v and their gradients
+  backward). 0 without a collective-permute."""
+  best = 0
+  for body in re.split(r"\n(?=\S)", hlo_text):  # computations start at column 0
+    size = sum(_HLO_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d],
+                                                   dtype=np.int64))
+               for t, dims in _PERMUTE.findall(body))
+    best = max(best, size)
+  return best
+
+
+def offload_estimate(cfg: LlamaConfig, micro_batch: int, tokens: int, tp: int = 1) -> int:
+  """Bytes of the per-layer tensors remat_policy "offload" sends to host memory (the
+  stack of every config.remat_names tensor: L x B x T_local x its width x the compute
+  dtype's size; head and MLP widths split over tp); 0 for other policies."""
+  if cfg.remat_policy != "offload":
+    return 0
+  N, K, H = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+  widths = dict(qkv=(N + 2 * K) * H // tp, attn_context=N * H // tp,
+                attn_out=cfg.hidden_size, mlp_hidden=cfg.intermediate_size // tp,
+                mlp_out=cfg.hidden_size)
+  per_token = sum(widths[n] for n in cfg.remat_names) * jnp.dtype(cfg.dtype).itemsize
+  return cfg.num_hidden_layers * micro_batch * tokens * per_token
+
+
+def attribute_temp(temp: int, gradients: int, hlo_text: str,
+                   residual_stacks: Sequence[Sequence[int]]) -> Dict[str, int]:
+  """temp split into gradients, residuals, ring_buffers and other_temp (the rest; see
+  the module docstring for what each is and why they are sizes, not a peak)."""
+  residuals = sum(residual_stack_bytes(hlo_text, s) for s in residual_stacks)
+  ring = ring_buffer_bytes(hlo_text)
+  return dict(gradients=gradients, residuals=residuals, ring_buffers=ring,
+              other_temp=temp - gradients - residuals - ring)
+
+
 def plan_mesh(spec: PlanSpec):
   devices = jax.devices()
   if spec.num_devices > len(devices):
@@ -173,7 +240,10 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
   Returns per-device bytes (see module docstring) and compile seconds:
     seq_len, global_batch, tokens_per_device, loss_chunks, ffn_chunks, params,
     opt_state, batch, argument, output, alias, temp, total, cpu_shadow,
-    adjusted_total, lower_s, compile_s.
+    adjusted_total, lower_s, compile_s; host_argument, host_output, host_alias,
+    host_temp, host_total; gradients, residuals, ring_buffers, other_temp
+    (`attribute_temp`); offload_estimate (`offload_estimate`: what a backend that
+    offloads would keep on the host; XLA:CPU keeps it in device memory).
   adjusted_total = max(total - cpu_shadow, state + gradients, adjusted_floor): pass the
   total at a shorter length as `adjusted_floor` (memory does not shrink with length),
   which keeps the estimate honest where the peak is not activation-bound.
@@ -212,9 +282,14 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
   # the outer scan's [L/g] group inputs and a group's own [g] layer inputs.
   g, L = cfg.remat_layer_group, cfg.num_hidden_layers
   hlo = compiled.as_text()
-  shadow = sum(cpu_bf16_shadow_bytes(hlo, (n, micro_batch, seq_len // spec.sp,
-                                           cfg.hidden_size))
-               for n in sorted({L // g, g} if g > 1 else {L}))
+  stacks = [(n, micro_batch, seq_len // spec.sp, cfg.hidden_size)
+            for n in sorted({L // g, g} if g > 1 else {L})]
+  shadow = sum(cpu_bf16_shadow_bytes(hlo, s) for s in stacks)
+  host = dict(host_argument=m.host_argument_size_in_bytes,
+              host_output=m.host_output_size_in_bytes,
+              host_alias=m.host_alias_size_in_bytes, host_temp=m.host_temp_size_in_bytes)
+  host["host_total"] = (host["host_argument"] + host["host_output"] - host["host_alias"]
+                        + host["host_temp"])
   return dict(
       seq_len=seq_len, global_batch=spec.global_batch,
       tokens_per_device=spec.global_batch * seq_len // spec.num_devices,
@@ -224,7 +299,9 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
       argument=m.argument_size_in_bytes, output=m.output_size_in_bytes,
       alias=m.alias_size_in_bytes, temp=m.temp_size_in_bytes, total=total,
       cpu_shadow=shadow, adjusted_total=max(total - shadow, floor),
-      lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2))
+      lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2), **host,
+      **attribute_temp(m.temp_size_in_bytes, params_bytes, hlo, stacks),
+      offload_estimate=offload_estimate(cfg, micro_batch, seq_len // spec.sp, spec.tp))
 
 
 def state_bytes(spec: PlanSpec, *, optimizer=None) -> int:
@@ -313,8 +390,9 @@ def search_max_length(spec: PlanSpec, budget_bytes: int, *, start: int,
 # -- the standard plans ---------------------------------------------------------------
 
 
-STANDARD_PLANS = ("ring_lwm", "ring_lwm_groups", "ring_lwm_dots", "flash_fsdp",
-                  "dense_fsdp", "flash_1dev")  # the names of `standard_plans`, in order
+STANDARD_PLANS = ("ring_lwm", "ring_lwm_groups", "ring_lwm_groups_int8", "ring_lwm_offload",
+                  "ring_lwm_dots", "flash_fsdp", "dense_fsdp",
+                  "flash_1dev")  # the names of `standard_plans`, in order
 
 
 def standard_plans(preset: str = "llama2-7b", remat: str = "full",
@@ -324,7 +402,11 @@ def standard_plans(preset: str = "llama2-7b", remat: str = "full",
   ring_lwm: sp=n ring attention, zigzag layout, params over fsdp x sp (Large World
     Model's layout), remat `remat`; ring_lwm_groups: the same with the layer stack
     checkpointed in groups of 4 (`remat_layer_group`: L/4 + 4 saved layer inputs
-    instead of L); ring_lwm_dots: the same as ring_lwm with
+    instead of L); ring_lwm_groups_int8: the same with remat_compress="int8" (the
+    saved group and layer inputs as int8 + a float32 scale per token);
+    ring_lwm_offload: ring_lwm with remat_policy "offload" (the layers' "attn_out"
+    and "mlp_out" to host memory, which XLA:CPU keeps on the device: see
+    `offload_estimate`); ring_lwm_dots: the same as ring_lwm with
     "dots_with_no_batch_dims" remat; flash_fsdp: blockwise attention, fsdp=n (one
     sequence per device, params sharded n ways as in ring_lwm); dense_fsdp: the same
     with jax.nn.dot_product_attention; flash_1dev: blockwise attention on one device.
@@ -336,6 +418,10 @@ def standard_plans(preset: str = "llama2-7b", remat: str = "full",
   return [
       PlanSpec("ring_lwm", ring, sp=n),
       PlanSpec("ring_lwm_groups", ring.replace(remat_layer_group=4), sp=n),
+      PlanSpec("ring_lwm_groups_int8",
+               ring.replace(remat_layer_group=4, remat_compress="int8"), sp=n),
+      PlanSpec("ring_lwm_offload", ring.replace(remat_policy="offload",
+                                                remat_names=("attn_out", "mlp_out")), sp=n),
       PlanSpec("ring_lwm_dots", ring.replace(remat_policy="dots_with_no_batch_dims"),
                sp=n),
       PlanSpec("flash_fsdp", base.replace(attention="flash"), fsdp=n),
@@ -372,6 +458,9 @@ def run_plan(spec: PlanSpec, budget: int, *, start: int, metrics: Sequence[str],
   return dict(
       spec=dict(name=spec.name, mesh=spec.mesh_str(), attention=spec.config.attention,
                 layout=spec.config.layout, remat=spec.config.remat_policy,
+                remat_layer_group=spec.config.remat_layer_group,
+                remat_compress=spec.config.remat_compress,
+                remat_names=list(spec.config.remat_names),
                 dtype=spec.config.dtype, shard_params_over_sp=spec.config.shard_params_over_sp,
                 num_devices=spec.num_devices, global_batch=spec.global_batch,
                 accum_steps=spec.accum_steps, loss_chunk_tokens=spec.loss_chunk_tokens,

@@ -34,7 +34,15 @@ def plan_notes(num_devices: int, loss_chunk_tokens: int, ffn_chunk_tokens: int,
       f"tokens split over the {n} devices. ring_lwm_groups: the same with the layer "
       "stack checkpointed in groups of 4 layers (remat_layer_group=4: L/4 group inputs "
       "plus one group's 4 layer inputs saved instead of L layer inputs; one extra "
-      "forward). ring_lwm_dots: the same as ring_lwm with remat "
+      "forward). ring_lwm_groups_int8: the same with remat_compress=int8 (those saved "
+      "group and layer inputs stored as int8 with a float32 scale per token; the "
+      "layers are recomputed from the decompressed inputs, so gradients are "
+      "approximate: results/remat_compress.md). ring_lwm_offload: ring_lwm with remat "
+      "policy offload of each layer's attn_out and mlp_out to host memory; XLA:CPU has "
+      "no host memory space (host bytes 0) and keeps them on the device like "
+      "save_names, so its device bytes are an upper bound; 'host if offloaded' is "
+      "what a backend that offloads would hold on the host (L x tokens x 2D x 2 "
+      "bytes). ring_lwm_dots: the same as ring_lwm with remat "
       "dots_with_no_batch_dims (saves every weight-matmul output per layer). "
       "flash_fsdp: the blockwise baseline at the same per-device memory: "
       f"single-device flash attention, fsdp={n} (same {n}-way parameter sharding), one "
@@ -52,6 +60,38 @@ def plan_notes(num_devices: int, loss_chunk_tokens: int, ffn_chunk_tokens: int,
 
 def _g(x) -> str:
   return f"{x / planner.GiB:.2f}"
+
+
+def _remat(s) -> str:
+  """The remat column: policy, then layer groups and residual compression if set."""
+  extra = [f"g={s['remat_layer_group']}"] if s.get("remat_layer_group", 1) > 1 else []
+  extra += [s["remat_compress"]] if s.get("remat_compress") else []
+  return s.get("remat", "-") + (f" ({', '.join(extra)})" if extra else "")
+
+
+def render_breakdown(results: List[Dict], budget: int) -> List[str]:
+  """Per device at each plan's longest length that fits by `total`: the state, then
+  temp attributed (`memory_planner.attribute_temp`: buffer sizes in the HLO, not a
+  liveness analysis), then host memory."""
+  lines = ["", "Per-device breakdown at the longest T that fits by total (GiB; temp "
+           "attributed to gradients, the layer-residual stacks, ring-hop buffers and the "
+           "rest by buffer sizes in the optimized HLO, which need not all be live at the "
+           "peak; host: XLA:CPU's host memory space, and what an offloading backend "
+           "would keep there):", "",
+           "| plan | T | params | opt state | gradients | residuals | ring buffers | "
+           "other temp | total | host (XLA:CPU) | host if offloaded |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    fit = [int(n) for n, p in r["points"].items() if p["total"] <= budget]
+    p = r["points"][str(max(fit))] if fit else None
+    if p is None or "residuals" not in p:
+      continue
+    lines.append(
+        f"| {r['spec']['name']} | {p['seq_len']:,} | {_g(p['params'])} | "
+        f"{_g(p['opt_state'])} | {_g(p['gradients'])} | {_g(p['residuals'])} | "
+        f"{_g(p['ring_buffers'])} | {_g(p['other_temp'])} | {_g(p['total'])} | "
+        f"{_g(p['host_total'])} | {_g(p['offload_estimate'])} |")
+  return lines
 
 
 def _slope(r) -> str:
@@ -87,9 +127,10 @@ def render_markdown(results: List[Dict], budget: int, header: str,
       tpd = f"{p['tokens_per_device']:,}"
       at_max = f"{_g(p['total'])} / {_g(p['adjusted_total'])}"
     lines.append(
-        f"| {s['name']} | {s['mesh']} | {s['attention']} | {s.get('remat', '-')} | "
+        f"| {s['name']} | {s['mesh']} | {s['attention']} | {_remat(s)} | "
         f"{fmt(c)} | {fmt(a)} | {tpd} | {at_max} | "
         f"{_g(r['params'] + r['opt_state'])} | {_slope(r)} |")
+  lines += render_breakdown(results, budget)
   lines += ["", "Plans: " + notes, ""]
   lines += ["", "Every compiled point (per device, GiB):", "",
             "| plan | T | global batch | tokens/device | loss/ffn chunks | argument | "
@@ -130,7 +171,8 @@ def define_flags():
                      "fraction of the fitting length.")
   flags.DEFINE_integer("max_search_len", 2 ** 23, "Longest length tried.")
   flags.DEFINE_list("starts", ["ring_lwm=1048576", "ring_lwm_groups=1048576",
-                               "ring_lwm_dots=262144",
+                               "ring_lwm_groups_int8=1048576",
+                               "ring_lwm_offload=262144", "ring_lwm_dots=262144",
                                "flash_fsdp=131072",
                                "dense_fsdp=16384", "flash_1dev=4096",
                                "custom=65536"],
@@ -148,6 +190,8 @@ def define_flags():
   flags.DEFINE_string("dtype", "bfloat16", "custom: compute dtype.")
   flags.DEFINE_integer("accum_steps", 1, "custom: gradient accumulation steps.")
   flags.DEFINE_integer("remat_layer_group", 1, "custom: layers per outer checkpoint.")
+  flags.DEFINE_enum("remat_compress", None, list(config_lib.REMAT_COMPRESS),
+                    "custom: how saved layer inputs are stored (default: as computed).")
   flags.DEFINE_list("seq_lens", [], "custom: measure these lengths only (no search).")
   flags.DEFINE_string("out_dir", "results", "Where memory_plan.{md,json} go.")
 
@@ -159,7 +203,8 @@ def custom_spec() -> planner.PlanSpec:
                           config_lib.SEQUENCE_PARALLEL_ATTENTION else "contiguous",
                           remat_policy=FLAGS.remat, dtype=FLAGS.dtype,
                           shard_params_over_sp=FLAGS.shard_params_over_sp,
-                          remat_layer_group=FLAGS.remat_layer_group, flash_impl="xla")
+                          remat_layer_group=FLAGS.remat_layer_group,
+                          remat_compress=FLAGS.remat_compress, flash_impl="xla")
   return planner.PlanSpec("custom", cfg, dp=FLAGS.dp, fsdp=FLAGS.fsdp, tp=FLAGS.tp,
                           sp=FLAGS.sp, accum_steps=FLAGS.accum_steps,
                           loss_chunk_tokens=FLAGS.loss_chunk_tokens,
@@ -194,6 +239,8 @@ def measure_points(spec: planner.PlanSpec) -> Dict:
   p0 = next(iter(points.values()))
   return dict(spec=dict(name=spec.name, mesh=spec.mesh_str(),
                         attention=spec.config.attention, remat=spec.config.remat_policy,
+                        remat_layer_group=spec.config.remat_layer_group,
+                        remat_compress=spec.config.remat_compress,
                         num_devices=spec.num_devices, global_batch=spec.global_batch),
               params=p0["params"], opt_state=p0["opt_state"], search={},
               points={str(k): v for k, v in points.items()})

@@ -108,3 +108,60 @@ def test_cpu_shadow_detection():
   p = _point(T0)
   assert p["cpu_shadow"] == 2 * 1 * (T0 // 4) * 64 * 4
   assert p["adjusted_total"] == p["total"] - p["cpu_shadow"]
+
+
+def test_residual_stack_and_ring_buffer_attribution_on_hlo_text():
+  hlo = """
+%body (p: bf16[2,1,8,4]) -> bf16[2,1,8,4] {
+  %a = bf16[2,1,8,4]{3,2,1,0} parameter(0)
+  %b = f32[2,1,8,4]{3,2,1,0} convert(%a)
+  %q = s8[2,1,8,4]{3,2,1,0} convert(%b)
+  %s = f32[2,1,8,1]{3,2,1,0} reduce(%b)
+  %k = bf16[1,8,2,16]{3,2,1,0} collective-permute(%x), channel_id=1
+  %v = bf16[1,8,2,16]{3,2,1,0} collective-permute(%y), channel_id=2
+}
+
+ENTRY %main (p: f32[4,4]) -> f32[4,4] {
+  %dk = f32[1,8,2,16]{3,2,1,0} collective-permute(%z), channel_id=3
+}
+"""
+  # bf16 + f32 + s8 copies of [2, 1, 8, 4], and the f32 scales [2, 1, 8, 1].
+  assert mp.residual_stack_bytes(hlo, (2, 1, 8, 4)) == 64 * (2 + 4 + 1) + 16 * 4
+  assert mp.residual_stack_bytes(hlo, (3, 1, 8, 4)) == 0
+  # The computation with the most bytes in flight: k and v, 2 x 256 bf16.
+  assert mp.ring_buffer_bytes(hlo) == 2 * 256 * 2
+  assert mp.ring_buffer_bytes("ENTRY %main {\n  %a = f32[4] add(%b, %c)\n}") == 0
+
+
+def test_int8_residuals_and_temp_attribution():
+  spec = mp.PlanSpec("tiny_ring_int8", SPEC.config.replace(remat_compress="int8"),
+                     fsdp=2, sp=4, local_multiple=128, loss_chunk_tokens=512,
+                     ffn_chunk_tokens=512)
+  p, bf16 = mp.measure(spec, T0), _point(T0)
+  cfg = SPEC.config
+  L, D, K, H = (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_key_value_heads,
+                cfg.head_dim)
+  tokens = T0 // 4  # one sequence per fsdp rank, split over sp=4
+  # int8 codes + a float32 scale per token and layer; bf16: the stack + its f32 shadow.
+  assert p["residuals"] == L * tokens * (D + 4)
+  assert bf16["residuals"] == L * tokens * D * (2 + 4)
+  assert p["cpu_shadow"] == 0 and p["temp"] < bf16["temp"]
+  for q in (p, bf16):
+    assert q["gradients"] == q["params"]
+    assert q["ring_buffers"] >= 2 * tokens * K * H * 2  # a hop's bf16 k and v blocks
+    assert q["other_temp"] == (q["temp"] - q["gradients"] - q["residuals"]
+                               - q["ring_buffers"])
+    assert q["host_total"] == 0 and q["offload_estimate"] == 0  # XLA:CPU: no host space
+
+
+def test_standard_plans_and_offload_estimate():
+  plans = mp.standard_plans("llama2-7b")
+  assert tuple(p.name for p in plans) == mp.STANDARD_PLANS
+  by_name = {p.name: p.config for p in plans}
+  int8 = by_name["ring_lwm_groups_int8"]
+  assert (int8.remat_layer_group, int8.remat_compress) == (4, "int8")
+  off = by_name["ring_lwm_offload"]
+  assert off.remat_policy == "offload" and off.remat_names == ("attn_out", "mlp_out")
+  # attn_out and mlp_out: [B, T, D] bf16 per layer each.
+  assert mp.offload_estimate(off, 1, 1024) == 32 * 1024 * 2 * 4096 * 2
+  assert mp.offload_estimate(by_name["ring_lwm"], 1, 1024) == 0
