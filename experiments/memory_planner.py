@@ -41,7 +41,7 @@ the optimizer update dominates (short sequences, unsharded state). Other CPU-onl
 upcasts of bf16 temporaries (within one layer) stay in both numbers.
 
 Usage (the command line is `experiments.memory_report`):
-  python -m experiments.memory_planner    # the standard plans (~60 compiles)
+  python -m experiments.memory_planner    # the standard plans (~70 compiles)
   python -m experiments.memory_planner --plans=ring_lwm --preset=llama2-7b
   python -m experiments.memory_planner --plans=custom --preset=tiny --sp=8 \
       --attention=ring --remat=full --seq_lens=8192,32768   # points only, no search
@@ -77,7 +77,7 @@ class PlanSpec:
     name: a label for tables.
     config: the model config (its loss_chunks/ffn_chunks are replaced per length when
       the *_chunk_tokens below are > 0).
-    dp, fsdp, tp, sp: mesh shape; the product is the device count.
+    dp, fsdp, tp, sp: mesh shape; the product (times sp_ulysses) is the device count.
     seqs_per_replica: sequences per data-parallel rank; global batch =
       dp * fsdp * seqs_per_replica.
     accum_steps: gradient-accumulation micro-batches (must divide the global batch).
@@ -85,6 +85,8 @@ class PlanSpec:
       chunk (0: keep the config's chunk counts).
     local_multiple: per-device sequence lengths are multiples of this (default 1024,
       a multiple of the XLA attention kernels' blocks; even, as zigzag needs).
+    sp_ulysses: the mesh's "sp_ulysses" axis (attention="ulysses_ring": the sequence
+      is sharded over sp x sp_ulysses; 1: no such axis).
   """
 
   name: str
@@ -98,22 +100,30 @@ class PlanSpec:
   loss_chunk_tokens: int = 8192
   ffn_chunk_tokens: int = 16384
   local_multiple: int = KERNEL_MULTIPLE
+  sp_ulysses: int = 1
 
   @property
   def num_devices(self) -> int:
-    return self.dp * self.fsdp * self.tp * self.sp
+    return self.dp * self.fsdp * self.tp * self.sp * self.sp_ulysses
+
+  @property
+  def seq_shards(self) -> int:
+    """Devices one sequence is split over (sp, times sp_ulysses)."""
+    return self.sp * self.sp_ulysses
 
   @property
   def global_batch(self) -> int:
     return self.dp * self.fsdp * self.seqs_per_replica
 
   def mesh_str(self) -> str:
-    return f"dp={self.dp} fsdp={self.fsdp} tp={self.tp} sp={self.sp}"
+    extra = f" sp_ulysses={self.sp_ulysses}" if self.sp_ulysses > 1 else ""
+    return f"dp={self.dp} fsdp={self.fsdp} tp={self.tp} sp={self.sp}{extra}"
 
 
 def length_granule(spec: PlanSpec) -> int:
-  """Global sequence lengths are planned in multiples of this (sp * local_multiple)."""
-  return spec.sp * spec.local_multiple
+  """Global sequence lengths are planned in multiples of this (the sequence's shards
+  times local_multiple)."""
+  return spec.seq_shards * spec.local_multiple
 
 
 def chunk_count(tokens: int, chunk_tokens: int) -> int:
@@ -128,7 +138,7 @@ def chunk_count(tokens: int, chunk_tokens: int) -> int:
 
 def config_for_length(spec: PlanSpec, seq_len: int) -> LlamaConfig:
   """The spec's config with loss/ffn chunk counts for this sequence length."""
-  local = seq_len // spec.sp
+  local = seq_len // spec.seq_shards
   changes = {}
   if spec.loss_chunk_tokens > 0:
     changes["loss_chunks"] = chunk_count(local, spec.loss_chunk_tokens)
@@ -230,7 +240,7 @@ def plan_mesh(spec: PlanSpec):
                      f"; {len(devices)} available (set --num_devices / XLA_FLAGS="
                      "--xla_force_host_platform_device_count).")
   return make_mesh(dp=spec.dp, fsdp=spec.fsdp, tp=spec.tp, sp=spec.sp,
-                   devices=devices[:spec.num_devices])
+                   sp_ulysses=spec.sp_ulysses, devices=devices[:spec.num_devices])
 
 
 def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
@@ -251,7 +261,8 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
   granule = length_granule(spec)
   if seq_len < granule or seq_len % granule:
     raise ValueError(f"seq_len {seq_len} must be a positive multiple of {granule} "
-                     f"(sp={spec.sp} * {spec.local_multiple}) for plan {spec.name!r}.")
+                     f"(sequence shards {spec.seq_shards} * {spec.local_multiple}) for "
+                     f"plan {spec.name!r}.")
   optimizer = optimizer or optim.make_optimizer({})
   cfg = config_for_length(spec, seq_len)
   mesh = plan_mesh(spec)
@@ -282,7 +293,7 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
   # the outer scan's [L/g] group inputs and a group's own [g] layer inputs.
   g, L = cfg.remat_layer_group, cfg.num_hidden_layers
   hlo = compiled.as_text()
-  stacks = [(n, micro_batch, seq_len // spec.sp, cfg.hidden_size)
+  stacks = [(n, micro_batch, seq_len // spec.seq_shards, cfg.hidden_size)
             for n in sorted({L // g, g} if g > 1 else {L})]
   shadow = sum(cpu_bf16_shadow_bytes(hlo, s) for s in stacks)
   host = dict(host_argument=m.host_argument_size_in_bytes,
@@ -301,7 +312,8 @@ def measure(spec: PlanSpec, seq_len: int, *, optimizer=None,
       cpu_shadow=shadow, adjusted_total=max(total - shadow, floor),
       lower_s=round(t1 - t0, 2), compile_s=round(t2 - t1, 2), **host,
       **attribute_temp(m.temp_size_in_bytes, params_bytes, hlo, stacks),
-      offload_estimate=offload_estimate(cfg, micro_batch, seq_len // spec.sp, spec.tp))
+      offload_estimate=offload_estimate(cfg, micro_batch, seq_len // spec.seq_shards,
+                                        spec.tp))
 
 
 def state_bytes(spec: PlanSpec, *, optimizer=None) -> int:
@@ -390,8 +402,9 @@ def search_max_length(spec: PlanSpec, budget_bytes: int, *, start: int,
 # -- the standard plans ---------------------------------------------------------------
 
 
-STANDARD_PLANS = ("ring_lwm", "ring_lwm_groups", "ring_lwm_groups_int8", "ring_lwm_offload",
-                  "ring_lwm_dots", "flash_fsdp", "dense_fsdp",
+STANDARD_PLANS = ("ring_lwm", "ring_lwm_groups", "ring_lwm_groups_int8",
+                  "ulysses_ring_groups_int8", "ring_lwm_offload", "ring_lwm_dots",
+                  "flash_fsdp", "dense_fsdp",
                   "flash_1dev")  # the names of `standard_plans`, in order
 
 
@@ -404,6 +417,10 @@ def standard_plans(preset: str = "llama2-7b", remat: str = "full",
     checkpointed in groups of 4 (`remat_layer_group`: L/4 + 4 saved layer inputs
     instead of L); ring_lwm_groups_int8: the same with remat_compress="int8" (the
     saved group and layer inputs as int8 + a float32 scale per token);
+    ulysses_ring_groups_int8: the same with attention "ulysses_ring" on an
+    sp = n/2 x sp_ulysses = 2 mesh (2D context parallelism: an all-to-all over
+    "sp_ulysses", the ring over "sp"; parameters are sharded over fsdp x sp, so
+    replicated over "sp_ulysses");
     ring_lwm_offload: ring_lwm with remat_policy "offload" (the layers' "attn_out"
     and "mlp_out" to host memory, which XLA:CPU keeps on the device: see
     `offload_estimate`); ring_lwm_dots: the same as ring_lwm with
@@ -420,6 +437,9 @@ def standard_plans(preset: str = "llama2-7b", remat: str = "full",
       PlanSpec("ring_lwm_groups", ring.replace(remat_layer_group=4), sp=n),
       PlanSpec("ring_lwm_groups_int8",
                ring.replace(remat_layer_group=4, remat_compress="int8"), sp=n),
+      PlanSpec("ulysses_ring_groups_int8",
+               ring.replace(attention="ulysses_ring", remat_layer_group=4,
+                            remat_compress="int8"), sp=n // 2, sp_ulysses=2),
       PlanSpec("ring_lwm_offload", ring.replace(remat_policy="offload",
                                                 remat_names=("attn_out", "mlp_out")), sp=n),
       PlanSpec("ring_lwm_dots", ring.replace(remat_policy="dots_with_no_batch_dims"),
@@ -457,6 +477,7 @@ def run_plan(spec: PlanSpec, budget: int, *, start: int, metrics: Sequence[str],
   p0 = next(iter(cache.values()))
   return dict(
       spec=dict(name=spec.name, mesh=spec.mesh_str(), attention=spec.config.attention,
+                sp_ulysses=spec.sp_ulysses,
                 layout=spec.config.layout, remat=spec.config.remat_policy,
                 remat_layer_group=spec.config.remat_layer_group,
                 remat_compress=spec.config.remat_compress,

@@ -37,7 +37,12 @@ def plan_notes(num_devices: int, loss_chunk_tokens: int, ffn_chunk_tokens: int,
       "forward). ring_lwm_groups_int8: the same with remat_compress=int8 (those saved "
       "group and layer inputs stored as int8 with a float32 scale per token; the "
       "layers are recomputed from the decompressed inputs, so gradients are "
-      "approximate: results/remat_compress.md). ring_lwm_offload: ring_lwm with remat "
+      "approximate: results/remat_compress.md). ulysses_ring_groups_int8: the same with "
+      f"2D context parallelism (attention ulysses_ring, sp={n // 2} x sp_ulysses=2: "
+      "heads all-to-all within pairs of devices, the ring over the pairs); the model's "
+      "sharding rules put parameters over fsdp x sp only, so they and the AdamW state "
+      "are replicated over sp_ulysses (twice the per-device state). "
+      "ring_lwm_offload: ring_lwm with remat "
       "policy offload of each layer's attn_out and mlp_out to host memory; XLA:CPU has "
       "no host memory space (host bytes 0) and keeps them on the device like "
       "save_names, so its device bytes are an upper bound; 'host if offloaded' is "
@@ -172,6 +177,7 @@ def define_flags():
   flags.DEFINE_integer("max_search_len", 2 ** 23, "Longest length tried.")
   flags.DEFINE_list("starts", ["ring_lwm=1048576", "ring_lwm_groups=1048576",
                                "ring_lwm_groups_int8=1048576",
+                               "ulysses_ring_groups_int8=1048576",
                                "ring_lwm_offload=262144", "ring_lwm_dots=262144",
                                "flash_fsdp=131072",
                                "dense_fsdp=16384", "flash_1dev=4096",
@@ -186,6 +192,7 @@ def define_flags():
   flags.DEFINE_integer("fsdp", 1, "custom: mesh fsdp.")
   flags.DEFINE_integer("tp", 1, "custom: mesh tp.")
   flags.DEFINE_integer("sp", 8, "custom: mesh sp.")
+  flags.DEFINE_integer("sp_ulysses", 1, "custom: mesh sp_ulysses (attention=ulysses_ring).")
   flags.DEFINE_bool("shard_params_over_sp", True, "custom: shard params over sp too.")
   flags.DEFINE_string("dtype", "bfloat16", "custom: compute dtype.")
   flags.DEFINE_integer("accum_steps", 1, "custom: gradient accumulation steps.")
@@ -206,7 +213,8 @@ def custom_spec() -> planner.PlanSpec:
                           remat_layer_group=FLAGS.remat_layer_group,
                           remat_compress=FLAGS.remat_compress, flash_impl="xla")
   return planner.PlanSpec("custom", cfg, dp=FLAGS.dp, fsdp=FLAGS.fsdp, tp=FLAGS.tp,
-                          sp=FLAGS.sp, accum_steps=FLAGS.accum_steps,
+                          sp=FLAGS.sp, sp_ulysses=FLAGS.sp_ulysses,
+                          accum_steps=FLAGS.accum_steps,
                           loss_chunk_tokens=FLAGS.loss_chunk_tokens,
                           ffn_chunk_tokens=FLAGS.ffn_chunk_tokens)
 

@@ -160,6 +160,11 @@ def test_standard_plans_and_offload_estimate():
   by_name = {p.name: p.config for p in plans}
   int8 = by_name["ring_lwm_groups_int8"]
   assert (int8.remat_layer_group, int8.remat_compress) == (4, "int8")
+  spec_2d = {p.name: p for p in plans}["ulysses_ring_groups_int8"]
+  assert spec_2d.config.attention == "ulysses_ring" and spec_2d.config.remat_compress
+  assert (spec_2d.sp, spec_2d.sp_ulysses, spec_2d.num_devices) == (4, 2, 8)
+  assert mp.length_granule(spec_2d) == 8 * 1024  # the sequence is split 4 x 2 ways
+  assert spec_2d.mesh_str() == "dp=1 fsdp=1 tp=1 sp=4 sp_ulysses=2"
   off = by_name["ring_lwm_offload"]
   assert off.remat_policy == "offload" and off.remat_names == ("attn_out", "mlp_out")
   # attn_out and mlp_out: [B, T, D] bf16 per layer each.
