@@ -147,8 +147,8 @@ class LlamaConfig:
     loss_chunks: token chunks for the cross-entropy, which never materialises
       [B, T, V] logits when > 1.
     dtype: compute dtype of activations and matmuls; param_dtype: parameters.
-    shard_params_over_sp: shard parameters over "sp" as well as "fsdp" (as Large
-      World Model does), since sequence-parallel devices hold the same parameters.
+    shard_params_over_sp: shard parameters over "sp" (and "sp_ulysses") as well as
+      "fsdp" (Large World Model's layout): sequence-parallel devices hold the same ones.
   """
 
   vocab_size: int = 32000

@@ -27,7 +27,8 @@ MESH_AXES = ("dp", "fsdp", "tp", "sp")
 ULYSSES_AXIS = DEFAULT_ULYSSES_AXIS  # in a mesh only when make_mesh(sp_ulysses > 1)
 
 # Logical name -> mesh axes, for parameters and activations. "embed" of parameters is
-# sharded over fsdp (and also sp when config.shard_params_over_sp).
+# sharded over fsdp (and also the sequence axes sp, sp_ulysses when
+# config.shard_params_over_sp).
 LOGICAL_RULES: Dict[str, Tuple[str, ...]] = {
     # parameters
     "layers": (),
@@ -83,7 +84,7 @@ def rules_for(mesh: Optional[Mesh], shard_params_over_sp: bool = False):
   present = {a for a in mesh.axis_names if mesh.shape[a] > 1}
   rules = dict(LOGICAL_RULES)
   if shard_params_over_sp:
-    rules["embed"] = ("fsdp", "sp")
+    rules["embed"] = ("fsdp", "sp", ULYSSES_AXIS)
   return {k: tuple(a for a in v if a in present) for k, v in rules.items()}
 
 
