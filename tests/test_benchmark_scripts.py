@@ -97,8 +97,9 @@ def test_benchmark_ring_smoke(tmp_path):
   assert balance["zigzag"]["max_over_mean"] == pytest.approx(1.0)
   assert balance["contiguous"]["max_over_mean"] > 1.5
 
-  assert {(r["strategy"], r["T"]) for r in res["strategies"]} == {
-      ("ring", 256), ("allgather", 256), ("ulysses", 256)}
+  assert {(r["strategy"], r["T"], r["mesh"]) for r in res["strategies"]} == {
+      ("ring", 256, "8"), ("allgather", 256, "8"), ("ulysses", 256, "8"),
+      ("ulysses_ring", 256, "2x4")}
   for r in res["strategies"]:
     assert r["fwd_bwd_ms"] > 0 and r["temp_bytes"] > 0
 
