@@ -419,8 +419,7 @@ def standard_plans(preset: str = "llama2-7b", remat: str = "full",
     saved group and layer inputs as int8 + a float32 scale per token);
     ulysses_ring_groups_int8: the same with attention "ulysses_ring" on an
     sp = n/2 x sp_ulysses = 2 mesh (2D context parallelism: an all-to-all over
-    "sp_ulysses", the ring over "sp"; parameters are sharded over fsdp x sp, so
-    replicated over "sp_ulysses");
+    "sp_ulysses", the ring over "sp"; parameters sharded over all the sequence axes);
     ring_lwm_offload: ring_lwm with remat_policy "offload" (the layers' "attn_out"
     and "mlp_out" to host memory, which XLA:CPU keeps on the device: see
     `offload_estimate`); ring_lwm_dots: the same as ring_lwm with
