@@ -5,18 +5,10 @@ one to one); run-time fields (attention implementation, remat, scan, chunking, d
 are ours. The config is frozen and validated on construction: a bad value raises a
 ValueError that names the field, the value and what would be valid.
 
-Presets: `tiny` (tests and CPU demos), `llama2-7b`, `llama2-13b`, `llama3-8b`,
-`llama3-70b`, and `lwm-7b` (Large World Model: LLaMA-2-7B shapes, rope theta 50M,
-1M-token context). Sliding-window attention: `mistral-7b` (Mistral-7B-v0.1, every layer
-within a 4096-token window) and `mistral-tiny`. Local-global layer patterns as Gemma 3
-lays them out (5 sliding-window layers, then 1 full-attention layer, repeated; local
-RoPE base 10k, global 1M): `local-global-1b` (Gemma-3-1B's sizes: 26 layers, window
-512), `local-global-4b` (Gemma-3-4B's sizes: 34 layers, window 1024, linear RoPE
-scaling x8 on the global layers only) and `local-global-tiny`. These are Gemma 3's
-shapes and attention pattern on our LLaMA block, not Gemma 3 itself (which adds q/k
-norms, GeGLU, sandwich norms and a scaled embedding): Gemma weights do not load into it.
-Linear attention: `linear-hybrid-tiny` (3 "linear_attention" layers (elu) : 1 full
-layer, the hybrid pattern of recent long-context models).
+Presets (`PRESETS`): `tiny`, LLaMA-2/3 and `lwm-7b` shapes, Mistral's sliding window
+(`mistral-7b`, `mistral-tiny`), Gemma 3's 5:1 local-global pattern on our LLaMA block
+(`local-global-1b`/`-4b`/`-tiny`; Gemma weights do not load into it) and
+`linear-hybrid-tiny` (3 "linear_attention" layers : 1 full).
 """
 from __future__ import annotations
 
@@ -30,29 +22,22 @@ from ringattn_jax import kernel_choice
 from ringattn_jax import layouts
 from ringattn_jax import rope
 
-# Attention methods of `ringattn_jax.attention`. "reference" is the dense oracle;
-# "dot_product" is jax.nn.dot_product_attention (the baseline researchers compare
-# against); "flash" is ringattn_jax.flash_attention on one device (or replicated over
-# the sequence); ring, allgather and ulysses shard the sequence over the mesh's "sp"
-# axis via sharded_attention, ulysses_ring over "sp" x "sp_ulysses" (2D: an all-to-all
-# over "sp_ulysses", the ring over "sp"; softmax layers only). "linear" is ours, not a
-# method of ringattn_jax.attention: every layer "linear_attention" (on one device).
+# Attention methods of `ringattn_jax.attention` (see ringattn_jax.dispatch; the
+# sequence-parallel ones over the mesh's "sp" axis, ulysses_ring over "sp" x
+# "sp_ulysses", softmax layers only), plus our "linear": every layer
+# "linear_attention", on one device.
 LINEAR_ATTENTION = "linear"
 ATTENTION = ringattn_jax.METHODS + (LINEAR_ATTENTION,)
 SEQUENCE_PARALLEL_ATTENTION = ringattn_jax.STRATEGIES
 SINGLE_DEVICE_ATTENTION = tuple(m for m in ATTENTION if m not in SEQUENCE_PARALLEL_ATTENTION)
 FLASH_IMPLS = kernel_choice.SEQUENCE_PARALLEL_IMPLS
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_names",
-                  "offload")
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "save_names", "offload")
 REMAT_COMPRESS = ("bf16", "int8", "fp8")  # how saved layer inputs are stored (models.remat)
-# Intermediate tensors a layer tags with `checkpoint_name`, for the "save_names" and
-# "offload" remat policies.
+# Tensors a layer tags with `checkpoint_name` ("save_names", "offload" policies).
 REMAT_NAMES = ("qkv", "attn_context", "attn_out", "mlp_hidden", "mlp_out")
 DTYPES = ("float32", "bfloat16", "float16")
-# Entries of `layer_types`: Hugging Face's names and values ("chunked_attention" as in
-# Llama 4), plus our "block_sparse_attention" and "linear_attention". Their order is the
-# order of the branches of a scanned layer's `lax.switch` (see
-# `LlamaConfig.kinds_present`).
+# Entries of `layer_types` (Hugging Face's, plus our "block_sparse_attention" and
+# "linear_attention"), in the order of a scanned layer's `lax.switch` branches.
 LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention",
                "block_sparse_attention", "linear_attention")
 FULL, SLIDING, CHUNKED, BLOCK_SPARSE, LINEAR = LAYER_TYPES
