@@ -68,7 +68,7 @@ def _put(batch, sharding):
   return {k: jax.device_put(v, sharding) for k, v in arrays.items()}
 
 
-def _retrieval(model, cfg: Dict[str, Any], sharding=None) -> Tuple[float, int]:
+def retrieval(model, cfg: Dict[str, Any], sharding=None) -> Tuple[float, int]:
   """(exact-match accuracy, how many examples had non-finite scored logits) on the eval
   examples of a synthetic task config (`needle_data`); the latter count as wrong."""
   ds = make_dataset(cfg, split="eval")
@@ -104,7 +104,7 @@ def needle_grid(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
     row, bad_row = [], []
     for depth in depths:
       cfg = needle_data(data_cfg, task, length, depth, examples, batch_size)
-      accuracy, bad = _retrieval(model, cfg, sharding)
+      accuracy, bad = retrieval(model, cfg, sharding)
       row.append(accuracy)
       bad_row.append(bad)
       logging.info("needle grid %s length %d depth %.2f: %.3f", task, length, depth,
