@@ -60,6 +60,14 @@ def get_config() -> ml_collections.ConfigDict:
       async_checkpoints=True,
       profile_steps=(),         # e.g. (10, 15): capture a profiler trace of steps 10..14
       progress_bar=True,
+      # What a stage trains (experiments/finetune.py; each key overridable per stage).
+      # "all", or groups from embeddings, attention, mlp, norms, head, sinks, lora as a
+      # comma-separated str here (a stage dict may also give a tuple): "lora" is LoRA,
+      # "lora,norms,embeddings" LongLoRA's recipe.
+      trainable="all",
+      lora_rank=0,              # > 0: fresh rank-r LoRA adapters (B = 0) on lora_targets
+      lora_alpha=16.0,          # the adapters' scale is lora_alpha / lora_rank
+      lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
   ))
   c.eval = ml_collections.ConfigDict(dict(
       task="",                  # synthetic task for the needle grid; "" = data.kind

@@ -1,7 +1,8 @@
 """Turning an experiment ConfigDict into checked pieces, before any compute.
 
 `check_config(config, num_devices)` raises a ValueError naming the key for: unknown or
-mistyped model fields, a mesh whose product is not the device count, sequence lengths
+mistyped model fields, bad tuning keys (what a stage trains: experiments/finetune.py),
+a mesh whose product is not the device count, sequence lengths
 not divisible by the sequence axes (the batch is sharded over them; the model pads to
 its other multiples itself) or by block_sparse_size (block-sparse layers), batch sizes not divisible by the data-parallel axes, process count or
 accumulation steps, bad data or optimizer keys, a tokenizer larger than the model's
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, List
 
+from experiments import finetune
 from experiments import optim
 from experiments.data import config as data_config_lib
 from experiments.data import make_dataset
@@ -31,7 +33,7 @@ from ringattn_jax import checks
 EVAL_TASKS = ("",) + data_config_lib.SYNTHETIC_KINDS + ("perplexity",)
 
 STAGE_KEYS = ("seq_len", "sp", "steps", "warmup_steps", "learning_rate", "batch_size",
-              "rope_theta", "rope_scaling", "max_position_embeddings")
+              "rope_theta", "rope_scaling", "max_position_embeddings") + finetune.KEYS
 
 
 def _plain(x):
@@ -56,6 +58,10 @@ class Stage:
   mesh: Dict[str, int]
   data: Dict[str, Any]
   optim: Dict[str, Any]
+  # What the stage trains (experiments/finetune.py: trainable, lora_rank, lora_alpha,
+  # lora_targets), from config.train and the stage's overrides; normalised by
+  # `check_config`.
+  tune: Dict[str, Any] = dataclasses.field(default_factory=lambda: dict(finetune.DEFAULTS))
 
   @property
   def last_step(self) -> int:
@@ -99,7 +105,10 @@ def stages(config) -> List[Stage]:
     opt = dict(_plain(config.optim))
     opt.update({k: s[k] for k in ("warmup_steps", "learning_rate") if k in s})
     opt["total_steps"] = steps
-    out.append(Stage(i, first, steps, model, mesh, data, opt))
+    # Older configs (a workdir's config.json) may lack the tuning keys: defaults.
+    tune = {k: _plain(config.train.get(k, v)) for k, v in finetune.DEFAULTS.items()}
+    tune.update({k: s[k] for k in finetune.KEYS if k in s})
+    out.append(Stage(i, first, steps, model, mesh, data, opt, tune))
     first += steps
   return out
 
@@ -138,8 +147,11 @@ def check_config(config, num_devices: int, process_count: int = 1) -> List[Stage
     if section not in config:
       raise ValueError(f"config has no {section!r} section.")
   result = stages(config)
-  for st in result:
+  for n, st in enumerate(result):
     where = f"stage {st.index}" if len(result) > 1 else "config"
+    own = config.stages and set(_plain(config.stages[n])) & set(finetune.KEYS)
+    keys = f"config.stages[{n}]" if own else "config.train"
+    result[n] = st = dataclasses.replace(st, tune=finetune.check(st.tune, keys, st.model))
     m = st.mesh
     unknown = sorted(set(m) - {"dp", "fsdp", "tp", "sp", "sp_ulysses"})
     if unknown:

@@ -292,7 +292,8 @@ def compute_grads(graphdef, params, batch: Mapping[str, jax.Array], *,
 
 
 def train_step(graphdef, state: TrainState, batch: Mapping[str, jax.Array], *,
-               optimizer: optax.GradientTransformation, accum_steps: int = 1):
+               optimizer: optax.GradientTransformation, accum_steps: int = 1,
+               trainable=None):
   """One optimizer update on `batch`. Returns (new state, metrics).
 
   Args:
@@ -301,6 +302,12 @@ def train_step(graphdef, state: TrainState, batch: Mapping[str, jax.Array], *,
     batch: dict of [G, T] arrays (see module docstring).
     optimizer: the optax transformation that made state.opt_state (static).
     accum_steps: micro-batches per update (must divide G).
+    trainable: None (every parameter trains) or a pytree of Python bools like
+      state.params (`experiments.finetune.trainable_mask`, static): the gradients of
+      the False ones are replaced by zeros before the optimizer and the metrics see
+      them, so grad_norm measures the trained parameters and XLA drops the frozen
+      ones' gradient computations. Freezing itself is the optimizer's job
+      (finetune.make_optimizer gives frozen parameters zero updates).
 
   Returns:
     (state, metrics) with metrics float32 scalars: loss (token-weighted mean NLL over
@@ -310,6 +317,8 @@ def train_step(graphdef, state: TrainState, batch: Mapping[str, jax.Array], *,
   """
   loss, grads, tokens = compute_grads(graphdef, state.params, batch,
                                       accum_steps=accum_steps, buffers=state.buffers)
+  if trainable is not None:
+    grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(loss=loss.astype(jnp.float32),
@@ -321,16 +330,17 @@ def train_step(graphdef, state: TrainState, batch: Mapping[str, jax.Array], *,
 
 def jit_train_step(graphdef, optimizer: optax.GradientTransformation,
                    shardings: Optional[TrainState] = None, *, mesh=None,
-                   accum_steps: int = 1, donate: bool = True):
+                   accum_steps: int = 1, donate: bool = True, trainable=None):
   """`train_step` jitted: (state, batch) -> (state, metrics).
 
   With `shardings` (from `train_state_shardings`) and `mesh`, the state keeps its
   shardings, the batch is taken as `batch_sharding(mesh)` and the metrics come back
-  replicated. `donate` lets the new state reuse the old state's buffers.
+  replicated. `donate` lets the new state reuse the old state's buffers. `trainable`:
+  see `train_step`.
   """
   def step(state, batch):
     return train_step(graphdef, state, batch, optimizer=optimizer,
-                      accum_steps=accum_steps)
+                      accum_steps=accum_steps, trainable=trainable)
 
   kw = dict(donate_argnums=(0,) if donate else ())
   if shardings is not None:

@@ -4,10 +4,13 @@ Notebooks and tests call it directly. It validates the whole config first (no co
 before that), then runs the stages back to back (one stage unless `config.stages`):
 for each stage it builds the mesh, (re)configures the model (resharding the parameters
 carried from the previous stage), makes a fresh optimizer with the stage's schedule,
-and trains. Checkpoints (orbax; periodic, keep-N, async) hold the train state plus the
-stage index; a restarted run resumes from the newest one that reads, exactly: same
-parameters, optimizer state, RNG, step and data position (batches are a pure function
-of the step). Unreadable newer ones are set aside (checkpoints.py), and metrics.jsonl
+and trains. A stage may train only some parameter groups, or LoRA adapters
+(finetune.py): it starts from the previous stage's parameters with any adapters merged
+into them, and attaches fresh adapters of its own. Checkpoints (orbax; periodic,
+keep-N, async) hold the train state (adapters included) plus the stage index; a
+restarted run resumes from the newest one that reads, exactly: same parameters,
+optimizer state, RNG, step and data position (batches are a pure function of the
+step). Unreadable newer ones are set aside (checkpoints.py), and metrics.jsonl
 is rewound to the restored step (metrics.py). A run whose loss, gradients or state
 become NaN/Inf stops with `divergence.TrainingDivergedError` at the next logged step
 or save, whichever comes first, and never saves the non-finite state (divergence.py).
@@ -43,6 +46,7 @@ from experiments import checkpoints as ckpt_lib
 from experiments import config_lib
 from experiments import divergence
 from experiments import evaluate
+from experiments import finetune
 from experiments import optim
 from experiments import train_step as step_lib
 from experiments import workdir_lock
@@ -51,6 +55,7 @@ from experiments.data import make_dataset
 from experiments.metrics import MetricWriter
 from models import favor
 from models import llama
+from models import lora
 from models.sharding import make_mesh
 
 
@@ -86,17 +91,24 @@ class _StageRunner:
       graphdef, _ = nnx.split(llama.abstract_model(stage.model, self.mesh))
       shardings = llama.param_shardings(carried, self.mesh, stage.model)
       model = nnx.merge(graphdef, jax.device_put(carried, shardings))
-    self.optimizer = optim.make_optimizer(stage.optim)
+    # Fresh LoRA adapters for a LoRA stage (finetune.py), drawn per stage.
+    model = finetune.prepare_model(model, stage.tune, seed=config.seed + stage.index)
+    trainable = stage.tune["trainable"]
+    self.optimizer = finetune.make_optimizer(stage.optim, trainable)
     self.schedule = optim.make_schedule(stage.optim)
     self.graphdef = nnx.graphdef(model)
     self.state = step_lib.create_train_state(model, self.optimizer, seed=config.seed)
+    self.counts = finetune.count(self.state.params, trainable)
+    mask = (None if trainable == "all" else
+            finetune.trainable_mask(self.state.params, trainable))
     self.shardings = step_lib.train_state_shardings(self.state, self.mesh, stage.model)
     # Place step and rng on the mesh as the jitted step returns them, so the second
     # step does not trace and compile the program again.
     self.state = jax.device_put(self.state, self.shardings)
     self.step_fn = step_lib.jit_train_step(self.graphdef, self.optimizer, self.shardings,
                                            mesh=self.mesh,
-                                           accum_steps=config.train.accum_steps)
+                                           accum_steps=config.train.accum_steps,
+                                           trainable=mask)
     self.batch_sharding = step_lib.batch_sharding(self.mesh)
     self.data = make_dataset(stage.data, "train", process_index, process_count)
     self.lm_weight = float(config.train.lm_loss_weight)
@@ -194,7 +206,10 @@ def _train_stages(config, workdir: str, all_stages, writer, ckpt,
     if process_index == 0:
       print(f"stage {stage.index}: steps {stage.first_step}..{stage.last_step}, seq_len "
             f"{stage.data['seq_len']}, mesh {stage.mesh}, attention "
-            f"{stage.model.attention}/{stage.model.layout}", flush=True)
+            f"{stage.model.attention}/{stage.model.layout}, training "
+            f"{runner.counts['trainable']:,} of {runner.counts['total']:,} parameters "
+            f"({stage.tune['trainable']}, lora_rank {stage.tune['lora_rank']})",
+            flush=True)
     step = _train_stage(config, workdir, runner, step, all_stages[-1].last_step, writer,
                         ckpt, progress)
     _save(ckpt, step, runner, writer, progress)
@@ -202,7 +217,7 @@ def _train_stages(config, workdir: str, all_stages, writer, ckpt,
       _, scalars = _evaluate(config, runner, (stage.data["seq_len"],),
                              os.path.join(workdir, "eval", f"stage{stage.index}"))
       writer.write(step, scalars, f"eval_stage{stage.index}")
-    carried = nnx.state(runner.model())
+    carried = nnx.state(lora.merge_lora(runner.model()))  # adapters folded in
   return runner
 
 

@@ -148,12 +148,20 @@ class Attention(nnx.Module):
     """[M, H] FAVOR features (config.uses_favor_features), else None."""
     return self.favor_features[...] if hasattr(self, "favor_features") else None
 
+  def adapter(self, target: str, x, shape):
+    """The LoRA term of projection `target` (models.lora: attribute `<target>_lora`)
+    on its flattened input x, reshaped to `shape` in x's dtype; 0 without one."""
+    lora = getattr(self, target + "_lora", None)
+    return 0 if lora is None else lora(x).reshape(shape).astype(x.dtype)
+
   def project_qkv(self, x, cos, sin, rt: Runtime):
     """x [B, T, D] -> q [B, T, N, H], k, v [B, T, K, H], rotary applied to q and k."""
     dt = x.dtype
     q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dt))
     k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dt))
     v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj[...].astype(dt))
+    q, k, v = (y + self.adapter(name, x, y.shape) for name, y in
+               (("q_proj", q), ("k_proj", k), ("v_proj", v)))
     if rt.config.attention_bias:
       q = q + self.q_bias[...].astype(dt)
       k = k + self.k_bias[...].astype(dt)
@@ -168,6 +176,8 @@ class Attention(nnx.Module):
   def project_out(self, ctx, rt: Runtime):
     """ctx [B, T, N, H] -> [B, T, D]."""
     out = jnp.einsum("BTNH,NHD->BTD", ctx, self.o_proj[...].astype(ctx.dtype))
+    B, T, N, H = ctx.shape
+    out = out + self.adapter("o_proj", ctx.reshape(B, T, N * H), out.shape)
     if rt.config.attention_bias:
       out = out + self.o_bias[...].astype(ctx.dtype)
     return checkpoint_name(out, "attn_out")
