@@ -117,10 +117,13 @@ def eval_task(config, data: Dict[str, Any]) -> str:
   """What the run's evaluations measure, for a stage whose data config is `data`: a
   synthetic task's name (its needle grid) or "perplexity" (on the eval split of
   data.path: data.eval_path or data.eval_fraction). eval.task "" follows data.kind: the
-  task trained on, or perplexity when training on text or tokens."""
+  task trained on (a mixture: its first component), or perplexity when training on
+  text or tokens."""
   task = config.eval.task
   if task:
     return task
+  if data["kind"] == data_config_lib.MIXTURE:
+    return data_config_lib.task_data(data)["kind"]
   return data["kind"] if data["kind"] in data_config_lib.SYNTHETIC_KINDS else "perplexity"
 
 
@@ -249,7 +252,7 @@ def _check_eval(config, result: List[Stage], process_count: int) -> None:
   for st, lengths, what in plan:
     task = eval_task(config, st.data)
     where = f"stage {st.index}: " if len(result) > 1 else ""
-    if task == "perplexity" and st.data["kind"] in data_config_lib.SYNTHETIC_KINDS:
+    if task == "perplexity" and st.data["kind"] not in data_config_lib.FILE_KINDS:
       raise ValueError(
           f"{where}config.eval.task='perplexity' needs text data (data.kind 'text' or "
           f"'tokens'), got data.kind={st.data['kind']!r}; for perplexity of held-out "

@@ -39,7 +39,7 @@ from absl import logging
 from flax import nnx
 
 from experiments.data import make_dataset
-from experiments.data.config import needle_data, text_eval_data
+from experiments.data.config import needle_data, task_data, text_eval_data
 from models.sharding import to_host
 from models.sampling import nonfinite_rows
 
@@ -98,7 +98,7 @@ def needle_grid(model, data_cfg: Dict[str, Any], lengths: Sequence[int],
   "nonfinite": [len(lengths)][len(depths)]}: nonfinite counts each cell's examples
   with NaN/Inf logits (counted as wrong; 0 for a healthy model).
   """
-  task = task or data_cfg["kind"]
+  task = task or task_data(data_cfg)["kind"]  # a mixture: its first component
   acc, nonfinite = [], []
   for length in lengths:
     row, bad_row = [], []

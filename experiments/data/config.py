@@ -7,8 +7,10 @@ a plain dict or a ConfigDict holding these keys (or a whole experiment config wh
 `data` field holds them). Unknown keys fail.
 
 Required:
-  kind          "passkey" | "needle" | "assoc_recall" | "var_track"  (synthetic,
-                generated from (seed, split, index); see synthetic.py)
+  kind          "passkey" | "needle" | "assoc_recall" | "var_track" | "multi_value"
+                | "common_words" | "frequent_words" | "listops"  (synthetic, generated
+                from (seed, split, index); see synthetic.py, ruler.py, listops.py)
+                | "mixture" (synthetic tasks interleaved; see `mixture` below)
                 | "text"    (.txt / JSONL files, tokenized and packed; see text.py)
                 | "tokens"  (memory-mapped .npy / .bin token arrays, packed)
   seq_len       T, tokens per row (every batch is exactly [b, T]).
@@ -21,9 +23,22 @@ Common:
                 SentencePiece .model path.
 
 Synthetic tasks: the knobs of `synthetic.TaskKnobs` (value_digits, needle_depth,
-num_needles, num_queries, num_hops, num_chains, num_pairs, filler; documented there),
-and
+num_needles, num_queries, num_hops, num_chains, num_pairs, filler, style, num_values,
+num_common, common_count, rare_count, num_frequent, zipf_alpha, listops_max_depth,
+listops_max_args; documented there), and
   eval_examples size of the eval split (train is unbounded).
+  mixture       data.kind="mixture" only: a tuple of components, each a dict with
+                "kind" (a synthetic task) and any task knobs, or just a task name:
+                ({"kind": "passkey"}, {"kind": "needle", "num_needles": 4}, "listops").
+                Every component shares seq_len, seed, tokenizer and the top-level task
+                knobs (style, value_digits, ...); its own keys override them. Example i
+                comes from component i % n as that task's example i // n, so batches
+                are balanced and still a pure function of (seed, split, step), and a
+                component's examples are exactly those of the task on its own.
+                Evaluating a mixture run: eval.task "" runs the needle grid on the
+                first component (with its knobs); eval.task naming a task runs it with
+                the knobs of the first component of that kind (or the top-level knobs
+                if none is); see `needle_data`.
 
 Text and tokens:
   path          file, directory, glob, or list of them (required).
@@ -52,8 +67,9 @@ from experiments.data import text as text_lib
 from ringattn_jax import checks
 
 SYNTHETIC_KINDS = synthetic.TASKS
+MIXTURE = "mixture"
 FILE_KINDS = ("text", "tokens")
-KINDS = SYNTHETIC_KINDS + FILE_KINDS
+KINDS = SYNTHETIC_KINDS + (MIXTURE,) + FILE_KINDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,11 +93,56 @@ class DataConfig(synthetic.TaskKnobs):
   add_bos: bool = True
   add_eos: bool = True
   dtype: str = "uint16"
+  mixture: tuple = ()
 
   def task_spec(self) -> synthetic.TaskSpec:
     """The synthetic TaskSpec (validates the task knobs)."""
     return synthetic.TaskSpec(self.kind, self.seq_len,
                               **{k: getattr(self, k) for k in synthetic.KNOBS})
+
+  def task_specs(self) -> tuple:
+    """The TaskSpec of each mixture component, or (task_spec(),) for one task."""
+    if self.kind != MIXTURE:
+      return (self.task_spec(),)
+    return tuple(synthetic.TaskSpec(c["kind"], self.seq_len, **{
+        k: c.get(k, getattr(self, k)) for k in synthetic.KNOBS})
+                 for c in mixture_components(self.mixture))
+
+
+MIXTURE_KEYS = ("kind",) + synthetic.KNOBS
+
+
+def mixture_components(mixture: Any) -> tuple:
+  """`data.mixture` as a tuple of plain dicts, each with a "kind"; checks the keys.
+
+  Raises:
+    ValueError: not a non-empty sequence of dicts / task names, a component's kind is
+      not a synthetic task (file kinds and nested mixtures are not components), or a
+      component has a key other than "kind" and the task knobs.
+  """
+  if isinstance(mixture, (str, dict)) or not isinstance(mixture, (list, tuple)) or (
+      not mixture):
+    raise ValueError("data.mixture must be a non-empty tuple of components (dicts with "
+                     "'kind' and task knobs, or task names) for data.kind='mixture'; "
+                     f"got {mixture!r}")
+  out = []
+  for i, comp in enumerate(mixture):
+    comp = {"kind": comp} if isinstance(comp, str) else comp
+    if hasattr(comp, "to_dict"):
+      comp = comp.to_dict()
+    if not isinstance(comp, dict) or "kind" not in comp:
+      raise ValueError(f"data.mixture[{i}] must be a dict with a 'kind' (or a task "
+                       f"name); got {comp!r}")
+    if comp["kind"] not in SYNTHETIC_KINDS:
+      raise ValueError(f"data.mixture[{i}] kind={comp['kind']!r} is not a synthetic "
+                       f"task; valid: {SYNTHETIC_KINDS}")
+    unknown = sorted(set(comp) - set(MIXTURE_KEYS))
+    if unknown:
+      raise ValueError(f"data.mixture[{i}] has unknown key(s) {unknown}; valid keys: "
+                       f"{sorted(MIXTURE_KEYS)} (seq_len, seed, tokenizer and "
+                       "eval_examples are shared by all components)")
+    out.append(dict(comp))
+  return tuple(out)
 
 
 REQUIRED = ("kind", "seq_len", "batch_size")
@@ -135,9 +196,12 @@ def parse_config(config: Any) -> DataConfig:
   checks.integer("data.seed", cfg.seed, minimum=0)
   if not isinstance(cfg.tokenizer, str) or not cfg.tokenizer:
     raise ValueError(f"data.tokenizer must be 'byte' or a path, got {cfg.tokenizer!r}")
-  if cfg.kind in SYNTHETIC_KINDS:
+  if cfg.kind != MIXTURE and cfg.mixture not in ((), [], None):
+    raise ValueError(f"data.mixture is only for data.kind='mixture'; got data.kind="
+                     f"{cfg.kind!r} with data.mixture={cfg.mixture!r}")
+  if cfg.kind in SYNTHETIC_KINDS + (MIXTURE,):
     checks.positive_int("data.eval_examples", cfg.eval_examples)
-    cfg.task_spec()
+    cfg.task_specs()
   else:
     _check_file_keys(cfg)
   return cfg
@@ -184,8 +248,20 @@ def needle_data(data_cfg: Dict[str, Any], task: str, length: int, depth: float,
   """The data config of one needle-grid cell: synthetic `task` at `length` tokens with
   the needle at `depth`, `examples` eval examples in batches of `batch_size`. The
   config checks build the same dataset before training (`config_lib.check_config`)."""
-  return dict(data_cfg, kind=task, seq_len=int(length), needle_depth=float(depth),
+  return dict(task_data(data_cfg, task), seq_len=int(length), needle_depth=float(depth),
               batch_size=int(batch_size), eval_examples=int(examples))
+
+
+def task_data(data_cfg: Dict[str, Any], task: str = "") -> Dict[str, Any]:
+  """`data_cfg` as the data config of one synthetic `task`. For a mixture: "" means the
+  first component; a task name takes the knobs of the first component of that kind
+  (the top-level knobs if no component is); `mixture` is dropped either way."""
+  if data_cfg.get("kind") != MIXTURE:
+    return dict(data_cfg, kind=task or data_cfg["kind"])
+  comps = mixture_components(data_cfg.get("mixture"))
+  task = task or comps[0]["kind"]
+  comp = next((c for c in comps if c["kind"] == task), {"kind": task})
+  return dict(data_cfg, mixture=(), **comp)
 
 
 def text_eval_data(data_cfg: Dict[str, Any], length: int,
@@ -198,5 +274,5 @@ def text_eval_data(data_cfg: Dict[str, Any], length: int,
 def held_out_text(data_cfg: Dict[str, Any], path: str) -> Dict[str, Any]:
   """`data_cfg` (a run's data) reading the held-out text file `path` as its eval split
   (`eval.perplexity_path`)."""
-  return dict(data_cfg, kind="text", path=path, eval_path=path)
+  return dict(data_cfg, kind="text", path=path, eval_path=path, mixture=())
 

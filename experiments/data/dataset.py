@@ -25,6 +25,7 @@ all-padding rows (eval, so `num_batches` steps cover the eval set exactly once).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from typing import Any, Dict, List, Optional
@@ -39,6 +40,8 @@ from experiments.data.tokenizer import load_tokenizer
 from ringattn_jax import checks
 
 SPLITS = ("train", "eval")
+_OLD_KNOBS = 8  # value_digits ... filler: the knobs every checkpoint's fingerprint holds
+_DEFAULT_KNOBS = {f.name: f.default for f in dataclasses.fields(synthetic.TaskKnobs)}
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -126,15 +129,23 @@ class Dataset:
 
 
 class SyntheticDataset(Dataset):
-  """Synthetic long-context task; global row index = example index.
+  """Synthetic long-context task, or a mixture of them; global row index = example index.
 
-  Attributes (beyond the batch API): task (SyntheticTask), num_batches (eval: steps
-  covering `data.eval_examples`; train: None).
+  A mixture (data.kind="mixture") of n components takes example i from component
+  i % n, as that task's example i // n: balanced in every batch of a multiple of n
+  rows, a pure function of (seed, split, index), and identical to the task's own
+  example, so a component evaluated alone sees the distribution it was trained on.
+
+  Attributes (beyond the batch API): tasks (one SyntheticTask per component; one for a
+  single task), task (the first), num_batches (eval: steps covering
+  `data.eval_examples`; train: None).
   """
 
   def __init__(self, cfg, split, process_index, process_count, tokenizer):
     super().__init__(cfg, split, process_index, process_count, tokenizer)
-    self.task = synthetic.SyntheticTask(cfg.task_spec(), tokenizer, cfg.seed)
+    self.tasks = tuple(synthetic.SyntheticTask(spec, tokenizer, cfg.seed)
+                       for spec in cfg.task_specs())
+    self.task = self.tasks[0]
     if split == "eval":
       self.num_batches = math.ceil(cfg.eval_examples / cfg.batch_size)
 
@@ -142,8 +153,14 @@ class SyntheticDataset(Dataset):
     return self.split == "train" or index < self.config.eval_examples
 
   def example(self, index: int) -> synthetic.Example:
-    """The example with this global index (with its metadata)."""
-    return self.task.example(index, self.split)
+    """The example with this global index (with its metadata: its task, and for a
+    mixture its component and global index; metadata "index" is the task's own)."""
+    if self.kind != config_lib.MIXTURE:
+      return self.task.example(index, self.split)
+    n = len(self.tasks)
+    ex = self.tasks[index % n].example(index // n, self.split)
+    ex.metadata.update(component=index % n, mixture_index=int(index))
+    return ex
 
   def metadata(self, step: int) -> List[Optional[dict]]:
     """Metadata of this process's rows at `step` (None for eval padding rows)."""
@@ -163,11 +180,16 @@ class SyntheticDataset(Dataset):
         positions=np.where(real, np.arange(T), 0).astype(np.int32))
 
   def _fingerprint(self):
-    spec = self.task.spec
-    return dict(task=dict(value_digits=spec.value_digits, needle_depth=spec.needle_depth,
-                          num_needles=spec.num_needles, num_queries=spec.num_queries,
-                          num_hops=spec.num_hops, num_chains=spec.num_chains,
-                          num_pairs=spec.num_pairs, filler=spec.filler))
+    def knobs(spec):
+      # The original knobs always; newer ones only when set away from their default,
+      # so checkpoints written before they existed still match.
+      out = {k: getattr(spec, k) for k in synthetic.KNOBS[:_OLD_KNOBS]}
+      out.update({k: getattr(spec, k) for k in synthetic.KNOBS[_OLD_KNOBS:]
+                  if getattr(spec, k) != _DEFAULT_KNOBS[k]})
+      return out
+    if self.kind != config_lib.MIXTURE:
+      return dict(task=knobs(self.task.spec))
+    return dict(mixture=[dict(kind=t.spec.task, **knobs(t.spec)) for t in self.tasks])
 
 
 class PackedDataset(Dataset):
@@ -271,5 +293,6 @@ def make_dataset(config: Any, split: str = "train", process_index: int = 0,
     raise ValueError(f"data.batch_size={cfg.batch_size} (global) must be divisible by "
                      f"process_count={process_count}")
   tokenizer = load_tokenizer(cfg.tokenizer)
-  cls = SyntheticDataset if cfg.kind in config_lib.SYNTHETIC_KINDS else PackedDataset
+  synthetic_kinds = config_lib.SYNTHETIC_KINDS + (config_lib.MIXTURE,)
+  cls = SyntheticDataset if cfg.kind in synthetic_kinds else PackedDataset
   return cls(cfg, split, process_index, process_count, tokenizer)

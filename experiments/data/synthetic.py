@@ -20,6 +20,17 @@ Tasks (`TaskSpec.task`; config key `data.kind`):
                   spread through filler in chain order; the last variable of each of
                   the first `num_queries` chains is asked for:
                   "\\nWhat is the value of VAR MNBD? The value of VAR MNBD is 48213."
+  multi_value   one key with `num_values` values at their own depths, all asked for in
+                document order (ruler.py)
+  common_words  RULER's common-words extraction (cwe; ruler.py)
+  frequent_words  RULER's frequent-words extraction (fwe; ruler.py)
+  listops       Long Range Arena's ListOps as a language-model task (listops.py)
+
+`SyntheticTask` is the one entry point: it dispatches by task to its own builders (the
+four retrieval tasks above) or to ruler.py / listops.py, which build on its helpers
+(`values`, `depth`, `query`, `haystack`, `finish`). `data.style` chooses the wording
+(templates.py): "natural" as shown here, or "compact" (no prefix, e.g. " abcd: 482."
+... "\\nabcd: 482."), short enough for 64-token examples.
 
 Layout of an example of exactly `seq_len` tokens T:
   [bos] prefix haystack-with-needles queries [eos] [pad ...]
@@ -41,33 +52,21 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from experiments.data import listops, ruler, templates
 from ringattn_jax import checks
 
-TASKS = ("passkey", "needle", "assoc_recall", "var_track")
+FILLER_SENTENCES = templates.FILLER_SENTENCES
+_RANDOM_ALPHABET = templates.RANDOM_ALPHABET
+PREFIXES = templates.PREFIXES["natural"]  # the natural style's prefixes, per task
+
+# Tasks whose query repeats a needle's wording (the needle-grid family); then the
+# RULER-style aggregation tasks (ruler.py) and ListOps (listops.py).
+RETRIEVAL_TASKS = ("passkey", "needle", "assoc_recall", "var_track")
+TASKS = RETRIEVAL_TASKS + ("multi_value", "common_words", "frequent_words", "listops")
 FILLERS = ("natural", "random")
+STYLES = templates.STYLES
 SPLIT_IDS = {"train": 0, "eval": 1}
 
-# Natural-ish filler: no digits and none of the needle or query phrases.
-FILLER_SENTENCES = (
-    " The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.",
-    " There and back again.", " A river runs through the quiet valley.",
-    " Birds sing in the early morning.", " The old road winds over the hill.",
-    " Rain falls softly on the roof.", " A cat sleeps by the warm fire.",
-    " The wind moves through the tall trees.", " Boats rest in the small harbor.",
-    " The baker opens his shop at dawn.", " Children play in the green park.",
-    " Snow covers the distant mountains.", " The library is calm and bright.",
-    " A train passes the sleeping town.", " Leaves turn red in the autumn.",
-    " The market is busy at noon.", " Stars shine over the dark sea.",
-)
-_RANDOM_ALPHABET = "abcdefghijklmnopqrstuvwxyz "
-
-# The instruction each task's examples start with (after bos).
-PREFIXES = {
-    "passkey": "There is a pass key hidden in this text. Find it and remember it.",
-    "needle": "Some special values are hidden in this text. Remember them.",
-    "assoc_recall": "Remember the value of each key.",
-    "var_track": "Some variables are assigned in this text. Follow the assignments.",
-}
 _NEEDLE_KEY_LEN = 4
 _VAR_NAME_LEN = 4
 _ASSOC_KEY_LEN = 3
@@ -93,6 +92,20 @@ class TaskKnobs:
     num_pairs: assoc_recall: key/value pairs; None fills the sequence.
     filler: "natural" (sentences drawn from FILLER_SENTENCES) or "random" (random
       lowercase letters and spaces).
+    style: "natural" (instruction prefix, full sentences) or "compact" (no prefix,
+      shortest wording: every task fits in 64 byte tokens at value_digits=3); the
+      templates are in templates.py.
+    num_values: multi_value: values of the one key hidden in the text (asked for all,
+      in document order).
+    num_common: common_words: words repeated common_count times (the answer).
+    common_count: common_words: occurrences of each common word; None: about half the
+      list is common words (at least rare_count + 1).
+    rare_count: common_words: each other word appears 1..rare_count times (< the
+      common count, so the answer is unambiguous).
+    num_frequent: frequent_words: how many of the most frequent words are asked for.
+    zipf_alpha: frequent_words: exponent of the Zipf law the words are drawn from.
+    listops_max_depth: listops: maximum nesting depth of operators (1 = flat).
+    listops_max_args: listops: maximum arguments of one operator (>= 2).
   """
 
   value_digits: int = 5
@@ -103,6 +116,15 @@ class TaskKnobs:
   num_chains: int = 1
   num_pairs: Optional[int] = None
   filler: str = "natural"
+  style: str = "natural"
+  num_values: int = 3
+  num_common: int = 3
+  common_count: Optional[int] = None
+  rare_count: int = 1
+  num_frequent: int = 3
+  zipf_alpha: float = 1.0
+  listops_max_depth: int = 6
+  listops_max_args: int = 5
 
 
 KNOBS = tuple(f.name for f in dataclasses.fields(TaskKnobs))
@@ -145,6 +167,15 @@ class TaskSpec(TaskKnobs):
       object.__setattr__(self, "needle_depth", float(d))
     if self.filler not in FILLERS:
       raise ValueError(f"data.filler must be one of {FILLERS}, got {self.filler!r}")
+    if self.style not in STYLES:
+      raise ValueError(f"data.style must be one of {STYLES}, got {self.style!r}")
+    for name in ("num_values", "num_common", "rare_count", "num_frequent"):
+      check_int(name, 1)
+    if self.common_count is not None:
+      check_int("common_count", self.rare_count + 1)
+    checks.number("data.zipf_alpha", self.zipf_alpha, low=0.0)
+    check_int("listops_max_depth", 1)
+    check_int("listops_max_args", 2)
     self._check_counts()
 
   def _check_counts(self):
@@ -159,8 +190,8 @@ class TaskSpec(TaskKnobs):
         and self.num_queries > self.num_pairs):
       raise ValueError(f"data.num_queries={self.num_queries} must be <= "
                        f"data.num_pairs={self.num_pairs} for task 'assoc_recall'")
-    needed = {"passkey": 1, "needle": self.num_needles,
-              "var_track": self.num_chains}.get(self.task, 1)
+    needed = {"passkey": 1, "needle": self.num_needles, "var_track": self.num_chains,
+              "multi_value": self.num_values}.get(self.task, 1)
     if needed > 10 ** self.value_digits:
       raise ValueError(f"data.value_digits={self.value_digits} gives fewer distinct "
                        f"values than the {needed} needles/chains need")
@@ -180,7 +211,11 @@ class Example:
       answer_spans: tuple of (start, stop) token ranges of each answer in `tokens`;
       depths: realised depth in [0, 1] of each asked-for needle (needle/passkey), value
         assignment (var_track) or pair (assoc_recall: pair index / (pairs - 1));
-      needle_starts: token index where each asked-for needle starts;
+      needle_starts: token index where each asked-for needle starts (depths and
+        needle_starts are empty for common_words, frequent_words and listops, which
+        have no needles; multi_value lists every value);
+      component, mixture_index: added by a mixture dataset (its component and the
+        global index; "index" is then the component task's own index);
       requested_depth: needle_depth as configured (None = random).
   """
 
@@ -232,7 +267,8 @@ class SyntheticTask:
     self.tokenizer = tokenizer
     self.seed = int(seed)
     enc = tokenizer.encode
-    self._prefix = enc(PREFIXES[spec.task])
+    self.templates = templates.TEMPLATES[spec.style]
+    self._prefix = enc(templates.prefix(spec.style, spec.task))
     self._bos = np.asarray([] if tokenizer.bos_id is None else [tokenizer.bos_id], np.int32)
     self._eos = np.asarray([] if tokenizer.eos_id is None else [tokenizer.eos_id], np.int32)
     sents = [enc(s) for s in FILLER_SENTENCES]
@@ -252,79 +288,83 @@ class SyntheticTask:
     checks.integer("example index", index, minimum=0)
     rng = np.random.default_rng([self.seed, SPLIT_IDS[split], int(index)])
     build = {"passkey": self._passkey, "needle": self._needle,
-             "assoc_recall": self._assoc_recall, "var_track": self._var_track}
-    ex = build[self.spec.task](rng)
+             "assoc_recall": self._assoc_recall, "var_track": self._var_track,
+             "multi_value": ruler.multi_value, "common_words": ruler.common_words,
+             "frequent_words": ruler.frequent_words, "listops": listops.lm_example}
+    task = self.spec.task
+    ex = build[task](rng) if task in RETRIEVAL_TASKS else build[task](self, rng)
     ex.metadata.update(task=self.spec.task, index=int(index), split=split,
                        requested_depth=self.spec.needle_depth)
     return ex
 
   # ------------------------------------------------------------ the tasks
 
-  def _depth(self, rng: np.random.Generator, fixed: bool) -> float:
+  def depth(self, rng: np.random.Generator, fixed: bool) -> float:
     if fixed and self.spec.needle_depth is not None:
       return self.spec.needle_depth
     return float(rng.random())
 
-  def _values(self, rng: np.random.Generator, n: int) -> List[str]:
+  def values(self, rng: np.random.Generator, n: int) -> List[str]:
     d = self.spec.value_digits
     return [str(v).zfill(d) for v in _distinct(rng, 10 ** d, n).tolist()]
 
-  def _query(self, question: str, answer: str, end: str = ".") -> list:
+  def query(self, question: str, answer: str, end: str = ".") -> list:
+    """[(question ids, False), (answer ids, True), (end ids, False)]."""
     enc = self.tokenizer.encode
     return [(enc(question), False), (enc(answer), True), (enc(end), False)]
 
   def _passkey(self, rng):
-    depth = self._depth(rng, True)
-    (key,) = self._values(rng, 1)
-    needle = self.tokenizer.encode(
-        f" The pass key is {key}. Remember it. {key} is the pass key.")
-    query = self._query("\nWhat is the pass key? The pass key is ", key)
-    return self._haystack(rng, [needle], [depth], [0], query, [key])
+    depth = self.depth(rng, True)
+    (key,) = self.values(rng, 1)
+    t = self.templates
+    needle = self.tokenizer.encode(t["passkey"].format(v=key))
+    query = self.query(t["passkey_query"], key)
+    return self.haystack(rng, [needle], [depth], [0], query, [key])
 
   def _needle(self, rng):
     s = self.spec
     keys = _letters(_distinct(rng, 26 ** _NEEDLE_KEY_LEN, s.num_needles), _NEEDLE_KEY_LEN)
-    values = self._values(rng, s.num_needles)
-    depths = [self._depth(rng, i == 0) for i in range(s.num_needles)]
+    values = self.values(rng, s.num_needles)
+    depths = [self.depth(rng, i == 0) for i in range(s.num_needles)]
     enc = self.tokenizer.encode
-    needles = [enc(f" The value of {k} is {v}.") for k, v in zip(keys, values)]
+    t = self.templates
+    needles = [enc(t["needle"].format(k=k, v=v)) for k, v in zip(keys, values)]
     query = []
     for k, v in zip(keys[:s.num_queries], values[:s.num_queries]):
-      query += self._query(f"\nWhat is the value of {k}? The value of {k} is ", v)
+      query += self.query(t["needle_query"].format(k=k), v)
     asked = list(range(s.num_queries))
-    return self._haystack(rng, needles, depths, asked, query, values[:s.num_queries])
+    return self.haystack(rng, needles, depths, asked, query, values[:s.num_queries])
 
   def _var_track(self, rng):
     s = self.spec
     per_chain = s.num_hops + 1
     names = _letters(_distinct(rng, 26 ** _VAR_NAME_LEN, s.num_chains * per_chain),
                      _VAR_NAME_LEN, upper=True)
-    values = self._values(rng, s.num_chains)
-    enc = self.tokenizer.encode
+    values = self.values(rng, s.num_chains)
+    enc, t = self.tokenizer.encode, self.templates
     needles, depths, firsts = [], [], []
     for c in range(s.num_chains):
       chain = names[c * per_chain:(c + 1) * per_chain]
-      start = self._depth(rng, c == 0)
+      start = self.depth(rng, c == 0)
       if c == 0 and s.needle_depth is not None:
         hops = np.sort(rng.uniform(start, 1.0, size=s.num_hops))
         chain_depths = [start] + hops.tolist()
       else:
         chain_depths = np.sort(np.concatenate([[start], rng.random(s.num_hops)])).tolist()
       firsts.append(len(needles))
-      needles.append(enc(f" VAR {chain[0]} = {values[c]}."))
-      needles += [enc(f" VAR {b} = VAR {a}.") for a, b in zip(chain[:-1], chain[1:])]
+      needles.append(enc(t["var_value"].format(a=chain[0], v=values[c])))
+      needles += [enc(t["var_hop"].format(a=a, b=b)) for a, b in zip(chain[:-1], chain[1:])]
       depths += chain_depths
     query = []
     for c in range(s.num_queries):
       last = names[(c + 1) * per_chain - 1]
-      query += self._query(f"\nWhat is the value of VAR {last}? The value of VAR "
-                           f"{last} is ", values[c])
-    return self._haystack(rng, needles, depths, firsts[:s.num_queries], query,
+      query += self.query(t["var_query"].format(k=last), values[c])
+    return self.haystack(rng, needles, depths, firsts[:s.num_queries], query,
                           values[:s.num_queries])
 
   def _assoc_recall(self, rng):
     s, enc, T = self.spec, self.tokenizer.encode, self.spec.seq_len
-    recall = enc("\nRecall:")
+    recall = enc(self.templates["recall"])
     fixed = len(self._bos) + len(self._prefix) + len(recall) + len(self._eos)
     est = len(enc(" " + "a" * _ASSOC_KEY_LEN + "=" + "0" * s.value_digits))
     n = s.num_pairs
@@ -355,7 +395,7 @@ class SyntheticTask:
     for i in picked:
       query += [(asks[i], False), (answers[i], True)]
     depths = [i / max(n - 1, 1) for i in picked]
-    return self._finish(pieces, query, [values[i] for i in picked], depths, starts)
+    return self.finish(pieces, query, [values[i] for i in picked], depths, starts)
 
   # --------------------------------------------------------------- helpers
 
@@ -374,7 +414,7 @@ class SyntheticTask:
     filler = np.concatenate(parts) if parts else np.zeros(0, np.int32)
     return filler, np.concatenate([[0], ends[:k]])
 
-  def _haystack(self, rng, needles: Sequence[np.ndarray], depths: Sequence[float],
+  def haystack(self, rng, needles: Sequence[np.ndarray], depths: Sequence[float],
                 asked: Sequence[int], query: list, answers: Sequence[str]) -> Example:
     """Hides `needles` at `depths` of the filler; `asked` indexes the queried needles."""
     T = self.spec.seq_len
@@ -399,9 +439,9 @@ class SyntheticTask:
       pos += len(needles[i])
     pieces.append(filler[prev:])
     realised = [offsets[i] / F if F else 0.0 for i in asked]
-    return self._finish(pieces, query, answers, realised, [starts[i] for i in asked])
+    return self.finish(pieces, query, answers, realised, [starts[i] for i in asked])
 
-  def _finish(self, pieces: list, query: list, answers: Sequence[str],
+  def finish(self, pieces: list, query: list, answers: Sequence[str],
               depths: Sequence[float], starts: Sequence[int]) -> Example:
     """Appends the query and eos, pads to seq_len and marks the answers."""
     T = self.spec.seq_len
