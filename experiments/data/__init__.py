@@ -3,7 +3,11 @@
   dataset.py    make_dataset(config, split, process_index, process_count) -> a dataset
                 whose batch(step) is a pure function of step (the batch API).
   config.py     the `data` config keys, defaults and checks.
-  synthetic.py  passkey, multi-key needle, associative recall, variable tracking.
+  synthetic.py  passkey, multi-key needle, associative recall, variable tracking; the
+                one entry point (SyntheticTask) for every synthetic task.
+  ruler.py      RULER-style multi-value retrieval, common and frequent words.
+  listops.py    ListOps as a language-model task and as classifier inputs.
+  templates.py  the tasks' wording in each data.style ("natural", "compact").
   text.py       .txt / JSONL documents and memory-mapped .npy / .bin token arrays.
   packing.py    documents -> fixed-length rows with segment ids, positions, loss mask.
   tokenizer.py  built-in byte tokenizer; SentencePiece / Hugging Face loaders.
