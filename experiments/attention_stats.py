@@ -39,8 +39,9 @@ Per kind:
   to that eps. A row whose denominator is 0 (relu features) gets zeros.
 Distances are index distances t - s in the (unpadded, contiguous) batch, which is what
 the masks use; with packed documents the segment rule keeps them within a document.
-Memory: one layer's [B, N, T, T] at a time, reduced inside the jitted step for the
-profiles, so T up to ~1K on one device is cheap. Sequence-parallel models are run
+Memory: one layer's [B, N, T, T] at a time, reduced (by a separately jitted function,
+so that all profiles share one compiled step per layer kind) before the next layer
+runs, so T up to ~1K on one device is cheap. Sequence-parallel models are run
 through `models.llama.reconfigure` with attention="flash" on one device (same math).
 """
 from __future__ import annotations
@@ -166,7 +167,7 @@ def _layer_probs(block, x, cos, sin, segment_ids, rt, kind):
   return _softmax_probs(q, k, segment_ids, kind, rt.config, attn.sink_logits)
 
 
-# -- reductions inside the jitted step (one layer's [B, N, T, T] never leaves it) --------
+# -- reductions of one layer's [B, N, T, T] (jitted; their results are small) --------
 
 
 def num_bins(T: int) -> int:
@@ -227,23 +228,35 @@ POSITION_BINS = 32
 _STEPS: Dict[tuple, object] = {}
 
 
-def _step(model, graphdef, kind, reduce):
-  """The jitted (x, layer params) -> (next x, reduce(probs)) for one kind, cached
-  per model shape and config (Runtime holds dicts, so it cannot be a static arg)."""
+def _step(model, graphdef, kind, with_probs: bool):
+  """The jitted (layer params, x, ...) -> (next x, probs, sink mass) of one kind,
+  cached per model shape and config (Runtime holds dicts, so it cannot be a static
+  arg). The reductions are jitted apart (`_reducer`), so that every profile and
+  `attention_probabilities` share one compiled step per kind."""
   rt = model.runtime
-  key = (graphdef, repr(rt.config), kind, reduce)
+  key = (graphdef, repr(rt.config), kind, with_probs)
   if key not in _STEPS:
-    def step(state, x, cos, sin, segment_ids, positions):
+    def step(state, x, cos, sin, segment_ids):
       block = nnx.merge(graphdef, state)
-      out = None
-      if reduce is not None:
+      probs = sink = None
+      if with_probs:
         probs, sink = _layer_probs(block, x, cos, sin, segment_ids, rt, kind)
-        out = reduce(probs, sink, positions)
-      return block(x, cos, sin, segment_ids, rt, kind=kind), out
+      return block(x, cos, sin, segment_ids, rt, kind=kind), probs, sink
     if len(_STEPS) > 64:
       _STEPS.clear()
     _STEPS[key] = jax.jit(step)
   return _STEPS[key]
+
+
+_REDUCERS: Dict[object, object] = {}
+
+
+def _reducer(reduce):
+  if reduce is _keep_probs:
+    return reduce
+  if reduce not in _REDUCERS:
+    _REDUCERS[reduce] = jax.jit(reduce)
+  return _REDUCERS[reduce]
 
 
 def _check(model, tokens, positions, segment_ids, layers):
@@ -286,8 +299,9 @@ def iter_layers(model, tokens, positions=None, segment_ids=None, layers=None,
   """Yields (layer index, kind, reduce(probs, sink_mass, positions)) for the chosen
   layers, in order, running the blocks only as far as the last one asked for.
 
-  reduce: a module-level function (it keys the compile cache) run inside the jitted
-  step on the layer's [B, N, T, T] probabilities and [B, N, T] sink mass (or None).
+  reduce: a module-level function (it keys the compile cache), jitted and run on the
+  layer's [B, N, T, T] probabilities and [B, N, T] sink mass (or None) as soon as they
+  are computed; only its result outlives the layer.
   """
   model, tokens, positions, seg, chosen = _check(model, tokens, positions, segment_ids,
                                                  layers)
@@ -299,10 +313,9 @@ def iter_layers(model, tokens, positions=None, segment_ids=None, layers=None,
     cos, sin = llama.pick_rope(tables, kind, cfg)
     state = jax.tree.map(lambda a: a[i], stacked)  # pylint: disable=cell-var-from-loop
     take = i in chosen
-    x, out = _step(model, graphdef, kind, reduce if take else None)(
-        state, x, cos, sin, seg, positions)
+    x, probs, sink = _step(model, graphdef, kind, take)(state, x, cos, sin, seg)
     if take:
-      yield i, kind, out
+      yield i, kind, _reducer(reduce)(probs, sink, positions)
 
 
 def attention_probabilities(model, tokens, positions=None, segment_ids=None,

@@ -153,8 +153,13 @@ def test_every_kind_is_the_layers_own_attention():
   assert got[3].method != got[0].method != got[4].method
 
 
+@functools.lru_cache(maxsize=None)
+def _decay():
+  return stats.decay_profile(_sinks_model(), _tokens(), positions=POS, segment_ids=SEG)
+
+
 def test_decay_profile_sums_to_one():
-  prof = stats.decay_profile(_sinks_model(), _tokens(), positions=POS, segment_ids=SEG)
+  prof = _decay()
   json.dumps(prof)
   assert prof["bins"] == [[0, 0], [1, 1], [2, 3], [4, 7], [8, 15], [16, 31]]
   assert [r["layer"] for r in prof["layers"]] == [0, 1]
@@ -167,26 +172,31 @@ def test_decay_profile_sums_to_one():
 
 
 def test_uniform_attention_entropy_is_log_n():
-  """Zero query weights: every query spreads evenly over its visible keys."""
+  """Zero query weights: every query spreads evenly over its n visible keys."""
   model = nnx.clone(_kinds_model())
   model.layers.self_attn.q_proj[...] = jnp.zeros_like(model.layers.self_attn.q_proj[...])
-  prof = stats.entropy_profile(model, _tokens(), layers=[0, 2])
+  one_doc = np.zeros((B, T), np.int32)  # (segments given: the compiled steps are reused)
+  prof = stats.entropy_profile(model, _tokens(), segment_ids=one_doc, layers=[0, 1])
   json.dumps(prof)
-  pos = np.arange(T)
-  for r, n in zip(prof["layers"], (pos + 1, pos % CHUNK + 1)):  # full, chunked
-    bins = [int(p).bit_length() for p in pos]
-    want = [np.mean(np.log(n)[np.array(bins) == b]) for b in range(6)]
+  t = np.arange(T)
+  n_full = t + 1
+  n_sliding = np.minimum(t + 1, W) + np.clip(t - W + 1, 0, SINKS)  # window + sinks
+  bins = np.array([int(p).bit_length() for p in t])
+  for r, n in zip(prof["layers"], (n_full, n_sliding)):
+    want = [np.mean(np.log(n)[bins == b]) for b in range(6)]
     np.testing.assert_allclose(r["entropy"], want, atol=1e-5)
     np.testing.assert_allclose(r["uniform_entropy"], want, atol=1e-5)
-    assert r["count"] == [B * 4 * int(np.sum(np.array(bins) == b)) for b in range(6)]
+    assert r["count"] == [B * 4 * int(np.sum(bins == b)) for b in range(6)]
 
 
 def test_no_side_effects():
   model = _sinks_model()
+  graphdef = nnx.graphdef(model)
+  logits = jax.jit(lambda state: nnx.merge(graphdef, state)(_tokens(), POS, SEG))
   before = jax.tree.map(np.asarray, nnx.state(model))
-  logits = np.asarray(model(_tokens(), POS, SEG))
+  want = np.asarray(logits(nnx.state(model)))
   stats.attention_probabilities(model, _tokens(), POS, SEG, layers=[0])
-  np.testing.assert_array_equal(np.asarray(model(_tokens(), POS, SEG)), logits)
+  np.testing.assert_array_equal(np.asarray(logits(nnx.state(model))), want)
   jax.tree.map(np.testing.assert_array_equal, before,
                jax.tree.map(np.asarray, nnx.state(model)))
 
@@ -204,7 +214,7 @@ def test_bad_input(kw, match):
 
 def test_plots(tmp_path):
   pytest.importorskip("matplotlib")
-  d = {"sliding": stats.decay_profile(_sinks_model(), _tokens(), layers=[-1])}
+  d = {"packed": _decay(), "again": _decay()}
   e = {"a": {"bins": [[0, 0], [1, 1]], "layers": [
       {"layer": 0, "kind": FULL, "entropy": [0.0, None]}]}}
   for fn, prof, name in ((stats.plot_decay, d, "d.png"), (stats.plot_entropy, e, "e.png")):
