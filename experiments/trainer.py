@@ -387,6 +387,29 @@ def load_config(workdir: str):
   return config
 
 
+def _restore_runner(config, workdir: str, step: Optional[int]):
+  """(runner, step): the stage runner of checkpoint `step` (default: the newest) of the
+  run in `workdir`, its state restored; read-only, so it may run beside training."""
+  all_stages = config_lib.check_config(config, jax.device_count(), jax.process_count())
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False,
+                               read_only=True)
+  step = ckpt.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, 'checkpoints')}.")
+  stage = all_stages[ckpt.meta(step)["stage"]]
+  runner = _StageRunner(config, stage, None, jax.process_index(), jax.process_count())
+  runner.state, _ = ckpt.restore(step, runner.state)
+  ckpt.close()
+  return runner, step
+
+
+def restore_model(workdir: str, step: Optional[int] = None):
+  """(model, mesh, batch sharding) of a saved checkpoint (default: the newest) of the
+  run in `workdir`, under the run's own config and mesh (LoRA adapters included)."""
+  runner, _ = _restore_runner(load_config(workdir), workdir, step)
+  return runner.model(), runner.mesh, runner.batch_sharding
+
+
 def evaluate_checkpoint(workdir: str, lengths=None, depths=None, examples=None,
                         step: Optional[int] = None) -> Dict[str, Any]:
   """The run's evaluation (needle grid, or perplexity for a text run) of a saved
@@ -404,16 +427,8 @@ def evaluate_checkpoint(workdir: str, lengths=None, depths=None, examples=None,
       config.eval.depths = tuple(depths)
     if examples is not None:
       config.eval.examples = int(examples)
-  all_stages = config_lib.check_config(config, jax.device_count(), jax.process_count())
-  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), async_save=False,
-                               read_only=True)  # may run beside training: moves nothing
-  step = ckpt.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no checkpoints in {os.path.join(workdir, 'checkpoints')}.")
-  stage = all_stages[ckpt.meta(step)["stage"]]
-  runner = _StageRunner(config, stage, None, jax.process_index(), jax.process_count())
-  runner.state, _ = ckpt.restore(step, runner.state)
-  ckpt.close()
+  runner, step = _restore_runner(config, workdir, step)
+  stage = runner.stage
   lengths = tuple(config.eval.lengths or (stage.data["seq_len"],))
   result, _ = _evaluate(config, runner, lengths,
                         os.path.join(workdir, "eval", f"step_{step}"))

@@ -1,0 +1,135 @@
+"""arena.md: the arena's tables, rendered from the report dict (arena_report.build)."""
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+_PCT = lambda x: "-" if x is None else f"{100 * x:.0f}"
+
+
+def _table(header: List[str], rows: List[List[str]]) -> List[str]:
+  return (["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+          + ["| " + " | ".join(r) + " |" for r in rows] + [""])
+
+
+def _quality(report: Dict[str, Any]) -> List[str]:
+  """One table per evaluation length: option x task, as trained."""
+  cfg, rows = report["config"], report["rows"]
+  tasks, lengths = list(cfg["tasks"]), [int(T) for T in cfg["eval_lengths"]]
+  L = int(cfg["train_length"])
+  out = ["## Quality as trained: exact-match accuracy (%)", "",
+         f"Every option trained at L = {L} tokens on the same mixture "
+         f"({', '.join(cfg['train_tasks'])}), {cfg['train']['steps']} steps, seed "
+         f"{cfg['seed']}; {cfg['eval']['examples']} examples per cell.", ""]
+  for i, T in enumerate(lengths):
+    out.append(f"**T = {T} ({T // L}L)**")
+    out.append("")
+    body = []
+    for row in rows:
+      acc = row["extensions"]["as_trained"]["accuracy"]
+      ppl = row["extensions"]["as_trained"].get("perplexity") or []
+      body.append([row["option"]] + [_PCT(acc[t][i]) for t in tasks]
+                  + [f"{ppl[i]:.2f}" if len(ppl) > i else "-"])
+    out += _table(["option"] + tasks + ["perplexity"], body)
+  return out
+
+
+def _extensions(report: Dict[str, Any]) -> List[str]:
+  """Training-free extension: option x extension, single-needle-like accuracy per
+  length and the mean over every task."""
+  cfg, rows = report["config"], report["rows"]
+  tasks, lengths = list(cfg["tasks"]), [int(T) for T in cfg["eval_lengths"]]
+  L = int(cfg["train_length"])
+  key = next((t for t in ("single_needle", "passkey") if t in tasks), tasks[0])
+  header = (["option", "extension"] + [f"{key} {T // L}L" for T in lengths]
+            + [f"all tasks {T // L}L" for T in lengths]
+            + [f"ppl {T // L}L" for T in lengths])
+  body = []
+  for row in rows:
+    for ext, r in row["extensions"].items():
+      if r.get("skipped"):
+        body.append([row["option"], ext] + ["n/a"] * (3 * len(lengths) - 1)
+                    + [r["skipped"][:60]])
+        continue
+      mean = [sum(r["accuracy"][t][i] for t in tasks) / len(tasks)
+              for i in range(len(lengths))]
+      ppl = r.get("perplexity") or [None] * len(lengths)
+      body.append([row["option"], ext] + [_PCT(v) for v in r["accuracy"][key]]
+                  + [_PCT(v) for v in mean]
+                  + ["-" if p is None else f"{p:.2f}" for p in ppl])
+  return (["## Training-free context extension (accuracy %, perplexity)", "",
+           "RoPE as trained, position interpolation (pi), dynamic NTK, YaRN (factor "
+           "T/L, original length L), and window + 4 sinks (StreamingLLM, window L); "
+           "linear-family options run as trained only.", ""]
+          + _table(header, body))
+
+
+def _finetune(report: Dict[str, Any]) -> List[str]:
+  if not report["finetune"]:
+    return []
+  body = []
+  for r in report["finetune"]:
+    acc = r.get("accuracy", {})
+    mean = sum(acc.values()) / len(acc) if acc else None
+    body.append([r["mode"], f"{r['trainable_params']:,}", f"{r['total_params']:,}",
+                 f"{r['step_ms']:.0f}", _PCT(acc.get("single_needle")), _PCT(mean)])
+  return (["## Fine-tuning at 4L", ""]
+          + _table(["mode", "trainable params", "all params", "step ms",
+                    "single_needle 4L", "all tasks 4L"], body))
+
+
+def _cost(report: Dict[str, Any]) -> List[str]:
+  cost = report["cost"]
+  out = ["## Cost", ""]
+  if cost["rows"]:
+    Ts = sorted({T for r in cost["rows"] for T in r["T"]})
+    body = []
+    for r in cost["rows"]:
+      by_t = dict(zip(r["T"], zip(r["fwd_bwd_ms"], r["x_flash"])))
+      cells = []
+      for T in Ts:
+        ms, x = by_t.get(T, (None, None))
+        cells.append("-" if ms is None else
+                     f"{ms:.0f}" + ("" if x is None else f" ({x:.1f}x)"))
+      mem = r["temp_mib"][-1] if r["temp_mib"] else None
+      body.append([r["option"], r["source"].replace(".json", ""), str(r["sp"])] + cells
+                  + ["-" if mem is None else f"{mem:.0f}", r["note"]])
+    out += ["Attention forward + backward, ms (speed-up vs causal flash of the same "
+            "file), and temporary memory per device at the longest T:", ""]
+    out += _table(["option", "source", "sp"] + [f"T={T}" for T in Ts]
+                  + ["temp MiB", "note"], body)
+  train = [[r["option"], f"{r['train']['tokens_per_second']:.0f}",
+            f"{r['train']['seconds']:.0f}"] for r in report["rows"]]
+  out += ["Training throughput of the arena's model (this run):", ""]
+  out += _table(["option", "tokens/s", "train s"], train)
+  decode = cost.get("decode")
+  if decode:
+    body = [[str(r.get(k, "-")) for k in ("option", "T", "sp")]
+            + [f"{r.get('prefill_s', 0):.3f}", f"{r.get('decode_ms', 0):.2f}"]
+            for r in decode.get("rows", [])]
+    out += ["Inference: prefill seconds and per-token decode ms vs context:", ""]
+    out += _table(["option", "T", "sp", "prefill s", "decode ms/token"], body)
+  out += [f"- {m}" for m in cost["missing"]] + ([""] if cost["missing"] else [])
+  return out
+
+
+def render(report: Dict[str, Any], files: Dict[str, str]) -> str:
+  env, summ = report["env"], report["summary"]
+  lines = ["# Long-context arena", "",
+           f"`python -m experiments.arena` on {env.get('cpu')} ({env.get('devices')} "
+           f"devices), jax {env.get('jax')}: {report['seconds'] / 60:.1f} minutes.", ""]
+  lines += ["## Targets", ""]
+  for option, accs in summ["softmax_at_L"].items():
+    lines.append(f"- {option} at L: " + ", ".join(f"{t} {_PCT(v)}%"
+                                                   for t, v in accs.items()))
+  for where, best in summ["best_training_free"].items():
+    if best["option"]:
+      lines.append(f"- best training-free at {where} on {best['task']}: {best['option']}"
+                   f" + {best['extension']}, {_PCT(best['accuracy'])}%")
+  lines.append("")
+  lines += _quality(report) + _extensions(report) + _finetune(report) + _cost(report)
+  lines += ["## Not run as their own row", ""]
+  lines += [f"- {k}: {v}" for k, v in report["not_run"].items()] + [""]
+  plots = [v for k, v in files.items() if v.endswith(".png")]
+  if plots:
+    lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
+  return "\n".join(lines)
