@@ -20,8 +20,9 @@ tables chosen by `models.llama.pick_rope`, exactly as `hidden_states` does), and
 layer passes to `ringattn_jax.attention` (`_mask_keywords` mirrors
 `models.layers.attend_kind`), canonicalised by `ringattn_jax.arguments.canonicalize` and
 turned into visibility by the library's mask owner, `ringattn_jax.masking.position_mask`:
-causal, sliding window with sinks, chunks, segments; the scale and any logit soft-cap
-come from the same canonical MaskSpec. The block's ordinary forward then gives the next
+causal, sliding window with sinks, chunks, segments; the scale (1/sqrt(H)) and a
+logit soft-cap, were a layer to pass one (the model's layers pass none today), come
+from the same canonical MaskSpec. The block's ordinary forward then gives the next
 layer's input, so nothing about the model is re-implemented and nothing changes.
 Per kind:
 - full / sliding / chunked: the softmax of the masked logits. Learned sink logits
@@ -373,7 +374,7 @@ def entropy_profile(model, tokens, positions=None, segment_ids=None,
   Returns {"bins": [[lo, hi], ...], "layers": [{"layer": i, "kind": str, "method":
   str, "entropy": [mean entropy per bin or None for an empty bin], "uniform_entropy":
   [mean log(number of keys given mass) per bin, the entropy of spreading evenly over
-  them], "count": [query rows (batch x heads x queries) per bin]}, ...]}.
+  them; a learned sink is not counted there], "count": [query rows (batch x heads x queries) per bin]}, ...]}.
   """
   pos = jnp.broadcast_to(jnp.arange(jnp.shape(tokens)[-1]), jnp.shape(tokens)) \
       if positions is None else jnp.asarray(positions)
