@@ -381,7 +381,8 @@ def logical_axes(model_or_state):
   is_var = lambda x: isinstance(x, nnx.Variable)
 
   def axes(path, var):
-    names = tuple(var.get_metadata().get("logical_axes", (None,) * var.ndim))
+    meta = var.get_metadata()  # (a masked optimizer state's Variable has no ndim)
+    names = tuple(meta["logical_axes"]) if "logical_axes" in meta else (None,) * var.ndim
     if path and getattr(path[0], "key", None) == "layers":
       names = ("layers",) + names
     return names
