@@ -5,7 +5,8 @@ key/value heads, H head dim, F MLP width):
   q_proj [D, N, H], k_proj / v_proj [D, K, H], o_proj [N, H, D],
   sinks [N] (config.learned_sinks), gate_proj / up_proj [D, F], down_proj [F, D],
   norms [D]. Not a parameter: favor_features [M, H] (config.uses_favor_features; see
-  models.favor).
+  models.favor). Optional LoRA adapters on q/k/v/o (`<target>_lora`, attached by
+  models.lora, not by the config) add their low-rank term to that projection.
 Every parameter carries `logical_axes` metadata that models.sharding maps to the mesh.
 
 Layers take a static `Runtime` (config, mesh, sharding rules) at call time, so a
