@@ -39,6 +39,18 @@ def _cfg(**kw):
                            "vocab_size": V, **kw})
 
 
+@functools.lru_cache(maxsize=None)
+def _init_state():
+  return nnx.state(llama.init_model(_cfg(), seed=0))
+
+
+def _model(**kw):
+  """A fresh model of `_cfg(**kw)` (run-time fields only) holding copies of one shared
+  initialisation (initialising takes seconds; once per test process)."""
+  return nnx.merge(nnx.graphdef(llama.abstract_model(_cfg(**kw))), _init_state(),
+                   copy=True)
+
+
 def _tokens(seed=0):
   return jnp.asarray(np.random.default_rng(seed).integers(0, V, (G, T)), jnp.int32)
 
@@ -62,12 +74,12 @@ def _logits(model):
 
 @functools.lru_cache(maxsize=None)
 def _base_logits(scan):
-  return _logits(llama.init_model(_cfg(scan_layers=scan), seed=0))
+  return _logits(_model(scan_layers=scan))
 
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_fresh_adapters_leave_logits_identical_and_merge_keeps_them(scan):
-  model = llama.init_model(_cfg(scan_layers=scan), seed=0)
+  model = _model(scan_layers=scan)
   lora.add_lora(model, 4, 8.0, rngs=nnx.Rngs(3))
   np.testing.assert_array_equal(_logits(model), _base_logits(scan))
   _randomize_b(model)
@@ -82,7 +94,7 @@ def test_projections_match_hand_computed_lora():
   """Layer 1's q, k, v and output projections (rotary off: cos 1, sin 0) against
   x W + (alpha / r) x A B in float64 numpy, on the adapters' own flattened layout."""
   cfg, r, alpha = _cfg(), 3, 6.0
-  model = llama.init_model(cfg, seed=0)
+  model = _model()
   lora.add_lora(model, r, alpha, targets=("q_proj", "v_proj", "o_proj"),
                 rngs=nnx.Rngs(5))
   _randomize_b(model)
@@ -141,7 +153,7 @@ def test_only_trained_groups_move_and_frozen_stay_bit_identical(trainable):
   cfg = _cfg()
   tune = finetune.check(dict(trainable=trainable, lora_rank=4 if "lora" in trainable
                              else 0), "test", cfg)
-  model = finetune.prepare_model(llama.init_model(cfg, seed=0), tune, seed=2)
+  model = finetune.prepare_model(_model(), tune, seed=2)
   optimizer = finetune.make_optimizer(OPT, tune["trainable"])
   state = ts.create_train_state(model, optimizer)
   mask = finetune.trainable_mask(state.params, tune["trainable"])
@@ -167,7 +179,7 @@ def test_trained_groups_get_the_plain_optimizer_and_frozen_zero_updates():
   """Oracle: optim.make_optimizer on the same parameters with the frozen gradients
   zeroed (clipping, AdamW and its decay mask), compared on the trained leaves."""
   cfg = _cfg()
-  model = finetune.prepare_model(llama.init_model(cfg, seed=0),
+  model = finetune.prepare_model(_model(),
                                  finetune.check(dict(lora_rank=2), "t", cfg))
   params = nnx.state(model, nnx.Param)
   trainable = ("lora", "norms", "embeddings")
