@@ -14,6 +14,13 @@ needle grid (lengths 256..1024, depths 0..1) reaches >= 90% accuracy at 1024 tok
 each stage's grid at its own length is in eval/stage<i>/. Under 20 minutes on a 2-core
 CPU. RoPE theta stays the same in every stage (unlike LWM's long runs, which raise it
 per stage; the README's results say why).
+
+A stage may also fine-tune only part of the model (experiments/finetune.py): e.g.
+  dict(seq_len=1024, sp=8, steps=200, warmup_steps=10, learning_rate=5e-4,
+       lora_rank=8, lora_alpha=16.0, trainable=("lora", "norms", "embeddings"))
+trains fresh rank-8 LoRA adapters on q/k/v/o plus the norms and embeddings (LongLoRA's
+recipe; trainable=("lora",) is plain LoRA, the default "all" full fine-tuning). The
+next stage starts from its parameters with the adapters merged in.
 """
 from configs import tiny
 
