@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.train-stamp
 TEST_STAMP := $(VENV)/.test-stamp
 
-.PHONY: demo demo-attention progressive test bench bench-train clean
+.PHONY: demo demo-attention progressive arena test bench bench-train clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,12 @@ demo-attention: $(STAMP)
 # Progressive context extension 256 -> 512 -> 1024 tokens (about 9 minutes).
 progressive: $(STAMP)
 	$(PY) -m experiments.train --config configs/progressive.py --workdir workdirs/progressive --devices 8
+
+# The long-context arena: every attention option trained on the same task mixture,
+# evaluated at L..8L as trained and with training-free extensions, fine-tuned at 4L;
+# writes results/arena/ (resumes from workdirs/arena's finished rows).
+arena: $(STAMP)
+	$(PY) -m experiments.arena --config configs/arena.py --workdir workdirs/arena --devices 8
 
 # The whole test suite (8 simulated CPU devices are configured in tests/conftest.py).
 test: $(TEST_STAMP)

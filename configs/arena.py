@@ -33,7 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
                                           filler="natural"))
   c.options = tuple(arena_suite.OPTIONS)
   c.tasks = tuple(arena_suite.TASKS)
-  c.train_tasks = tuple(arena_suite.TASKS)  # the training mixture, one task per row
+  c.train_tasks = tuple(arena_suite.TASKS)  # the training mixture
+  # Each task's share of the mixture's rows (empty: equal shares).
+  c.train_weights = ()
   c.extensions = tuple(arena_suite.EXTENSIONS)
   c.train = ml_collections.ConfigDict(dict(
       steps=1200, batch_size=16, learning_rate=1e-3, warmup_steps=50, b2=0.99,

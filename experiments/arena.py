@@ -39,13 +39,6 @@ from absl import logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "configs/arena.py", "The arena's config.",
-                                lock_config=False)
-flags.DEFINE_string("workdir", "workdirs/arena", "Rows (checkpoints, row.json) go here.")
-flags.DEFINE_string("out_dir", "", "Report directory (default results/arena; with "
-                    "--quick, WORKDIR/report).")
-flags.DEFINE_integer("devices", 8, "Simulated CPU devices (0: the real devices).")
-flags.DEFINE_bool("quick", False, "The quick arena (configs/arena.py quick_config).")
 
 ROW_FILE = "row.json"
 
@@ -86,7 +79,9 @@ def row_config(config, option: str, num_devices: int):
   c.model = base.model_config(config.model.preset, **model_overrides(config, option))
   c.mesh.sp = arena_suite.OPTIONS[option].sp
   c.mesh.dp = num_devices // c.mesh.sp
-  mixture = tuple(arena_suite.TASKS[t] for t in config.train_tasks)
+  mixture = tuple(arena_suite.TASKS[t] for t, w in zip(config.train_tasks,
+                                                       train_weights(config))
+                  for _ in range(w))
   c.data = base.data_config("mixture", seq_len=L, batch_size=int(tr.batch_size),
                             mixture=mixture, **data_common(config))
   c.optim.learning_rate = float(tr.learning_rate)
@@ -106,6 +101,16 @@ def row_config(config, option: str, num_devices: int):
   c.eval.examples = int(config.eval.batch_size)
   c.eval.batch_size = int(config.eval.batch_size)
   return c
+
+
+def train_weights(config) -> List[int]:
+  """How many mixture components each training task gets (its share of the rows):
+  config.train_weights, or 1 each when it is empty."""
+  weights = [int(w) for w in config.train_weights] or [1] * len(config.train_tasks)
+  if len(weights) != len(config.train_tasks) or min(weights) < 1:
+    raise ValueError(f"arena train_weights {tuple(config.train_weights)} must be empty "
+                     f"or one positive int per train task {tuple(config.train_tasks)}")
+  return weights
 
 
 def length_multiple(config) -> int:
@@ -128,6 +133,7 @@ def check(config, num_devices: int) -> Dict[str, Any]:
   arena_suite.check_names("option", list(config.options), arena_suite.OPTIONS)
   arena_suite.check_names("task", list(config.tasks), arena_suite.TASKS)
   arena_suite.check_names("task", list(config.train_tasks), arena_suite.TASKS)
+  train_weights(config)
   arena_suite.check_names("extension", list(config.extensions), arena_suite.EXTENSIONS)
   if config.decay.enabled:
     arena_suite.check_names("decay task", [config.decay.task], arena_suite.TASKS)
@@ -273,5 +279,19 @@ def main(argv):
   sys.stdout.flush()
 
 
+def define_flags() -> None:
+  """The command's flags, defined only when it runs (importing this module for its
+  functions, as tests, notebooks and other scripts do, defines none)."""
+  config_flags.DEFINE_config_file("config", "configs/arena.py", "The arena's config.",
+                                  lock_config=False)
+  flags.DEFINE_string("workdir", "workdirs/arena", "Rows (checkpoints, row.json) go "
+                      "here.")
+  flags.DEFINE_string("out_dir", "", "Report directory (default results/arena; with "
+                      "--quick, WORKDIR/report).")
+  flags.DEFINE_integer("devices", 8, "Simulated CPU devices (0: the real devices).")
+  flags.DEFINE_bool("quick", False, "The quick arena (configs/arena.py quick_config).")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -103,11 +103,21 @@ def _cost(report: Dict[str, Any]) -> List[str]:
   out += _table(["option", "tokens/s", "train s"], train)
   decode = cost.get("decode")
   if decode:
-    body = [[str(r.get(k, "-")) for k in ("option", "T", "sp")]
-            + [f"{r.get('prefill_s', 0):.3f}", f"{r.get('decode_ms', 0):.2f}"]
-            for r in decode.get("rows", [])]
-    out += ["Inference: prefill seconds and per-token decode ms vs context:", ""]
-    out += _table(["option", "T", "sp", "prefill s", "decode ms/token"], body)
+    by_opt: Dict[str, Dict[int, dict]] = {}
+    for r in decode.get("rows", []):
+      by_opt.setdefault(r["option"], {})[int(r["P"])] = r
+    Ps = sorted({P for rows in by_opt.values() for P in rows})
+    model = decode.get("env", {}).get("model", {})
+    body = []
+    for option, rows in by_opt.items():
+      dev = next(iter(rows.values()))["devices"]
+      cell = lambda r: "-" if r is None else (f"{r['prefill_s']:.2f} / "
+                                              f"{r['decode_ms']:.1f}")
+      body.append([option, str(dev)] + [cell(rows.get(P)) for P in Ps])
+    out += [f"Inference (benchmark_decode; {model.get('params', '?'):,} parameters, "
+            "batch 1): prefill seconds / per-token decode ms vs context length; the "
+            "sequence-parallel rows shard the KV cache over the devices:", ""]
+    out += _table(["option", "devices"] + [f"P={P}" for P in Ps], body)
   out += [f"- {m}" for m in cost["missing"]] + ([""] if cost["missing"] else [])
   return out
 

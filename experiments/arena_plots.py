@@ -98,9 +98,10 @@ def needle_heatmaps(report: Dict[str, Any], task: str, path: str) -> str:
 
 
 def cost_vs_length(report: Dict[str, Any], path: str) -> str:
-  rows = report["cost"]["rows"]
-  fig = _figure(10, 3.6)
-  ax_t, ax_m = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+  rows, decode = report["cost"]["rows"], report["cost"].get("decode")
+  panels = 3 if decode else 2
+  fig = _figure(5 * panels, 3.6)
+  ax_t, ax_m = fig.add_subplot(1, panels, 1), fig.add_subplot(1, panels, 2)
   for j, r in enumerate(rows):
     style = "--" if r["source"].startswith("mask") else "-"
     label = f"{r['option']} (sp={r['sp']})" if r["sp"] > 1 else r["option"]
@@ -113,6 +114,21 @@ def cost_vs_length(report: Dict[str, Any], path: str) -> str:
     ax.set_xlabel("T (tokens)")
     ax.set_ylabel(what)
   ax_t.legend(fontsize=7)
+  if decode:
+    ax_d = fig.add_subplot(1, panels, 3)
+    by_opt: Dict[str, list] = {}
+    for r in decode.get("rows", []):
+      by_opt.setdefault(f"{r['option']} ({r['devices']} dev)", []).append(
+          (int(r["P"]), r["decode_ms"]))
+    for j, (name, pts) in enumerate(by_opt.items()):
+      pts.sort()
+      ax_d.plot([p for p, _ in pts], [m for _, m in pts], "-o", ms=3,
+                color=f"C{j % 10}", label=name)
+    ax_d.set_xscale("log", base=2)
+    ax_d.set_yscale("log")
+    ax_d.set_xlabel("context (tokens)")
+    ax_d.set_ylabel("decode ms / token")
+    ax_d.legend(fontsize=7)
   fig.suptitle("attention cost vs length (solid: N=2 heads, benchmark_linear; dashed: "
                "N=8, benchmark_masks)", fontsize=9)
   fig.tight_layout()

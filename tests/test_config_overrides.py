@@ -74,7 +74,8 @@ def _parse(path, overrides):
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_leaf_overridable_on_the_command_line(path):
   defaults = list(_leaves(_parse(path, [])))
-  assert len(defaults) > 80
+  # Training configs carry every trainer key; the arena's config has its own few.
+  assert len(defaults) > (25 if path.stem == "arena" else 80)
   want, argv = {}, []
   for name, value, field_type in defaults:
     want[name], text = _new_value(name, value, field_type)
