@@ -72,6 +72,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict(dict(
       task="",                  # synthetic task for the needle grid; "" = data.kind
       lengths=(),               # context lengths of the needle grid; () = (seq_len,)
+      # Training-free context extensions (experiments/context_extension.py: pi,
+      # dynamic_ntk, yarn, window_sinks) whose needle grids the final evaluation adds
+      # beside the model as trained, relative to the last stage's seq_len.
+      extensions=(),
       depths=(0.0, 0.25, 0.5, 0.75, 1.0),
       examples=32,              # examples per grid cell
       batch_size=16,

@@ -10,9 +10,8 @@ Three registries, each a name -> a recipe, and the checks that run before any tr
               means the same thing at every L. `NOT_RUN` lists the library's other
               attention methods with the reason they are not rows.
   EXTENSIONS  training-free context extension, applied at evaluation only: name ->
-              the LlamaConfig overrides for a model trained at L evaluated at T. The RoPE
-              ones are Hugging Face's rope_scaling family (ringattn_jax.rope); the
-              StreamingLLM one turns every layer into a window of L plus attention sinks.
+              the LlamaConfig overrides for a model trained at L evaluated at T
+              (experiments/context_extension.py owns them; aliased here).
 
 Every name a user gives (config or flags) is checked here, and the error names the
 valid choices. An extension that a model's config rejects (e.g. a window on a chunked
@@ -21,9 +20,9 @@ model) is not an error: its cells read "n/a" with LlamaConfig's own reason.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Sequence
 
-from models import config as model_config_lib
+from experiments import context_extension
 
 # --------------------------------------------------------------------------- tasks
 
@@ -134,40 +133,10 @@ def option_model(name: str, L: int, layers: int) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------------- extensions
 
-
-def _ratio(L: int, T: int) -> float:
-  return max(float(T) / float(L), 1.0)
-
-
-EXTENSIONS: Dict[str, Callable[[int, int], Optional[Dict[str, Any]]]] = {
-    "as_trained": lambda L, T: {},
-    # Position interpolation: positions squeezed by T / L into the trained range.
-    "pi": lambda L, T: dict(rope_scaling=dict(rope_type="linear", factor=_ratio(L, T))),
-    # Dynamic NTK: the base grows with the running length past L (factor 1: the
-    # NTK-aware base for exactly T / L; Hugging Face's formula, see ringattn_jax.rope).
-    "dynamic_ntk": lambda L, T: dict(rope_scaling=dict(rope_type="dynamic", factor=1.0)),
-    # YaRN: per-frequency interpolation + attention temperature, original length L.
-    "yarn": lambda L, T: dict(rope_scaling=dict(
-        rope_type="yarn", factor=_ratio(L, T), original_max_position_embeddings=L)),
-    # StreamingLLM: every layer a window of L (what it trained with) + 4 sink tokens.
-    "window_sinks": lambda L, T: dict(sliding_window=L, num_sink_tokens=4,
-                                      layer_types=None, attention_chunk_size=None),
-}
-
-
-def extended_config(base: model_config_lib.LlamaConfig, extension: str, L: int,
-                    T: int) -> Tuple[Optional[model_config_lib.LlamaConfig], str]:
-  """(config, "") of `base` (trained at L) with `extension` for length T, or
-  (None, reason) when the model cannot take it (LlamaConfig's error)."""
-  check_names("extension", [extension], EXTENSIONS)
-  over = EXTENSIONS[extension](L, T)
-  if extension == "window_sinks" and base.layer_types is not None and any(
-      k not in (model_config_lib.FULL, model_config_lib.SLIDING) for k in base.layer_types):
-    return None, "window + sinks replaces softmax layers only"
-  try:
-    return dataclasses.replace(base, **over), ""
-  except ValueError as e:  # the config's own reason, verbatim
-    return None, str(e)
+# The training-free extension methods live in experiments/context_extension.py (the
+# trainer's eval.extensions uses them too); these names are the arena's aliases.
+EXTENSIONS = context_extension.EXTENSIONS
+extended_config = context_extension.extended_config
 
 
 # --------------------------------------------------------------------------- checks

@@ -14,13 +14,16 @@ only after training: the task (`eval_task`), depths, examples and batch size, an
 each length evaluated (eval.lengths at the end; each stage's length for periodic and
 per-stage evaluations; eval.perplexity_lengths) the length rule of the stage's mesh
 and the eval dataset itself, built the way the evaluation builds it (a synthetic task
-too short for the length fails here; text needs an eval split and enough rows).
+too short for the length fails here; text needs an eval split and enough rows), and
+each of eval.extensions at each of eval.lengths: a known method the final model's
+config accepts.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Dict, List
 
+from experiments import context_extension
 from experiments import finetune
 from experiments import optim
 from experiments.data import config as data_config_lib
@@ -265,12 +268,42 @@ def _check_eval(config, result: List[Stage], process_count: int) -> None:
           "data's eval split: put the held-out text in data.eval_path instead.")
     for length in lengths:
       _check_eval_at(config, st, task, length, f"{where}{what}", process_count)
+  _check_extensions(config, final)
   if ev.perplexity_path:
     text = data_config_lib.held_out_text(final.data, ev.perplexity_path)
     for length in tuple(ev.perplexity_lengths) or (final.data["seq_len"],):
       _check_length("config.eval.perplexity_lengths entry", length, final)
       _check_eval_data(data_config_lib.text_eval_data(text, length, ev.batch_size),
                        "config.eval.perplexity_path")
+
+
+def _check_extensions(config, final: Stage) -> None:
+  """eval.extensions: known names (not "as_trained": that grid is always there), no
+  repeats, a needle-grid run, and a config the final model takes at every length."""
+  ext = config.eval.get("extensions", ())
+  valid = tuple(n for n in context_extension.EXTENSIONS if n != "as_trained")
+  if isinstance(ext, str):
+    raise ValueError(f"config.eval.extensions must be a tuple of names from {valid}; "
+                     f"got the string {ext!r}.")
+  ext = tuple(ext)
+  for name in ext:
+    if name not in valid:
+      raise ValueError(f"config.eval.extensions entry {name!r} is not a training-free "
+                       f"context extension; valid: {valid} (the model as trained is "
+                       "always evaluated).")
+  if len(set(ext)) != len(ext):
+    raise ValueError(f"config.eval.extensions repeats a name: {ext}.")
+  if ext and eval_task(config, final.data) == "perplexity":
+    raise ValueError(f"config.eval.extensions={ext} adds needle grids, but this run is "
+                     "evaluated by perplexity (eval.task / data.kind): set () or a "
+                     "synthetic eval.task.")
+  L = final.data["seq_len"]
+  for name in ext:
+    for T in tuple(config.eval.lengths) or (L,):
+      cfg, reason = context_extension.extended_config(final.model, name, L, T)
+      if cfg is None:
+        raise ValueError(f"config.eval.extensions entry {name!r} cannot extend this "
+                         f"model (trained at {L} tokens) to length {T}: {reason}")
 
 
 def _check_eval_at(config, st: Stage, task: str, length: int, what: str,

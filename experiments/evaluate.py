@@ -18,13 +18,18 @@ text (every in-document target; see experiments/data/packing.py).
 
 A run evaluates one of two ways (`run`), chosen by `config_lib.eval_task`: the needle
 grid of a synthetic task, or perplexity on the eval split of its text data
-(data.eval_path, or the last data.eval_fraction of the packed rows).
+(data.eval_path, or the last data.eval_fraction of the packed rows). A needle grid is
+also taken with each training-free context extension of eval.extensions
+(`extension_grids`, experiments/context_extension.py): the trained parameters, RoPE or
+window changed for each length, so the heatmaps show where retrieval past the training
+length holds as trained and where an extension rescues it.
 
 Run from a checkpoint directory:
   python -m experiments.evaluate --workdir DIR [--lengths 256,512 --depths 0,0.5,1]
-which writes DIR/eval/step_<step>/needle_grid.{json,png} (or perplexity.json for a
-text run). On CPU it simulates as many devices as the run's mesh has (`--devices`
-overrides; `--devices=0` uses the devices present).
+which writes DIR/eval/step_<step>/needle_grid.{json,png} (plus needle_grid_<ext>.json
+per eval.extensions entry, a panel each in the PNG; or perplexity.json for a text run).
+On CPU it simulates as many devices as the run's mesh has (`--devices` overrides;
+`--devices=0` uses the devices present).
 """
 from __future__ import annotations
 
@@ -38,8 +43,10 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from experiments import context_extension
 from experiments.data import make_dataset
 from experiments.data.config import needle_data, task_data, text_eval_data
+from models import llama
 from models.sharding import to_host
 from models.sampling import nonfinite_rows
 
@@ -162,21 +169,65 @@ def run(model, data_cfg: Dict[str, Any], eval_cfg, task: str, lengths: Sequence[
   return grid, {"needle_accuracy": float(np.mean(grid["accuracy"]))}
 
 
-def save_result(result: Dict[str, Any], directory: str) -> None:
-  """Writes `run`'s result: needle_grid.{json,png} or perplexity.json."""
+def save_result(result: Dict[str, Any], directory: str,
+                variants: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
+  """Writes `run`'s result: needle_grid.{json,png} (with `variants`: see `save_grid`)
+  or perplexity.json."""
   if result["task"] != "perplexity":
-    save_grid(result, directory)
+    save_grid(result, directory, variants=variants)
     return
   os.makedirs(directory, exist_ok=True)
   with open(os.path.join(directory, "perplexity.json"), "w", encoding="utf-8") as f:
     json.dump(result, f, indent=1)
 
 
-def save_grid(grid: Dict[str, Any], directory: str, title: str = "") -> Optional[str]:
-  """Writes needle_grid.json and (with matplotlib) needle_grid.png; returns the PNG."""
+def extension_grids(model, data_cfg: Dict[str, Any], eval_cfg, task: str,
+                    lengths: Sequence[int], train_length: int, mesh=None,
+                    sharding=None) -> Dict[str, Dict[str, Any]]:
+  """{name: needle grid} of the trained `model` with each training-free extension in
+  eval_cfg.extensions (experiments/context_extension.py), relative to `train_length`.
+
+  Each length has its own config (PI and YaRN stretch by T / L), so each row is the
+  model reconfigured for that length (`llama.reconfigure`: the same parameters).
+  A grid is `needle_grid`'s dict plus "extension" and "train_length".
+  """
+  grids = {}
+  for ext in eval_cfg.get("extensions", ()):
+    rows = []
+    for T in lengths:
+      cfg, reason = context_extension.extended_config(model.config, ext, train_length,
+                                                      int(T))
+      if cfg is None:  # config_lib checks this before training
+        raise ValueError(f"eval.extensions: {ext!r} cannot run this model at length "
+                         f"{T}: {reason}")
+      rows.append(needle_grid(llama.reconfigure(model, cfg, mesh), data_cfg, [T],
+                              tuple(eval_cfg.depths), eval_cfg.examples,
+                              eval_cfg.batch_size, sharding, task=task))
+    grid = dict(rows[0], lengths=[int(T) for T in lengths],
+                accuracy=[r["accuracy"][0] for r in rows],
+                nonfinite=[r["nonfinite"][0] for r in rows])
+    grids[ext] = dict(grid, extension=ext, train_length=int(train_length))
+  return grids
+
+
+def save_grid(grid: Dict[str, Any], directory: str, title: str = "",
+              variants: Optional[Dict[str, Dict[str, Any]]] = None) -> Optional[str]:
+  """Writes needle_grid.json and (with matplotlib) needle_grid.png; returns the PNG.
+
+  `variants` ({name: grid}, e.g. `extension_grids`): each is also written to
+  needle_grid_<name>.json, and the PNG gets one panel per grid (`grid` first, then
+  each variant), side by side on the same length x depth axes and colour scale.
+  """
   os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "needle_grid.json"), "w", encoding="utf-8") as f:
-    json.dump(grid, f, indent=1)
+  variants = dict(variants or {})
+  files = {"needle_grid.json": grid}
+  files.update({f"needle_grid_{name}.json": g for name, g in variants.items()})
+  for fname, g in files.items():
+    with open(os.path.join(directory, fname), "w", encoding="utf-8") as f:
+      json.dump(g, f, indent=1)
+  what = "as trained" if variants else "exact-match accuracy"
+  panels = [(title or f"{grid['task']}: {what}", grid)]
+  panels += [(f"with {name}", g) for name, g in variants.items()]
   try:
     # A bare Figure (no pyplot) draws off-screen without switching the caller's
     # backend: a notebook keeps showing its own plots inline.
@@ -185,23 +236,31 @@ def save_grid(grid: Dict[str, Any], directory: str, title: str = "") -> Optional
     logging.warning("matplotlib not installed (pip install ringattn_jax[train]); "
                     "wrote needle_grid.json only.")
     return None
+  width = 1.5 + 0.9 * len(grid["depths"])
+  fig = Figure(figsize=(0.5 + width * len(panels), 2.2 + 0.5 * len(grid["lengths"])))
+  axes = fig.subplots(1, len(panels), squeeze=False)[0]
+  for ax, (name, g) in zip(axes, panels):
+    im = _grid_panel(ax, g, name, first=ax is axes[0])
+  fig.colorbar(im, ax=list(axes))
+  path = os.path.join(directory, "needle_grid.png")
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  return path
+
+
+def _grid_panel(ax, grid: Dict[str, Any], title: str, first: bool):
+  """One accuracy heatmap: lengths down, depths across, the value in each cell."""
   acc = np.asarray(grid["accuracy"], float)
-  fig = Figure(figsize=(2.0 + 0.9 * len(grid["depths"]), 2.2 + 0.5 * len(grid["lengths"])))
-  ax = fig.add_subplot()
   im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
   ax.set_xticks(range(len(grid["depths"])), [f"{d:.0%}" for d in grid["depths"]])
   ax.set_yticks(range(len(grid["lengths"])), [str(n) for n in grid["lengths"]])
   ax.set_xlabel("needle depth")
-  ax.set_ylabel("context length (tokens)")
+  if first:
+    ax.set_ylabel("context length (tokens)")
   for i in range(acc.shape[0]):
     for j in range(acc.shape[1]):
       ax.text(j, i, f"{acc[i, j]:.2f}", ha="center", va="center", fontsize=8)
-  ax.set_title(title or f"{grid['task']}: exact-match accuracy")
-  fig.colorbar(im, ax=ax)
-  fig.tight_layout()
-  path = os.path.join(directory, "needle_grid.png")
-  fig.savefig(path, dpi=110)
-  return path
+  ax.set_title(title, fontsize=9)
+  return im
 
 
 def mesh_devices(workdir: str) -> int:

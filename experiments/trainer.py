@@ -25,7 +25,9 @@ workdir layout:
   metrics.jsonl     train / eval records (and tensorboard/ with tensorboardX)
   metrics_replaced.jsonl  records of replayed steps, set aside on a restart
   .train.lock       the lock a training run holds (workdir_lock.py)
-  eval/             needle_grid.json + needle_grid.png (final), per-stage subfolders
+  eval/             needle_grid.json + needle_grid.png (final; with eval.extensions also
+                    needle_grid_<ext>.json, a panel each in the PNG), summary.json,
+                    per-stage subfolders
   config.json       the config that ran
   profile/          a JAX profiler trace when train.profile_steps is set
 """
@@ -134,16 +136,26 @@ class _StageRunner:
             for k, v in local.items()}
 
 
-def _evaluate(config, runner: _StageRunner, lengths, directory: Optional[str]):
+def _evaluate(config, runner: _StageRunner, lengths, directory: Optional[str],
+              extensions: bool = False):
   """The run's evaluation (`config_lib.eval_task`: needle grid or perplexity on the eval
-  split) of runner's model at `lengths`, saved to `directory`; (result, scalars)."""
+  split) of runner's model at `lengths`, saved to `directory`; with `extensions`, a
+  needle grid also with each of eval.extensions relative to the stage's length
+  (`evaluate.extension_grids`). Returns (result, scalars, {extension: grid})."""
   data_cfg = dict(runner.stage.data)
-  result, scalars = evaluate.run(runner.model(), data_cfg, config.eval,
-                                 config_lib.eval_task(config, data_cfg), lengths,
+  model, task = runner.model(), config_lib.eval_task(config, data_cfg)
+  result, scalars = evaluate.run(model, data_cfg, config.eval, task, lengths,
                                  runner.batch_sharding)
+  grids = {}
+  if extensions and task != "perplexity":
+    grids = evaluate.extension_grids(model, data_cfg, config.eval, task, lengths,
+                                     data_cfg["seq_len"], runner.mesh,
+                                     runner.batch_sharding)
+    scalars.update({f"needle_accuracy_{ext}": float(np.mean(g["accuracy"]))
+                    for ext, g in grids.items()})
   if directory is not None and jax.process_index() == 0:
-    evaluate.save_result(result, directory)
-  return result, scalars
+    evaluate.save_result(result, directory, grids)
+  return result, scalars, grids
 
 
 @dataclasses.dataclass
@@ -159,8 +171,10 @@ def train_and_evaluate(config, workdir: str) -> Dict[str, Any]:
   """Trains (resuming from workdir's newest checkpoint) and evaluates.
 
   Returns {"final_step", "eval_task", "perplexity", "train_loss", "needle_grid",
-  "accuracy_at_train_length", "tokens_per_second"}. Process 0 holds the workdir's lock
-  (experiments/workdir_lock.py) meanwhile: a second run there fails at once.
+  "accuracy_at_train_length", "tokens_per_second", "accuracy_by_length", "extensions"
+  (per eval.extensions entry: its grid and accuracy by length)}. Process 0 holds the
+  workdir's lock (experiments/workdir_lock.py) meanwhile: a second run there fails at
+  once.
   """
   with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
     return _train_and_evaluate(config, workdir)
@@ -214,8 +228,8 @@ def _train_stages(config, workdir: str, all_stages, writer, ckpt,
                         ckpt, progress)
     _save(ckpt, step, runner, writer, progress)
     if len(all_stages) > 1:
-      _, scalars = _evaluate(config, runner, (stage.data["seq_len"],),
-                             os.path.join(workdir, "eval", f"stage{stage.index}"))
+      _, scalars, _ = _evaluate(config, runner, (stage.data["seq_len"],),
+                                os.path.join(workdir, "eval", f"stage{stage.index}"))
       writer.write(step, scalars, f"eval_stage{stage.index}")
     carried = nnx.state(lora.merge_lora(runner.model()))  # adapters folded in
   return runner
@@ -291,7 +305,7 @@ def _train_stage(config, workdir: str, runner: _StageRunner, step: int,
       _save(ckpt, step, runner, writer, progress)
     if (train_cfg.eval_every and step % train_cfg.eval_every == 0
         and step != stage.last_step):
-      _, scalars = _evaluate(config, runner, (stage.data["seq_len"],), None)
+      _, scalars, _ = _evaluate(config, runner, (stage.data["seq_len"],), None)
       writer.write(step, scalars, "eval")
   if bar is not None:
     bar.close()
@@ -348,7 +362,8 @@ def _final_evaluation(config, workdir: str, runner: _StageRunner, final, writer,
   the eval split of text data) and perplexity of eval.perplexity_path if set; the
   summary."""
   lengths = tuple(config.eval.lengths) or (final.data["seq_len"],)
-  result, scalars = _evaluate(config, runner, lengths, os.path.join(workdir, "eval"))
+  result, scalars, ext_grids = _evaluate(config, runner, lengths,
+                                         os.path.join(workdir, "eval"), extensions=True)
   grid, ppl, at_train = None, None, None
   if result["task"] == "perplexity":
     ppl = dict(zip(result["lengths"], result["perplexity"]))
@@ -370,9 +385,18 @@ def _final_evaluation(config, workdir: str, runner: _StageRunner, final, writer,
       "needle_grid": grid,
       "accuracy_at_train_length": None if at_train is None else float(np.mean(at_train)),
       "tokens_per_second": progress.tokens_per_second,
+      # {length: mean over depths}, as trained and with each of eval.extensions
+      "accuracy_by_length": None if grid is None else _by_length(grid),
+      "extensions": {name: {"accuracy_by_length": _by_length(g), "needle_grid": g}
+                     for name, g in ext_grids.items()},
   }
   writer.write(final.last_step, scalars, "eval")
   return summary
+
+
+def _by_length(grid: Dict[str, Any]) -> Dict[int, float]:
+  """{length: mean accuracy over the depths} of a needle grid."""
+  return {n: float(np.mean(row)) for n, row in zip(grid["lengths"], grid["accuracy"])}
 
 
 def load_config(workdir: str):
@@ -416,7 +440,8 @@ def evaluate_checkpoint(workdir: str, lengths=None, depths=None, examples=None,
   checkpoint (default: the newest), with the run's config; lengths, depths and
   examples, if given, replace the config's and are checked with it before compute.
 
-  Writes workdir/eval/step_<step>/needle_grid.{json,png} (or perplexity.json) and
+  Writes workdir/eval/step_<step>/needle_grid.{json,png} (or perplexity.json), with
+  eval.extensions (relative to the checkpoint's stage's length) as in training, and
   returns the result (`evaluate.run`).
   """
   config = load_config(workdir)
@@ -430,6 +455,6 @@ def evaluate_checkpoint(workdir: str, lengths=None, depths=None, examples=None,
   runner, step = _restore_runner(config, workdir, step)
   stage = runner.stage
   lengths = tuple(config.eval.lengths or (stage.data["seq_len"],))
-  result, _ = _evaluate(config, runner, lengths,
-                        os.path.join(workdir, "eval", f"step_{step}"))
+  result, _, _ = _evaluate(config, runner, lengths,
+                           os.path.join(workdir, "eval", f"step_{step}"), extensions=True)
   return result

@@ -110,9 +110,13 @@ def test_make_demo_quick(demo_workdir):
   rows = [json.loads(line) for line in (demo_workdir / "metrics.jsonl").open()]
   assert [r["step"] for r in rows if r["split"] == "train"] == [2]  # log_every=50
   grid = json.loads((demo_workdir / "eval" / "needle_grid.json").read_text())
-  assert grid["task"] == "needle" and grid["lengths"] == [256]
+  assert grid["task"] == "needle" and grid["lengths"] == [256, 512, 1024]  # L, 2L, 4L
   assert grid["depths"] == [0.0, 1.0]
-  assert (demo_workdir / "eval" / "summary.json").exists()
+  yarn = json.loads((demo_workdir / "eval" / "needle_grid_yarn.json").read_text())
+  assert yarn["lengths"] == grid["lengths"] and yarn["train_length"] == 256
+  summary = json.loads((demo_workdir / "eval" / "summary.json").read_text())
+  by_length = summary["extensions"]["yarn"]["accuracy_by_length"]
+  assert set(by_length) == {"256", "512", "1024"}
 
 
 @pytest.mark.slow

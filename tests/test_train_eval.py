@@ -1,6 +1,8 @@
-"""The trainer's evaluations: every one is checked before step 1, and a run on text
+"""The trainer's evaluations: every one is checked before step 1, a run on text
 reports perplexity on its eval split (checked against exp of the mean token NLL
-computed here from the model's logits)."""
+computed here from the model's logits), and eval.extensions adds a needle grid per
+training-free context extension (checked against the model as trained where the
+extension is the identity: PI with factor 1 at the training length)."""
 import json
 import os
 
@@ -8,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from experiments import context_extension
 from experiments import evaluate
 from experiments import metrics as metrics_lib
 from experiments import trainer
@@ -69,6 +72,19 @@ def _set(c, **changes):
      r"\(start, stop\)"),
     (dict(model__vocab_size=200), r"data.tokenizer='byte' has 264 tokens but "
      "model.vocab_size=200"),
+    (dict(eval__extensions=("yarn", "ntk")), r"config.eval.extensions entry 'ntk' is not "
+     r"a training-free context extension; valid: \('pi', 'dynamic_ntk', 'yarn', "
+     r"'window_sinks'\)"),
+    (dict(eval__extensions=("as_trained",)),
+     r"entry 'as_trained' .* as trained is always"),
+    (dict(eval__extensions=("pi", "pi")), r"config.eval.extensions repeats a name"),
+    (dict(data__kind="text", data__eval_fraction=0.25, eval__extensions=("pi",)),
+     r"extensions=\('pi',\) adds needle grids, but this run is evaluated by perplexity"),
+    (dict(model__layer_types=("block_sparse_attention",), model__block_sparse_size=24,
+          model__block_sparse_top_k=1, eval__extensions=("window_sinks",),
+          eval__lengths=(96, 192)),
+     r"entry 'window_sinks' cannot extend this model \(trained at 96 tokens\) to length "
+     r"96: window \+ sinks replaces softmax layers only"),
 ])
 def test_bad_eval_and_train_config_fails_before_step_one(tmp_path, monkeypatch,
                                                          changes, match):
@@ -142,3 +158,59 @@ def test_text_run_reports_eval_split_perplexity(tmp_path, monkeypatch):
   with open(workdir / "eval" / "perplexity.json", encoding="utf-8") as f:
     assert json.load(f)["lengths"] == [32]
   assert not os.path.exists(workdir / "eval" / "needle_grid.json")
+
+
+def test_extension_grids_beside_the_model_as_trained(tmp_path, monkeypatch):
+  # 2 steps, evaluated at L=96 and 2L with PI: two grids, one PNG with both panels.
+  c = _set(small_config(), train__steps=2, optim__warmup_steps=1, optim__total_steps=2,
+           train__checkpoint_every=0, train__async_checkpoints=False,
+           eval__lengths=(96, 192), eval__extensions=("pi",))
+  cells = []  # (rope_scaling of the model scored, eval data config, its nll per row)
+  original = evaluate.retrieval
+
+  def spy(model, cfg, sharding=None):
+    batch = evaluate._put(make_dataset(cfg, "eval").batch(0), sharding)
+    cells.append((model.config.rope_scaling, cfg, np.asarray(
+        evaluate._scores(model, batch)[1])))
+    return original(model, cfg, sharding)
+
+  monkeypatch.setattr(evaluate, "retrieval", spy)
+  workdir = tmp_path / "run"
+  summary = trainer.train_and_evaluate(c, str(workdir))
+  grid = json.loads((workdir / "eval" / "needle_grid.json").read_text())
+  pi = json.loads((workdir / "eval" / "needle_grid_pi.json").read_text())
+  assert grid["lengths"] == pi["lengths"] == [96, 192]
+  assert pi["extension"] == "pi" and pi["train_length"] == 96
+  assert (workdir / "eval" / "needle_grid.png").stat().st_size > 0
+  # PI at the training length is factor 1: the model as trained, cell by cell.
+  assert pi["accuracy"][0] == grid["accuracy"][0]
+  assert summary["extensions"]["pi"]["needle_grid"] == pi
+  assert set(summary["extensions"]["pi"]["accuracy_by_length"]) == {96, 192}
+  # Accuracies after 2 steps may all be 0: the NLL of the same rows shows the identity
+  # at L (PI factor 1) and a different model at 2L (positions halved).
+  nll = {(str(rope), cfg["seq_len"], cfg["needle_depth"]): v for rope, cfg, v in cells}
+  linear = lambda f: str(dict(rope_type="linear", factor=f))
+  for depth in (0.0, 1.0):
+    np.testing.assert_allclose(nll[linear(1.0), 96, depth], nll["None", 96, depth],
+                               rtol=1e-6)
+    assert not np.allclose(nll[linear(2.0), 192, depth], nll["None", 192, depth])
+  assert len(cells) == 8  # 2 variants x 2 lengths x 2 depths
+  rows = metrics_lib.read_metrics(str(workdir), "eval")
+  assert {"needle_accuracy", "needle_accuracy_pi"} <= set(rows[-1])
+  # Evaluating the checkpoint honours the same knob.
+  trainer.evaluate_checkpoint(str(workdir), lengths=[96])
+  step = json.loads((workdir / "eval" / "step_2" / "needle_grid_pi.json").read_text())
+  assert step["lengths"] == [96] and step["accuracy"] == grid["accuracy"][:1]
+
+
+def test_context_extensions_are_relative_to_the_training_length():
+  from models.config import preset
+  base = preset("tiny")  # max_position_embeddings 2048, far past L
+  cfg, _ = context_extension.extended_config(base, "pi", 256, 1024)
+  assert dict(cfg.rope_scaling) == dict(rope_type="linear", factor=4.0)
+  # Dynamic NTK grows the base past max_position_embeddings: set to L, not 2048.
+  cfg, _ = context_extension.extended_config(base, "dynamic_ntk", 256, 1024)
+  assert cfg.max_position_embeddings == 256
+  with pytest.raises(ValueError, match=r"unknown context extension 'ntk'; valid: "
+                     r"\('as_trained', 'pi', 'dynamic_ntk', 'yarn', 'window_sinks'\)"):
+    context_extension.extended_config(base, "ntk", 256, 512)
