@@ -13,6 +13,7 @@ the task, option and extension registries.
 """
 import ml_collections
 
+from experiments import arena_encoder
 from experiments import arena_suite
 
 L = 128
@@ -33,12 +34,15 @@ def get_config() -> ml_collections.ConfigDict:
                                           filler="natural"))
   c.options = tuple(arena_suite.OPTIONS)
   c.tasks = tuple(arena_suite.TASKS)
-  c.train_tasks = tuple(arena_suite.TASKS)  # the training mixture
+  # The training mixture. Every task is evaluated; these two are what a 2-layer byte
+  # model learns in the budget (results/arena/README.md: the whole mixture, even
+  # weighted 46% towards these two, reached 0-4% passkey accuracy at L in 1800 steps).
+  c.train_tasks = ("passkey", "single_needle")
   # Each task's share of the mixture's rows (empty: equal shares).
   c.train_weights = ()
   c.extensions = tuple(arena_suite.EXTENSIONS)
   c.train = ml_collections.ConfigDict(dict(
-      steps=1200, batch_size=16, learning_rate=1e-3, warmup_steps=50, b2=0.99,
+      steps=1500, batch_size=16, learning_rate=1e-3, warmup_steps=50, b2=0.99,
       lm_loss_weight=0.2))
   c.eval = ml_collections.ConfigDict(dict(
       examples=20,                   # per (task, length) cell; split over the depths
@@ -51,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
       batch_size=8, lora_rank=8, modes=("full", "lora", "lora_norms_embeddings")))
   # Attention statistics (long-range decay) of each trained model.
   c.decay = ml_collections.ConfigDict(dict(enabled=True, examples=4, task="single_needle"))
+  # The bidirectional comparison on ListOps (experiments/arena_encoder.py keys).
+  c.encoder = ml_collections.ConfigDict(dict(enabled=True, **arena_encoder.DEFAULTS))
   # Cost tables read from the benchmark scripts' results files.
   c.cost = ml_collections.ConfigDict(dict(results_dir="results/amd_epyc_zen3"))
   return c
@@ -73,5 +79,6 @@ def quick_config() -> ml_collections.ConfigDict:
   c.eval.depths = (0.0, 0.5, 1.0)
   c.eval.perplexity_examples = 8
   c.finetune.enabled = False
+  c.encoder.enabled = False
   c.decay.examples = 2
   return c

@@ -15,7 +15,9 @@ Pipeline (configs/arena.py holds every knob; experiments/arena_suite.py the name
      whose row.json exists (for the same config) is not run again: the arena resumes
      from its own finished rows, so it can run in the background and be restarted.
   3. Fine-tuning at 4L (full vs LoRA vs LoRA + norms + embeddings) from the trained
-     model of `finetune.option`, one row per mode in WORKDIR/finetune/<mode>/.
+     model of `finetune.option`, one row per mode in WORKDIR/finetune/<mode>/; and
+     the bidirectional encoders (softmax, linear, FAVOR+, Linformer) on ListOps
+     (experiments/arena_encoder.py), in WORKDIR/encoder/<attention>/.
   4. Reads the cost tables from the benchmark scripts' results files, and writes
      arena.md, arena.json and the PNG plots to --out_dir (experiments/arena_report.py).
 
@@ -156,7 +158,17 @@ def check(config, num_devices: int) -> Dict[str, Any]:
   if config.finetune.enabled:
     from experiments import arena_finetune  # pylint: disable=import-outside-toplevel
     arena_finetune.check(config, rows, num_devices)
+  if config.encoder.enabled:
+    from experiments import arena_encoder  # pylint: disable=import-outside-toplevel
+    arena_encoder.resolve(encoder_config(config))
   return rows
+
+
+def encoder_config(config) -> Dict[str, Any]:
+  """The encoder comparison's config (experiments/arena_encoder.py keys)."""
+  c = dict(_plain(config.encoder))
+  c.pop("enabled", None)
+  return dict(c, seed=int(config.seed))
 
 
 def fingerprint(*parts) -> str:
@@ -253,7 +265,12 @@ def run(config, workdir: str, out_dir: str, num_devices: int) -> Dict[str, Any]:
   if config.finetune.enabled:
     from experiments import arena_finetune  # pylint: disable=import-outside-toplevel
     finetune = arena_finetune.run(config, rows_cfg, workdir)
-  report = arena_report.build(config, rows, finetune, seconds=time.perf_counter() - t0)
+  encoder = []
+  if config.encoder.enabled:
+    from experiments import arena_encoder  # pylint: disable=import-outside-toplevel
+    encoder = arena_encoder.run_encoder_rows(encoder_config(config), workdir)
+  report = arena_report.build(config, rows, finetune, encoder,
+                              seconds=time.perf_counter() - t0)
   arena_report.write(report, out_dir)
   return report
 

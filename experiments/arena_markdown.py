@@ -77,6 +77,25 @@ def _finetune(report: Dict[str, Any]) -> List[str]:
                     "single_needle 4L", "all tasks 4L"], body))
 
 
+def _encoder(report: Dict[str, Any]) -> List[str]:
+  rows = report.get("encoder") or []
+  if not rows:
+    return []
+  lengths = list(rows[0]["accuracy"])
+  body = []
+  for r in rows:
+    cells = [v if isinstance(v, str) else _PCT(v) for v in r["accuracy"].values()]
+    body.append([r["attention"]] + cells
+                + [_PCT(r["majority_rate"][lengths[0]]), f"{r['params']:,}",
+                   f"{r['tokens_per_second']:.0f}"])
+  return (["## Bidirectional encoders on ListOps (accuracy %)", "",
+           "The same encoder (experiments/arena_encoder.py) per attention, trained at "
+           f"{lengths[0]} tokens; n/a: Linformer's projection is sized to its "
+           "training length.", ""]
+          + _table(["attention"] + [f"T={T}" for T in lengths]
+                   + ["majority class", "params", "tokens/s"], body))
+
+
 def _cost(report: Dict[str, Any]) -> List[str]:
   cost = report["cost"]
   out = ["## Cost", ""]
@@ -136,7 +155,8 @@ def render(report: Dict[str, Any], files: Dict[str, str]) -> str:
       lines.append(f"- best training-free at {where} on {best['task']}: {best['option']}"
                    f" + {best['extension']}, {_PCT(best['accuracy'])}%")
   lines.append("")
-  lines += _quality(report) + _extensions(report) + _finetune(report) + _cost(report)
+  lines += (_quality(report) + _extensions(report) + _finetune(report)
+            + _encoder(report) + _cost(report))
   lines += ["## Not run as their own row", ""]
   lines += [f"- {k}: {v}" for k, v in report["not_run"].items()] + [""]
   plots = [v for k, v in files.items() if v.endswith(".png")]

@@ -130,7 +130,8 @@ def summary(config, rows: List[dict]) -> Dict[str, Any]:
   return out
 
 
-def build(config, rows: List[dict], finetune: List[dict], seconds: float) -> Dict[str, Any]:
+def build(config, rows: List[dict], finetune: List[dict], encoder: List[dict],
+          seconds: float) -> Dict[str, Any]:
   """Everything the report shows, as one JSON-ready dict."""
   import jax  # pylint: disable=import-outside-toplevel
   from experiments import bench_lib  # pylint: disable=import-outside-toplevel
@@ -139,7 +140,7 @@ def build(config, rows: List[dict], finetune: List[dict], seconds: float) -> Dic
   return dict(
       env=bench_lib.environment(devices=jax.device_count()),
       config=config_lib._plain(config.to_dict()),  # pylint: disable=protected-access
-      rows=rows, finetune=finetune,
+      rows=rows, finetune=finetune, encoder=encoder,
       not_run={k: v for k, v in arena_suite.NOT_RUN.items()},
       cost=cost_table(_in_repo(str(config.cost.results_dir)), options),
       summary=summary(config, rows), seconds=float(seconds))

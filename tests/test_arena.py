@@ -109,9 +109,30 @@ def test_quick_arena_end_to_end_and_resumes(tmp_path, capsys):
   # Nothing outside the workdir and the report directory.
   assert sorted(os.listdir(tmp_path)) == ["r", "w"]
 
-  # A second run reuses the finished rows: nothing trains again.
+  # A second run reuses the finished rows (nothing trains again) and adds a LoRA
+  # fine-tune at 2L and one encoder row (a couple of steps each: the wiring only).
+  config.finetune.enabled = True
+  config.finetune.modes = ("lora",)
+  config.finetune.steps = 2
+  config.finetune.length_factor = 2
+  config.encoder.enabled = True
+  from experiments import arena_encoder
+  for key, value in dict(arena_encoder.QUICK, attentions=("linformer",), steps=2,
+                         warmup_steps=1, eval_multiples=(1,)).items():
+    config.encoder[key] = value
   capsys.readouterr()
   again = arena.run(config, work, out, 8)
   printed = capsys.readouterr().out
   assert printed.count("finished before, reused") == 2
   assert again["rows"] == saved["rows"]
+  (ft,) = again["finetune"]
+  assert (ft["mode"], ft["length"]) == ("lora", 128)
+  # rank-8 adapters on q, k, v, o of both layers: L * r * sum(in + out), D = 128,
+  # 4 query heads and 2 key/value heads of 32
+  assert ft["trainable_params"] == 2 * 8 * ((128 + 128) + 2 * (128 + 64) + (128 + 128))
+  assert set(ft["accuracy"]) == {"passkey", "single_needle"}
+  (enc,) = again["encoder"]
+  assert enc["attention"] == "linformer" and list(enc["accuracy"]) == ["32"]
+  md = open(os.path.join(out, "arena.md"), encoding="utf-8").read()
+  assert "## Fine-tuning at 4L" in md and "| lora | 14,336 |" in md
+  assert "## Bidirectional encoders on ListOps" in md
