@@ -218,6 +218,20 @@ def run_worker(module: str, args: Sequence[str], tag: str,
 # --- results ---------------------------------------------------------------------------
 
 
+def run_one_device_worker(module: str, tag: str):
+  """This benchmark's rows measured again in a 1-device process (`module` run with
+  this process's arguments plus --single_worker), whose progress lines are logged
+  with a "[1-device]" prefix. Returns the worker's result; raises RuntimeError with
+  its last lines if it fails."""
+  args = list(sys.argv[1:]) + ["--single_worker"]
+  done = run_worker(module, args, tag, env=one_device_env(),
+                    on_line=lambda line: log("  [1-device]" + line.rstrip()[1:]))
+  if done.returncode != 0 or done.result is None:
+    raise RuntimeError(f"1-device worker failed (exit {done.returncode}):\n"
+                       + "\n".join(done.tail))
+  return done.result
+
+
 def environment(**device_fields) -> Dict[str, Any]:
   """The backend, `device_fields` (each script describes its devices), the CPU (vendor,
   model, instruction sets) and its count, the jax version, the machine and the tuned

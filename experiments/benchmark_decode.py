@@ -274,15 +274,7 @@ def single_rows(s: Dict) -> List[Dict]:
   """The one-device rows, measured in a 1-device process (this script again)."""
   if not any(o not in SHARDED for o in s["options"]):
     return []
-  args = list(sys.argv[1:]) + ["--single_worker"]
-  done = bench_lib.run_worker("experiments.benchmark_decode", args, WORKER_TAG,
-                              env=bench_lib.one_device_env(),
-                              on_line=lambda line: bench_lib.log("  [1-device]" +
-                                                                 line.rstrip()[1:]))
-  if done.returncode != 0 or done.result is None:
-    raise RuntimeError(f"1-device worker failed (exit {done.returncode}):\n"
-                       + "\n".join(done.tail))
-  return done.result
+  return bench_lib.run_one_device_worker("experiments.benchmark_decode", WORKER_TAG)
 
 
 # --- tables ------------------------------------------------------------------------------

@@ -289,15 +289,7 @@ def single_rows(s: Dict) -> Dict:
   """The one-device rows, measured in a 1-device process (this script again)."""
   if not any(v in SINGLE for v in s["variants"]):
     return dict(rows=[], paired=None)
-  args = [a for a in sys.argv[1:]] + ["--single_worker"]
-  done = bench_lib.run_worker("experiments.benchmark_linear", args, WORKER_TAG,
-                              env=bench_lib.one_device_env(),
-                              on_line=lambda line: bench_lib.log("  [1-device]" +
-                                                                 line.rstrip()[1:]))
-  if done.returncode != 0 or done.result is None:
-    raise RuntimeError(f"1-device worker failed (exit {done.returncode}):\n"
-                       + "\n".join(done.tail))
-  return done.result
+  return bench_lib.run_one_device_worker("experiments.benchmark_linear", WORKER_TAG)
 
 
 # --- targets and tables ------------------------------------------------------------------

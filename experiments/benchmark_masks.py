@@ -30,7 +30,6 @@ Writes <out_dir>/mask_benchmark.{md,json}.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Callable, Dict, List
 
@@ -156,15 +155,7 @@ def hops(s: Dict, variant: str, T: int, mesh) -> List[int]:
 
 def single_rows(s: Dict) -> List[Dict]:
   """The one-device rows, measured in a 1-device process (this script again)."""
-  args = [a for a in sys.argv[1:]] + ["--single_worker"]
-  done = bench_lib.run_worker("experiments.benchmark_masks", args, WORKER_TAG,
-                              env=bench_lib.one_device_env(),
-                              on_line=lambda line: bench_lib.log("  [1-device]" +
-                                                                 line.rstrip()[1:]))
-  if done.returncode != 0 or done.result is None:
-    raise RuntimeError(f"1-device worker failed (exit {done.returncode}):\n"
-                       + "\n".join(done.tail))
-  return done.result
+  return bench_lib.run_one_device_worker("experiments.benchmark_masks", WORKER_TAG)
 
 
 def markdown(env: Dict, s: Dict, rows: List[Dict], hop_rows: Dict, summary: Dict):
