@@ -10,7 +10,10 @@ accuracy at 256 tokens. The needle grid is then taken at 256, 512 and 1024 token
 experiments/context_extension.py): workdirs/tiny/eval/needle_grid.png has one panel
 each (length x needle depth), showing where retrieval holds past L and where it
 breaks; needle_grid.json (as trained) and needle_grid_yarn.json hold the numbers.
-About 6 minutes on a 2-core CPU.
+Measured: 1.00 at every depth at 256; 0.00-0.06 per cell at 512 and 1024, as trained
+and with YaRN alike (trained at 256 only, it does not retrieve past L; make
+progressive trains at 512 and 1024). About 6-7 minutes on an idle 2-core CPU
+(training ~5.5; the six grid rows took 74 s on a loaded machine).
 """
 from configs import base
 
