@@ -27,8 +27,6 @@ goes to WORKDIR/report unless --out_dir is given).
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
@@ -40,10 +38,9 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from experiments import arena_rows
+
 FLAGS = flags.FLAGS
-
-ROW_FILE = "row.json"
-
 
 # ---------------------------------------------------------------- configs and checks
 
@@ -81,9 +78,7 @@ def row_config(config, option: str, num_devices: int):
   c.model = base.model_config(config.model.preset, **model_overrides(config, option))
   c.mesh.sp = arena_suite.OPTIONS[option].sp
   c.mesh.dp = num_devices // c.mesh.sp
-  mixture = tuple(arena_suite.TASKS[t] for t, w in zip(config.train_tasks,
-                                                       train_weights(config))
-                  for _ in range(w))
+  mixture = tuple(arena_suite.TASKS[t] for t in config.train_tasks)
   c.data = base.data_config("mixture", seq_len=L, batch_size=int(tr.batch_size),
                             mixture=mixture, **data_common(config))
   c.optim.learning_rate = float(tr.learning_rate)
@@ -95,7 +90,7 @@ def row_config(config, option: str, num_devices: int):
   c.train.checkpoint_every = max(1, min(200, int(tr.steps)))
   c.train.keep_checkpoints = 1
   c.train.progress_bar = False
-  # The trainer's own final check: one cheap grid cell of the first depth task.
+  # The trainer's own final check: one cheap grid cell of the first train task.
   first = next(t for t in config.train_tasks)
   c.eval.task = arena_suite.TASKS[first]["kind"]
   c.eval.lengths = (L,)
@@ -103,16 +98,6 @@ def row_config(config, option: str, num_devices: int):
   c.eval.examples = int(config.eval.batch_size)
   c.eval.batch_size = int(config.eval.batch_size)
   return c
-
-
-def train_weights(config) -> List[int]:
-  """How many mixture components each training task gets (its share of the rows):
-  config.train_weights, or 1 each when it is empty."""
-  weights = [int(w) for w in config.train_weights] or [1] * len(config.train_tasks)
-  if len(weights) != len(config.train_tasks) or min(weights) < 1:
-    raise ValueError(f"arena train_weights {tuple(config.train_weights)} must be empty "
-                     f"or one positive int per train task {tuple(config.train_tasks)}")
-  return weights
 
 
 def length_multiple(config) -> int:
@@ -135,7 +120,6 @@ def check(config, num_devices: int) -> Dict[str, Any]:
   arena_suite.check_names("option", list(config.options), arena_suite.OPTIONS)
   arena_suite.check_names("task", list(config.tasks), arena_suite.TASKS)
   arena_suite.check_names("task", list(config.train_tasks), arena_suite.TASKS)
-  train_weights(config)
   arena_suite.check_names("extension", list(config.extensions), arena_suite.EXTENSIONS)
   if config.decay.enabled:
     arena_suite.check_names("decay task", [config.decay.task], arena_suite.TASKS)
@@ -150,6 +134,17 @@ def check(config, num_devices: int) -> Dict[str, Any]:
     if num_devices % sp:
       raise ValueError(f"arena option {option!r} trains on sp={sp} devices; "
                        f"{num_devices} devices do not split into it (use --devices 8)")
+  # Every task's eval data at the shortest length (too short a length fails here,
+  # not after the first row has trained), and the diagnostic's at the longest.
+  from experiments import data as data_lib  # pylint: disable=import-outside-toplevel
+  common = dict(data_common(config), batch_size=int(config.eval.batch_size),
+                eval_examples=1)
+  for task in config.tasks:
+    data_lib.make_dataset(arena_suite.task_data(task, dict(common, seq_len=min(
+        int(T) for T in config.eval_lengths))), split="eval")
+  if config.decay.enabled:
+    data_lib.make_dataset(arena_suite.task_data(config.decay.task, dict(
+        common, seq_len=max(int(T) for T in config.eval_lengths))), split="eval")
   rows = {}
   for option in config.options:
     c = row_config(config, option, num_devices)
@@ -171,36 +166,18 @@ def encoder_config(config) -> Dict[str, Any]:
   return dict(c, seed=int(config.seed))
 
 
-def fingerprint(*parts) -> str:
-  """A short hash of what a row depends on: a finished row is reused only for the
-  same configuration."""
-  text = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
-  return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
 # ------------------------------------------------------------------------ the rows
 
 
-def read_row(directory: str, key: str) -> Optional[Dict[str, Any]]:
-  """The finished row in `directory` if it was made from the same configuration."""
-  path = os.path.join(directory, ROW_FILE)
-  if not os.path.exists(path):
-    return None
-  with open(path, encoding="utf-8") as f:
-    row = json.load(f)
-  if row.get("fingerprint") != key:
-    logging.warning("%s was made with another configuration; running the row again.",
-                    path)
-    return None
-  return row
-
-
-def write_row(directory: str, row: Dict[str, Any]) -> None:
-  os.makedirs(directory, exist_ok=True)
-  tmp = os.path.join(directory, ROW_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(row, f, indent=1)
-  os.replace(tmp, os.path.join(directory, ROW_FILE))  # atomic: a row is whole or absent
+def train_stats(config, summary: Dict[str, Any], seconds: float) -> Dict[str, Any]:
+  """The row's training numbers; None where this process trained nothing (a row
+  resumed at its last step, e.g. killed during its evaluation): they were not measured
+  here."""
+  measured = summary["tokens_per_second"] > 0
+  return dict(steps=int(config.train.steps),
+              final_loss=summary["train_loss"] if measured else None,
+              tokens_per_second=summary["tokens_per_second"] if measured else None,
+              seconds=seconds if measured else None)
 
 
 def run_row(config, option: str, trainer_config, workdir: str,
@@ -210,12 +187,13 @@ def run_row(config, option: str, trainer_config, workdir: str,
   from experiments import arena_suite  # pylint: disable=import-outside-toplevel
   from experiments import trainer  # pylint: disable=import-outside-toplevel
   directory = os.path.join(workdir, "rows", option)
-  key = fingerprint(trainer_config, config.tasks, config.extensions, config.eval_lengths,
-                    config.eval, config.decay)
-  row = read_row(directory, key)
+  key = arena_rows.fingerprint(trainer_config, config.tasks, config.extensions,
+                               config.eval_lengths, config.eval, config.decay, held_out)
+  row = arena_rows.read(directory, key)
   if row is not None:
     print(f"arena row {option}: finished before, reused", flush=True)
     return row
+  arena_rows.prepare(directory, key)
   t0 = time.perf_counter()
   train_dir = os.path.join(directory, "train")
   summary = trainer.train_and_evaluate(trainer_config, train_dir)
@@ -235,14 +213,11 @@ def run_row(config, option: str, trainer_config, workdir: str,
   row = dict(option=option, family=option_info.family, sp=option_info.sp,
              note=option_info.note, fingerprint=key,
              model=model_overrides(config, option),
-             train=dict(steps=int(config.train.steps),
-                        final_loss=summary["train_loss"],
-                        tokens_per_second=summary["tokens_per_second"],
-                        seconds=train_seconds),
+             train=train_stats(config, summary, train_seconds),
              decay=decay, **result)
-  write_row(directory, row)
+  arena_rows.write(directory, row)
   acc = result["extensions"]["as_trained"]["accuracy"]
-  print(f"arena row {option}: trained {train_seconds:.0f} s, eval "
+  print(f"arena row {option}: trained in {train_seconds:.0f} s, eval "
         f"{result['eval_seconds']:.0f} s; accuracy at L "
         + ", ".join(f"{t} {v[0]:.2f}" for t, v in acc.items()), flush=True)
   return row
@@ -257,7 +232,7 @@ def run(config, workdir: str, out_dir: str, num_devices: int) -> Dict[str, Any]:
   held_out = arena_eval.write_held_out(
       data_common(config), list(config.tasks), int(max(config.eval_lengths)),
       max(1, int(config.eval.perplexity_examples) // max(1, len(config.tasks))),
-      os.path.join(workdir, arena_eval.HELD_OUT_NAME))
+      workdir)
   rows: List[Dict[str, Any]] = []
   for option in config.options:
     rows.append(run_row(config, option, rows_cfg[option], workdir, held_out))

@@ -50,8 +50,6 @@ learned anything.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import time
 from typing import Mapping
@@ -62,12 +60,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from experiments import arena_rows
 from experiments import optim
 from experiments.data import listops
 from models.encoder import (ATTENTIONS, EncoderClassifier, EncoderConfig,
                             classification_loss)
 
-ROW_FILE = "row.json"
 
 DEFAULTS = dict(
     seed=0,
@@ -142,11 +140,10 @@ def resolve(cfg) -> dict:
 
 
 def fingerprint(c: dict, attention: str) -> str:
-  """sha256 of the resolved config without "attentions", plus the attention's name:
-  adding or dropping an attention does not invalidate the other rows."""
-  key = {k: v for k, v in c.items() if k != "attentions"}
-  key["attention"] = attention
-  return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+  """The row's fingerprint: the resolved config without "attentions", plus the
+  attention's name (adding or dropping an attention does not invalidate the others)."""
+  return arena_rows.fingerprint({k: v for k, v in c.items() if k != "attentions"},
+                                attention)
 
 
 def model_config(c: dict, attention: str) -> EncoderConfig:
@@ -268,25 +265,19 @@ def run_encoder_rows(cfg: dict, workdir: str) -> list:
   rows, data, evals = [], None, None
   for attention in c["attentions"]:
     directory = os.path.join(workdir, "encoder", attention)
-    path, fp = os.path.join(directory, ROW_FILE), fingerprint(c, attention)
-    if os.path.exists(path):
-      with open(path) as f:
-        row = json.load(f)
-      if row.get("fingerprint") == fp:
-        print(f"encoder row {attention}: finished before, reused", flush=True)
-        rows.append(row)
-        continue
+    fp = fingerprint(c, attention)
+    row = arena_rows.read(directory, fp)
+    if row is not None:
+      print(f"encoder row {attention}: finished before, reused", flush=True)
+      rows.append(row)
+      continue
     if data is None:  # generated once, only when something trains
       data = train_batches(c)
       evals = {m * c["length"]: eval_batch(c, m * c["length"])
                for m in c["eval_multiples"]}
     row = train_and_eval(c, attention, data, evals)
     row["fingerprint"] = fp
-    os.makedirs(directory, exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(row, f, indent=1)
-    os.replace(tmp, path)  # atomic: a row is whole or absent
+    arena_rows.write(directory, row)
     print(f"encoder row {attention}: trained {row['train_seconds']:.0f} s, accuracy "
           f"{row['accuracy']} (majority rate {row['majority_rate']})", flush=True)
     rows.append(row)

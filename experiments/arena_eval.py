@@ -6,11 +6,12 @@ For a model trained at L (`evaluate_model`):
              trained and with each training-free extension (arena_suite.EXTENSIONS)
              that the option's family takes. Depth tasks spread their examples evenly
              over eval.depths, so the same run gives the depth x length heatmaps.
-  perplexity exp(mean next-token NLL) over held-out text at each length: the eval
-             split of the training mixture, decoded to text and packed by the text
-             pipeline (experiments/data/text.py, packing.py), so it measures the
-             language modelling of the tokens around the answers and shows whether a
-             model degrades past L even where no answer is asked.
+  perplexity exp(mean next-token NLL) over held-out text at each length: eval
+             examples of every evaluated task, decoded to text and packed by the text
+             pipeline (experiments/data/text.py, packing.py) into rows of T, all of
+             them scored at every T (the same text, only the rows' cuts differ), so
+             it measures the language modelling of the tokens around the answers and
+             shows whether a model degrades past L even where no answer is asked.
 
 Each (extension, length) is one model config (`llama.reconfigure` keeps the trained
 parameters), so each compiles once and serves every task at that length.
@@ -30,8 +31,8 @@ from experiments.data import make_dataset
 from experiments.data.tokenizer import load_tokenizer
 from models import llama
 
-HELD_OUT_NAME = "held_out.txt"
 _DOC_SEPARATOR = "\n<|doc|>\n"
+_EVERY_BATCH = 1 << 30  # perplexity scores every row of the held-out text
 
 
 def _split(total: int, parts: int) -> list:
@@ -62,9 +63,13 @@ def task_accuracy(model, data_cfg: Dict[str, Any], task: str, length: int,
 
 
 def write_held_out(data_cfg: Dict[str, Any], tasks: Sequence[str], length: int,
-                   examples: int, path: str) -> str:
-  """Held-out text: the eval examples of each task at `length` tokens, decoded (the
-  byte tokenizer makes this lossless), one document each. Written once, reused."""
+                   examples: int, directory: str) -> str:
+  """Held-out text: `examples` eval examples of each task at `length` tokens, decoded
+  (the byte tokenizer makes this lossless), one document each; the file's name
+  carries a hash of these inputs, so other settings get their own file."""
+  from experiments import arena_rows  # pylint: disable=import-outside-toplevel
+  key = arena_rows.fingerprint(data_cfg, list(tasks), int(length), int(examples))
+  path = os.path.join(directory, f"held_out_{key}.txt")
   if os.path.exists(path):
     return path
   tok = load_tokenizer(data_cfg.get("tokenizer", "byte"))
@@ -128,9 +133,7 @@ def evaluate_model(model, *, family: str, train_length: int, lengths: Sequence[i
       if held_out:
         text_cfg = held_out_config(data_cfg, held_out)
         ppl = evaluate.perplexity(m, text_cfg, [int(T)], int(eval_cfg.batch_size),
-                                  max_batches=max(1, int(eval_cfg.perplexity_examples)
-                                                  // int(eval_cfg.batch_size)),
-                                  sharding=sharding)
+                                  max_batches=_EVERY_BATCH, sharding=sharding)
         row["perplexity"].append(ppl[int(T)])
       logging.info("arena eval %s T=%d: %s", ext, T,
                    {t: round(v[-1], 3) for t, v in row["accuracy"].items()})

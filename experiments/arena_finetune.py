@@ -18,6 +18,8 @@ import shutil
 import time
 from typing import Any, Dict, List
 
+from experiments import arena_rows
+
 MODES = {
     "full": dict(trainable="all", lora_rank=0),
     "lora": dict(trainable=("lora",)),
@@ -61,7 +63,8 @@ def check(config, rows: Dict[str, Any], num_devices: int) -> None:
 def _seed_checkpoint(row_train_dir: str, train_dir: str) -> None:
   """Copies the trained row's newest checkpoint step into `train_dir`, once."""
   src = os.path.join(row_train_dir, "checkpoints")
-  steps = sorted(int(s) for s in os.listdir(src) if s.isdigit())
+  steps = (sorted(int(s) for s in os.listdir(src) if s.isdigit())
+           if os.path.isdir(src) else [])
   if not steps:
     raise FileNotFoundError(f"no checkpoint in {src} to fine-tune from")
   dst = os.path.join(train_dir, "checkpoints", str(steps[-1]))
@@ -84,9 +87,14 @@ def run(config, rows: Dict[str, Any], workdir: str) -> List[Dict[str, Any]]:
   for mode in ft.modes:
     c = finetune_config(config, rows[ft.option], mode)
     directory = os.path.join(workdir, "finetune", mode)
-    key = arena.fingerprint(c, config.tasks, config.eval)
-    row = arena.read_row(directory, key)
+    key = arena_rows.fingerprint(c, config.tasks, config.eval)
+    row = arena_rows.read(directory, key)
     if row is None:
+      # A fresh directory: checkpoints of another fine-tune must not be resumed.
+      if os.path.exists(directory):
+        os.replace(directory, directory + ".tmp_old")
+        shutil.rmtree(directory + ".tmp_old")
+      arena_rows.prepare(directory, key)
       train_dir = os.path.join(directory, "train")
       _seed_checkpoint(os.path.join(workdir, "rows", ft.option, "train"), train_dir)
       t0 = time.perf_counter()
@@ -100,13 +108,13 @@ def run(config, rows: Dict[str, Any], workdir: str) -> List[Dict[str, Any]]:
           eval_cfg=config.eval, held_out=None, mesh=mesh, sharding=sharding)
       counts = finetune.trainable_count(c)
       acc = result["extensions"]["as_trained"]["accuracy"]
-      tokens = int(ft.batch_size) * T
+      tokens, tps = int(ft.batch_size) * T, summary["tokens_per_second"]
       row = dict(mode=mode, option=ft.option, fingerprint=key, length=T,
                  trainable_params=counts["trainable"], total_params=counts["total"],
-                 step_ms=1000.0 * tokens / max(summary["tokens_per_second"], 1e-9),
+                 step_ms=1000.0 * tokens / tps if tps > 0 else None,
                  seconds=seconds, final_loss=summary["train_loss"],
                  accuracy={t: v[0] for t, v in acc.items()})
-      arena.write_row(directory, row)
+      arena_rows.write(directory, row)
     print(f"arena fine-tune {mode}: {row['trainable_params']:,} trainable, accuracy at "
           f"{T}: " + ", ".join(f"{t} {v:.2f}" for t, v in row["accuracy"].items()),
           flush=True)

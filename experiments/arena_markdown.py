@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 _PCT = lambda x: "-" if x is None else f"{100 * x:.0f}"
+_NUM = lambda x, spec=".0f": "-" if x is None else format(x, spec)
 
 
 def _table(header: List[str], rows: List[List[str]]) -> List[str]:
@@ -67,14 +68,19 @@ def _finetune(report: Dict[str, Any]) -> List[str]:
   if not report["finetune"]:
     return []
   body = []
+  L = int(report["config"]["train_length"])
+  at = f"{report['finetune'][0]['length'] // L}L"
   for r in report["finetune"]:
     acc = r.get("accuracy", {})
     mean = sum(acc.values()) / len(acc) if acc else None
     body.append([r["mode"], f"{r['trainable_params']:,}", f"{r['total_params']:,}",
-                 f"{r['step_ms']:.0f}", _PCT(acc.get("single_needle")), _PCT(mean)])
-  return (["## Fine-tuning at 4L", ""]
+                 _NUM(r["step_ms"]), _PCT(acc.get("single_needle")), _PCT(mean)])
+  return ([f"## Fine-tuning at {at}", "",
+           f"From the trained {report['finetune'][0]['option']} row, "
+           f"{report['config']['finetune']['steps']} steps at {at} tokens; accuracy at "
+           f"{at}, RoPE as trained.", ""]
           + _table(["mode", "trainable params", "all params", "step ms",
-                    "single_needle 4L", "all tasks 4L"], body))
+                    f"single_needle {at}", f"all tasks {at}"], body))
 
 
 def _encoder(report: Dict[str, Any]) -> List[str]:
@@ -87,7 +93,7 @@ def _encoder(report: Dict[str, Any]) -> List[str]:
     cells = [v if isinstance(v, str) else _PCT(v) for v in r["accuracy"].values()]
     body.append([r["attention"]] + cells
                 + [_PCT(r["majority_rate"][lengths[0]]), f"{r['params']:,}",
-                   f"{r['tokens_per_second']:.0f}"])
+                   _NUM(r.get("tokens_per_second"))])
   return (["## Bidirectional encoders on ListOps (accuracy %)", "",
            "The same encoder (experiments/arena_encoder.py) per attention, trained at "
            f"{lengths[0]} tokens; n/a: Linformer's projection is sized to its "
@@ -116,8 +122,8 @@ def _cost(report: Dict[str, Any]) -> List[str]:
             "file), and temporary memory per device at the longest T:", ""]
     out += _table(["option", "source", "sp"] + [f"T={T}" for T in Ts]
                   + ["temp MiB", "note"], body)
-  train = [[r["option"], f"{r['train']['tokens_per_second']:.0f}",
-            f"{r['train']['seconds']:.0f}"] for r in report["rows"]]
+  train = [[r["option"], _NUM(r["train"]["tokens_per_second"]),
+            _NUM(r["train"]["seconds"])] for r in report["rows"]]
   out += ["Training throughput of the arena's model (this run):", ""]
   out += _table(["option", "tokens/s", "train s"], train)
   decode = cost.get("decode")
@@ -133,7 +139,8 @@ def _cost(report: Dict[str, Any]) -> List[str]:
       cell = lambda r: "-" if r is None else (f"{r['prefill_s']:.2f} / "
                                               f"{r['decode_ms']:.1f}")
       body.append([option, str(dev)] + [cell(rows.get(P)) for P in Ps])
-    out += [f"Inference (benchmark_decode; {model.get('params', '?'):,} parameters, "
+    params = model.get("params")
+    out += [f"Inference (benchmark_decode; {_NUM(params, ',')} parameters, "
             "batch 1): prefill seconds / per-token decode ms vs context length; the "
             "sequence-parallel rows shard the KV cache over the devices:", ""]
     out += _table(["option", "devices"] + [f"P={P}" for P in Ps], body)

@@ -164,6 +164,6 @@ def check_lengths(L: int, lengths: Sequence[int], multiple: int) -> None:
           f"arena eval length {T!r} cannot be run: every length must be an int >= the "
           f"training length {L} and a multiple of {multiple} (the lengths every "
           f"option's model accepts, e.g. {L}, {2 * L}, {4 * L}, {8 * L})")
-  if L not in lengths:
-    raise ValueError(f"arena eval lengths {tuple(lengths)} must include the training "
-                     f"length {L}")
+  if lengths[0] != L or list(lengths) != sorted(set(lengths)):
+    raise ValueError(f"arena eval lengths {tuple(lengths)} must start at the training "
+                     f"length {L} and increase")

@@ -33,7 +33,10 @@ def _quick(**changes):
     (dict(extensions=("pi",)), r"must include 'as_trained'"),
     (dict(options=("flash", "ring"), eval_lengths=(64, 100)),
      r"eval length 100 cannot be run: .* multiple of 8"),
-    (dict(eval_lengths=(128,)), r"must include the training length 64"),
+    (dict(eval_lengths=(128,)), r"must start at the training length 64 and increase"),
+    (dict(eval_lengths=(64, 256, 128)), r"must start at the training length 64"),
+    (dict(train_length=16, eval_lengths=(16, 32)),
+     r"data.seq_len=16 is too short for task 'passkey'"),
     (dict(**{"decay.task": "nope"}), r"unknown arena decay task 'nope'"),
     (dict(**{"finetune.enabled": True, "finetune.option": "ring"}),
      r"finetune.option='ring' must be one of the arena's options"),
@@ -44,6 +47,27 @@ def test_bad_names_and_lengths_fail_before_training(changes, message, tmp_path):
   with pytest.raises(ValueError, match=message):
     arena.run(_quick(**changes), str(tmp_path / "w"), str(tmp_path / "r"), 8)
   assert not os.path.exists(tmp_path / "w" / "rows")  # nothing trained
+
+
+def test_cells_weigh_depths_by_their_examples():
+  from experiments import arena_eval
+  assert arena_eval._split(20, 3) == [7, 7, 6]
+  assert arena_eval._split(2, 3) == [1, 1, 1]  # every depth gets an example
+
+
+def test_a_row_started_for_another_configuration_is_moved_aside(tmp_path):
+  from experiments import arena_rows
+  d = str(tmp_path / "rows" / "flash")
+  arena_rows.prepare(d, "aaa")
+  os.makedirs(os.path.join(d, "train", "checkpoints", "1500"))
+  arena_rows.write(d, {"fingerprint": "aaa", "x": 1})
+  assert arena_rows.read(d, "aaa") == {"fingerprint": "aaa", "x": 1}
+  assert arena_rows.read(d, "bbb") is None
+  arena_rows.prepare(d, "aaa")  # same configuration: kept, to resume
+  assert os.path.exists(os.path.join(d, "train", "checkpoints", "1500"))
+  arena_rows.prepare(d, "bbb")  # another: its checkpoints must not be resumed
+  assert os.listdir(d) == ["fingerprint"]
+  assert os.path.exists(str(tmp_path / "rows" / "flash.old1" / "train" / "checkpoints"))
 
 
 def test_extension_configs_follow_the_rope_family():
@@ -134,5 +158,5 @@ def test_quick_arena_end_to_end_and_resumes(tmp_path, capsys):
   (enc,) = again["encoder"]
   assert enc["attention"] == "linformer" and list(enc["accuracy"]) == ["32"]
   md = open(os.path.join(out, "arena.md"), encoding="utf-8").read()
-  assert "## Fine-tuning at 4L" in md and "| lora | 14,336 |" in md
+  assert "## Fine-tuning at 2L" in md and "| lora | 14,336 |" in md
   assert "## Bidirectional encoders on ListOps" in md
