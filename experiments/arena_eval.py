@@ -13,8 +13,8 @@ For a model trained at L (`evaluate_model`):
              it measures the language modelling of the tokens around the answers and
              shows whether a model degrades past L even where no answer is asked.
 
-Each (extension, length) is one model config (`llama.reconfigure` keeps the trained
-parameters), so each compiles once and serves every task at that length.
+Each (extension, length) is one model config (`context_extension.extended_model`
+keeps the trained parameters), so each compiles once and serves every task there.
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ import numpy as np
 from absl import logging
 
 from experiments import arena_suite
+from experiments import context_extension
 from experiments import evaluate
 from experiments.data import make_dataset
 from experiments.data.tokenizer import load_tokenizer
-from models import llama
 
 _DOC_SEPARATOR = "\n<|doc|>\n"
 _EVERY_BATCH = 1 << 30  # perplexity scores every row of the held-out text
@@ -120,11 +120,11 @@ def evaluate_model(model, *, family: str, train_length: int, lengths: Sequence[i
            "by_depth": {t: [] for t in tasks}, "perplexity": [], "nonfinite": 0}
     skipped = None
     for T in lengths:
-      cfg, reason = arena_suite.extended_config(model.config, ext, train_length, int(T))
-      if cfg is None:
+      m, reason = context_extension.extended_model(model, ext, train_length, int(T),
+                                                   mesh)
+      if m is None:
         skipped = reason
         break
-      m = llama.reconfigure(model, cfg, mesh)
       for task in tasks:
         r = task_accuracy(m, data_cfg, task, int(T), eval_cfg, sharding)
         row["accuracy"][task].append(r["accuracy"])

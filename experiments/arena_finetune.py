@@ -80,7 +80,6 @@ def run(config, rows: Dict[str, Any], workdir: str) -> List[Dict[str, Any]]:
   from experiments import arena_eval  # pylint: disable=import-outside-toplevel
   from experiments import finetune  # pylint: disable=import-outside-toplevel
   from experiments import trainer  # pylint: disable=import-outside-toplevel
-  from models import lora as lora_lib  # pylint: disable=import-outside-toplevel
   ft, L = config.finetune, int(config.train_length)
   T = int(ft.length_factor) * L
   out = []
@@ -101,7 +100,6 @@ def run(config, rows: Dict[str, Any], workdir: str) -> List[Dict[str, Any]]:
       summary = trainer.train_and_evaluate(c, train_dir)
       seconds = time.perf_counter() - t0
       model, mesh, sharding = trainer.restore_model(train_dir)
-      model = lora_lib.merge_lora(model)  # the same function, as plain weights
       result = arena_eval.evaluate_model(
           model, family="softmax", train_length=L, lengths=[T], tasks=list(config.tasks),
           extensions=["as_trained"], data_cfg=arena.data_common(config),

@@ -10,12 +10,18 @@ trained at L into one for length T (same parameters: `models.llama.reconfigure`)
                 model's own setting).
   yarn          YaRN: per-frequency interpolation + attention temperature, original
                 length L.
-  window_sinks  StreamingLLM: every layer a window of L (what it trained with) plus
-                4 attention-sink tokens.
+  window_sinks  StreamingLLM: every layer a sliding window plus attention-sink tokens
+                (at least 4). The window is the one the model trained with when it
+                has one (sliding, local-global: their global layers become windows
+                too), else L; chunked layers become windows of L. Models whose
+                sliding layers use their own RoPE base (rope_local_theta) are
+                refused: making every layer sliding would move the global layers to
+                the local base.
 
 The RoPE ones are Hugging Face's rope_scaling family (ringattn_jax.rope). At T <= L
-every method is the identity on positions (PI and YaRN with factor 1), except
-window_sinks, which is exact there too (a window of L over at most L tokens).
+the RoPE methods are the identity on positions (PI and YaRN with factor 1); so is
+window_sinks for a model that attends to every earlier token within L (a window of L
+over at most L tokens), but not for a chunked model.
 Users: the trainer's `eval.extensions` (experiments/evaluate.py) and the arena
 (experiments/arena_suite.py re-exports these names).
 """
@@ -40,9 +46,14 @@ EXTENSIONS: Dict[str, Callable[[int, int], Optional[Dict[str, Any]]]] = {
                                      max_position_embeddings=L),
     "yarn": lambda L, T: dict(rope_scaling=dict(
         rope_type="yarn", factor=_ratio(L, T), original_max_position_embeddings=L)),
-    "window_sinks": lambda L, T: dict(sliding_window=L, num_sink_tokens=4,
-                                      layer_types=None, attention_chunk_size=None),
+    "window_sinks": lambda L, T: {},  # depends on the model: see `_window_sinks`
 }
+
+
+def _window_sinks(base: model_config_lib.LlamaConfig, L: int) -> Dict[str, Any]:
+  return dict(sliding_window=base.sliding_window or L,
+              num_sink_tokens=max(4, base.num_sink_tokens), layer_types=None,
+              attention_chunk_size=None)
 
 
 def check_name(extension: str, what: str = "context extension") -> None:
@@ -57,11 +68,33 @@ def extended_config(base: model_config_lib.LlamaConfig, extension: str, L: int,
   (None, reason) when the model cannot take it (LlamaConfig's error)."""
   check_name(extension)
   over = EXTENSIONS[extension](L, T)
-  softmax_kinds = (model_config_lib.FULL, model_config_lib.SLIDING)
-  if extension == "window_sinks" and base.layer_types is not None and any(
-      k not in softmax_kinds for k in base.layer_types):
-    return None, "window + sinks replaces softmax layers only"
+  if extension == "window_sinks":
+    softmax_kinds = (model_config_lib.FULL, model_config_lib.SLIDING)
+    if base.layer_types is not None and any(k not in softmax_kinds
+                                            for k in base.layer_types):
+      return None, "window + sinks replaces full and sliding softmax layers only"
+    if base.rope_local_theta is not None:
+      return None, ("window + sinks would move the global layers to the sliding "
+                    "layers' RoPE base (rope_local_theta)")
+    over = _window_sinks(base, L)
   try:
     return dataclasses.replace(base, **over), ""
   except ValueError as e:  # the config's own reason, verbatim
     return None, str(e)
+
+
+def extended_model(model, extension: str, L: int, T: int, mesh=None):
+  """(model, "") for evaluating the trained `model` at length T with `extension`:
+  the same parameters under the extended config (`models.llama.reconfigure`), LoRA
+  adapters folded into a copy first (`models.lora.merge_lora`: the same function as
+  plain weights; `model` itself is left as it is). (None, reason) when the model
+  cannot take the extension."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from models import llama  # pylint: disable=import-outside-toplevel
+  from models import lora  # pylint: disable=import-outside-toplevel
+  cfg, reason = extended_config(model.config, extension, L, T)
+  if cfg is None:
+    return None, reason
+  if lora.adapters(model):
+    model = lora.merge_lora(nnx.clone(model))
+  return llama.reconfigure(model, cfg, mesh), ""

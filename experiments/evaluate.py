@@ -46,7 +46,6 @@ from flax import nnx
 from experiments import context_extension
 from experiments.data import make_dataset
 from experiments.data.config import needle_data, task_data, text_eval_data
-from models import llama
 from models.sharding import to_host
 from models.sampling import nonfinite_rows
 
@@ -188,19 +187,20 @@ def extension_grids(model, data_cfg: Dict[str, Any], eval_cfg, task: str,
   eval_cfg.extensions (experiments/context_extension.py), relative to `train_length`.
 
   Each length has its own config (PI and YaRN stretch by T / L), so each row is the
-  model reconfigured for that length (`llama.reconfigure`: the same parameters).
+  model reconfigured for that length (`context_extension.extended_model`: the same
+  parameters, LoRA adapters merged).
   A grid is `needle_grid`'s dict plus "extension" and "train_length".
   """
   grids = {}
   for ext in eval_cfg.get("extensions", ()):
     rows = []
     for T in lengths:
-      cfg, reason = context_extension.extended_config(model.config, ext, train_length,
-                                                      int(T))
-      if cfg is None:  # config_lib checks this before training
+      extended, reason = context_extension.extended_model(model, ext, train_length,
+                                                          int(T), mesh)
+      if extended is None:  # config_lib checks this before training
         raise ValueError(f"eval.extensions: {ext!r} cannot run this model at length "
                          f"{T}: {reason}")
-      rows.append(needle_grid(llama.reconfigure(model, cfg, mesh), data_cfg, [T],
+      rows.append(needle_grid(extended, data_cfg, [T],
                               tuple(eval_cfg.depths), eval_cfg.examples,
                               eval_cfg.batch_size, sharding, task=task))
     grid = dict(rows[0], lengths=[int(T) for T in lengths],

@@ -49,6 +49,38 @@ def test_bad_names_and_lengths_fail_before_training(changes, message, tmp_path):
   assert not os.path.exists(tmp_path / "w" / "rows")  # nothing trained
 
 
+def test_window_sinks_keeps_the_trained_window():
+  from models.config import preset
+  for option, window in (("flash", 64), ("sliding", 32), ("sinks", 32),
+                         ("local_global", 32)):
+    base = preset("tiny", **arena_suite.option_model(option, 64, 2))
+    cfg, _ = arena_suite.extended_config(base, "window_sinks", 64, 256)
+    assert (cfg.sliding_window, cfg.num_sink_tokens) == (window, 4), option
+    assert all(cfg.sliding_layers), option
+
+
+def test_extended_model_merges_lora_into_a_copy():
+  import jax
+  import numpy as np
+  from flax import nnx
+  from experiments import context_extension
+  from models import llama, lora
+  from models.config import preset
+  model = llama.init_model(preset("tiny", num_hidden_layers=1, hidden_size=64,
+                                  intermediate_size=128, max_position_embeddings=32))
+  tokens = np.arange(32, dtype=np.int32)[None] % 200
+  plain = np.asarray(model(tokens))
+  lora.add_lora(model, 4, 8.0, rngs=nnx.Rngs(params=1))
+  for adapter in lora.adapters(model).values():  # B != 0: the adapters matter
+    adapter.lora_b[...] = 0.05 * jax.random.normal(jax.random.key(2),
+                                                   adapter.lora_b[...].shape)
+  assert not np.allclose(model(tokens), plain, atol=1e-3)
+  # PI at T = L is the identity: the extended model computes the adapted model.
+  extended, reason = context_extension.extended_model(model, "pi", 32, 32)
+  assert reason == "" and not lora.adapters(extended) and lora.adapters(model)
+  np.testing.assert_allclose(extended(tokens), model(tokens), atol=2e-5, rtol=2e-5)
+
+
 def test_cells_weigh_depths_by_their_examples():
   from experiments import arena_eval
   assert arena_eval._split(20, 3) == [7, 7, 6]

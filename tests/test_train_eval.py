@@ -84,7 +84,7 @@ def _set(c, **changes):
           model__block_sparse_top_k=1, eval__extensions=("window_sinks",),
           eval__lengths=(96, 192)),
      r"entry 'window_sinks' cannot extend this model \(trained at 96 tokens\) to length "
-     r"96: window \+ sinks replaces softmax layers only"),
+     r"96: window \+ sinks replaces full and sliding softmax layers only"),
 ])
 def test_bad_eval_and_train_config_fails_before_step_one(tmp_path, monkeypatch,
                                                          changes, match):
