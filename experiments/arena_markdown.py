@@ -59,8 +59,8 @@ def _extensions(report: Dict[str, Any]) -> List[str]:
                   + ["-" if p is None else f"{p:.2f}" for p in ppl])
   return (["## Training-free context extension (accuracy %, perplexity)", "",
            "RoPE as trained, position interpolation (pi), dynamic NTK, YaRN (factor "
-           "T/L, original length L), and window + sinks (StreamingLLM: the trained window, else L); "
-           "linear-family options run as trained only.", ""]
+           "T/L, original length L), and window + sinks (StreamingLLM: the trained "
+           "window, else L); linear-family options run as trained only.", ""]
           + _table(header, body))
 
 
