@@ -45,20 +45,17 @@ FLAGS = flags.FLAGS
 # ---------------------------------------------------------------- configs and checks
 
 
-def _plain(x):
-  from experiments import config_lib  # pylint: disable=import-outside-toplevel
-  return config_lib._plain(x)  # pylint: disable=protected-access
-
-
 def data_common(config) -> Dict[str, Any]:
   """The data keys every task shares (the tasks add their own kind and knobs)."""
-  return dict(_plain(config.data), seed=int(config.seed))
+  from experiments import config_lib  # pylint: disable=import-outside-toplevel
+  return dict(config_lib.plain(config.data), seed=int(config.seed))
 
 
 def model_overrides(config, option: str) -> Dict[str, Any]:
   """The LlamaConfig fields of `option`'s model: the arena's model + the option's."""
   from experiments import arena_suite  # pylint: disable=import-outside-toplevel
-  model = dict(_plain(config.model))
+  from experiments import config_lib  # pylint: disable=import-outside-toplevel
+  model = dict(config_lib.plain(config.model))
   model.pop("preset", None)
   model["max_position_embeddings"] = int(config.train_length)
   model.update(arena_suite.option_model(option, int(config.train_length),
@@ -161,7 +158,8 @@ def check(config, num_devices: int) -> Dict[str, Any]:
 
 def encoder_config(config) -> Dict[str, Any]:
   """The encoder comparison's config (experiments/arena_encoder.py keys)."""
-  c = dict(_plain(config.encoder))
+  from experiments import config_lib  # pylint: disable=import-outside-toplevel
+  c = dict(config_lib.plain(config.encoder))
   c.pop("enabled", None)
   return dict(c, seed=int(config.seed))
 

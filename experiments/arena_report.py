@@ -140,7 +140,7 @@ def build(config, rows: List[dict], finetune: List[dict], encoder: List[dict],
   options = list(config.options) + [o for o in ("linformer",) if o not in config.options]
   return dict(
       env=bench_lib.environment(devices=jax.device_count()),
-      config=config_lib._plain(config.to_dict()),  # pylint: disable=protected-access
+      config=config_lib.plain(config.to_dict()),
       rows=rows, finetune=finetune, encoder=encoder,
       not_run={k: v for k, v in arena_suite.NOT_RUN.items()},
       cost=cost_table(_in_repo(str(config.cost.results_dir)), options),

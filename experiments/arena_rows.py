@@ -22,14 +22,10 @@ ROW_FILE = "row.json"
 FINGERPRINT_FILE = "fingerprint"
 
 
-def _plain(x):
-  from experiments import config_lib  # pylint: disable=import-outside-toplevel
-  return config_lib._plain(x)  # pylint: disable=protected-access
-
-
 def fingerprint(*parts) -> str:
   """A short hash of what a row depends on (configs, dicts, tuples)."""
-  text = json.dumps([_plain(p) for p in parts], sort_keys=True, default=str)
+  from experiments import config_lib  # pylint: disable=import-outside-toplevel
+  text = json.dumps([config_lib.plain(p) for p in parts], sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -39,14 +39,14 @@ STAGE_KEYS = ("seq_len", "sp", "steps", "warmup_steps", "learning_rate", "batch_
               "rope_theta", "rope_scaling", "max_position_embeddings") + finetune.KEYS
 
 
-def _plain(x):
+def plain(x):
   """ConfigDict / FrozenConfigDict / tuples -> plain Python."""
   if hasattr(x, "to_dict"):
-    return {k: _plain(v) for k, v in x.to_dict().items()}
+    return {k: plain(v) for k, v in x.to_dict().items()}
   if isinstance(x, dict):
-    return {k: _plain(v) for k, v in x.items()}
+    return {k: plain(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return type(x)(_plain(v) for v in x)
+    return type(x)(plain(v) for v in x)
   return x
 
 
@@ -72,7 +72,7 @@ class Stage:
 
 
 def model_config(model_cfg, **overrides) -> model_config_lib.LlamaConfig:
-  d = _plain(model_cfg)
+  d = plain(model_cfg)
   d.pop("preset", None)
   d.update(overrides)
   try:
@@ -83,7 +83,7 @@ def model_config(model_cfg, **overrides) -> model_config_lib.LlamaConfig:
 
 def stages(config) -> List[Stage]:
   """The stages to run: config.stages, or one stage from the top-level settings."""
-  raw = [_plain(s) for s in (config.stages or ())] or [{}]
+  raw = [plain(s) for s in (config.stages or ())] or [{}]
   out, first = [], 0
   for i, s in enumerate(raw):
     unknown = sorted(set(s) - set(STAGE_KEYS))
@@ -95,7 +95,7 @@ def stages(config) -> List[Stage]:
     model_over = {k: s[k] for k in ("rope_theta", "rope_scaling",
                                     "max_position_embeddings") if k in s}
     model = model_config(config.model, **model_over)
-    mesh = dict(_plain(config.mesh))
+    mesh = dict(plain(config.mesh))
     if "sp" in s:
       # Keep the device count: trade data parallelism (dp) for sequence parallelism.
       total = mesh["dp"] * mesh["sp"]
@@ -103,13 +103,13 @@ def stages(config) -> List[Stage]:
         raise ValueError(f"config.stages[{i}].sp={s['sp']} must divide dp*sp={total} "
                          "(the devices the stage trades between dp and sp).")
       mesh.update(sp=s["sp"], dp=total // s["sp"])
-    data = dict(_plain(config.data))
+    data = dict(plain(config.data))
     data.update({k: s[k] for k in ("seq_len", "batch_size") if k in s})
-    opt = dict(_plain(config.optim))
+    opt = dict(plain(config.optim))
     opt.update({k: s[k] for k in ("warmup_steps", "learning_rate") if k in s})
     opt["total_steps"] = steps
     # Older configs (a workdir's config.json) may lack the tuning keys: defaults.
-    tune = {k: _plain(config.train.get(k, v)) for k, v in finetune.DEFAULTS.items()}
+    tune = {k: plain(config.train.get(k, v)) for k, v in finetune.DEFAULTS.items()}
     tune.update({k: s[k] for k in finetune.KEYS if k in s})
     out.append(Stage(i, first, steps, model, mesh, data, opt, tune))
     first += steps
@@ -155,7 +155,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> List[Stage
   result = stages(config)
   for n, st in enumerate(result):
     where = f"stage {st.index}" if len(result) > 1 else "config"
-    own = config.stages and set(_plain(config.stages[n])) & set(finetune.KEYS)
+    own = config.stages and set(plain(config.stages[n])) & set(finetune.KEYS)
     keys = f"config.stages[{n}]" if own else "config.train"
     result[n] = st = dataclasses.replace(st, tune=finetune.check(st.tune, keys, st.model))
     m = st.mesh
