@@ -145,6 +145,16 @@ def _cost(report: Dict[str, Any]) -> List[str]:
             "sequence-parallel rows shard the KV cache over the devices:", ""]
     out += _table(["option", "devices"] + [f"P={P}" for P in Ps], body)
   out += [f"- {m}" for m in cost["missing"]] + ([""] if cost["missing"] else [])
+  sources = dict(cost.get("env", {}))
+  if decode:
+    sources["decode_benchmark.json"] = decode.get("env", {}).get("cpu", "")
+  if sources:
+    where = report["config"]["cost"]["results_dir"]
+    out += [f"The time, memory and inference tables are read from `{where}` (the "
+            "benchmark scripts' results files), not measured by this run; their CPUs "
+            "(this run's is in the header):", ""]
+    out += [f"- {name}: {cpu or 'CPU not recorded'}" for name, cpu in sources.items()]
+    out += [""]
   return out
 
 

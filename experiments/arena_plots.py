@@ -5,6 +5,8 @@
                            best training-free extension.
   needles_<task>.png       depth x length heatmaps of a depth task, one panel per
                            option (as trained), so where retrieval breaks is visible.
+  needles_<task>_<ext>.png the same for passkey and single needle with the extension
+                           that did best without training at 4L (e.g. yarn).
   cost_vs_length.png       attention fwd+bwd time and temporary memory per device vs T
                            on log-log axes (from the benchmark results files).
   decay.png / entropy.png  attention mass vs query-key distance and attention entropy
@@ -75,23 +77,33 @@ def accuracy_vs_length(report: Dict[str, Any], path: str) -> str:
   return path
 
 
-def needle_heatmaps(report: Dict[str, Any], task: str, path: str) -> str:
+def needle_heatmaps(report: Dict[str, Any], task: str, path: str,
+                    extension: str = "as_trained") -> str:
+  """One depth x length panel per row, with `extension` applied (a row that does not
+  take it gets an empty panel saying so)."""
   cfg, rows = report["config"], report["rows"]
   lengths, depths = [int(T) for T in cfg["eval_lengths"]], list(cfg["eval"]["depths"])
   cols, nrows = _grid(len(rows), 4)
   fig = _figure(2.2 + 0.45 * len(depths) * cols, 0.8 + (0.9 + 0.3 * len(lengths)) * nrows)
   for k, row in enumerate(rows):
     ax = fig.add_subplot(nrows, cols, k + 1)
-    grid = np.asarray(row["extensions"]["as_trained"]["by_depth"][task], float)
+    ax.set_title(row["option"], fontsize=9)
+    result = row["extensions"].get(extension, {"skipped": "not evaluated"})
+    if result.get("skipped"):
+      ax.set_axis_off()
+      ax.text(0.5, 0.5, f"{extension}: n/a", ha="center", va="center", fontsize=8,
+              transform=ax.transAxes)
+      continue
+    grid = np.asarray(result["by_depth"][task], float)
     ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=6)
     ax.set_yticks(range(len(lengths)), [str(T) for T in lengths], fontsize=7)
     for i in range(grid.shape[0]):
       for j in range(grid.shape[1]):
         ax.text(j, i, f"{grid[i, j]:.1f}", ha="center", va="center", fontsize=6)
-    ax.set_title(row["option"], fontsize=9)
-  fig.suptitle(f"{task}: accuracy by needle depth (x) and context length (y), as "
-               "trained", fontsize=9)
+  how = "as trained" if extension == "as_trained" else f"with {extension} at evaluation"
+  fig.suptitle(f"{task}: accuracy by needle depth (x) and context length (y), {how}",
+               fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   return path
@@ -153,6 +165,16 @@ def write_all(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
       if task in arena_suite.DEPTH_TASKS:
         out[f"needles_{task}"] = needle_heatmaps(
             report, task, os.path.join(out_dir, f"needles_{task}.png"))
+    # The retrieval tasks again with the extension that did best without training at
+    # 4L (the arena's goal), else the longest length the summary has.
+    best = report["summary"]["best_training_free"]
+    pick = best.get("4L") or (list(best.values())[-1] if best else {})
+    ext = pick.get("extension")
+    if ext and ext != "as_trained":
+      for task in arena_suite.RETRIEVAL_TASKS:
+        if task in report["config"]["tasks"]:
+          out[f"needles_{task}_{ext}"] = needle_heatmaps(
+              report, task, os.path.join(out_dir, f"needles_{task}_{ext}.png"), ext)
   if report["cost"]["rows"]:
     out["cost"] = cost_vs_length(report, os.path.join(out_dir, "cost_vs_length.png"))
   decay = {r["option"]: r["decay"] for r in report["rows"] if r.get("decay")}

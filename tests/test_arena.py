@@ -192,3 +192,13 @@ def test_quick_arena_end_to_end_and_resumes(tmp_path, capsys):
   md = open(os.path.join(out, "arena.md"), encoding="utf-8").read()
   assert "## Fine-tuning at 2L" in md and "| lora | 14,336 |" in md
   assert "## Bidirectional encoders on ListOps" in md
+
+  # The retrieval heatmaps again with the extension that did best at 4L; a row that
+  # does not take it gets an empty panel, not an error.
+  from experiments import arena_plots
+  saved["summary"]["best_training_free"]["4L"] = dict(
+      option="flash", extension="pi", accuracy=1.0, task="single_needle")
+  saved["rows"][1]["extensions"]["pi"] = {"skipped": "not for this row"}
+  files = arena_plots.write_all(saved, str(tmp_path / "plots"))
+  for task in ("passkey", "single_needle"):
+    assert os.path.getsize(files[f"needles_{task}_pi"]) > 0
