@@ -14,14 +14,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
-NOTEBOOKS = ("01_ring_attention", "02_train_long_context", "03_memory_and_speed")
+NOTEBOOKS = ("01_ring_attention", "02_train_long_context", "03_memory_and_speed",
+             "04_arena")
 BADGE_URL = ("https://colab.research.google.com/github/ringattn-jax/ringattn_jax/blob/main/"
              "notebooks/{}.ipynb")
 PROBE = "import sys\nprint('KERNEL_PREFIX=' + sys.prefix)"
 # Shortened for the suite: (notebook, text in a code cell, its replacement). Every cell
-# still runs top to bottom; only the training is shorter and the timing sweep stops
-# earlier (the notebooks as saved, for readers, train long enough for the heatmaps to
-# show something and time up to 4K tokens).
+# still runs top to bottom; only the training is shorter (the arena has one row fewer)
+# and the timing sweep stops earlier (the notebooks as saved, for readers, train long
+# enough for the heatmaps to show something and time up to 4K tokens).
 QUICK = {
     "02_train_long_context": (("steps=200, log_every=25", "steps=24, log_every=8"),
                               ("warmup_steps=20,", "warmup_steps=4,"),
@@ -29,6 +30,9 @@ QUICK = {
                                "dict(seq_len=LONG, sp=4, steps=8,")),
     "03_memory_and_speed": (("T_TIME = [512, 1024, 2048, 4096]",
                              "T_TIME = [512, 1024, 2048]"),),
+    "04_arena": (("config.train.steps = 600", "config.train.steps = 30"),
+                 ('config.options = ("flash", "sliding", "linear")',
+                  'config.options = ("flash", "linear")')),
 }
 
 
