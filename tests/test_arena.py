@@ -199,6 +199,7 @@ def test_quick_arena_end_to_end_and_resumes(tmp_path, capsys):
   saved["summary"]["best_training_free"]["4L"] = dict(
       option="flash", extension="pi", accuracy=1.0, task="single_needle")
   saved["rows"][1]["extensions"]["pi"] = {"skipped": "not for this row"}
+  os.makedirs(tmp_path / "plots")
   files = arena_plots.write_all(saved, str(tmp_path / "plots"))
   for task in ("passkey", "single_needle"):
     assert os.path.getsize(files[f"needles_{task}_pi"]) > 0
