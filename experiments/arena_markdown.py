@@ -150,9 +150,9 @@ def _cost(report: Dict[str, Any]) -> List[str]:
     sources["decode_benchmark.json"] = decode.get("env", {}).get("cpu", "")
   if sources:
     where = report["config"]["cost"]["results_dir"]
-    out += [f"The time, memory and inference tables are read from `{where}` (the "
-            "benchmark scripts' results files), not measured by this run; their CPUs "
-            "(this run's is in the header):", ""]
+    out += [f"The benchmark tables above are read from `{where}` (the benchmark "
+            "scripts' results files), not measured by this run; their CPUs (this "
+            "run's is in the header):", ""]
     out += [f"- {name}: {cpu or 'CPU not recorded'}" for name, cpu in sources.items()]
     out += [""]
   return out
