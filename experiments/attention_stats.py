@@ -406,8 +406,12 @@ def _plot(profiles: Dict[str, dict], path: str, key: str, ylabel: str, xlabel: s
   if not profiles:
     raise ValueError("profiles is empty: pass {option name: profile}.")
   names = list(profiles)
-  fig = Figure(figsize=(4.2 * len(names), 3.4))
-  axes = fig.subplots(1, len(names), squeeze=False)[0]
+  cols = min(len(names), 5)  # a grid, so ten options stay readable on a page
+  nrows = -(-len(names) // cols)
+  fig = Figure(figsize=(4.2 * cols, 3.4 * nrows))
+  axes = fig.subplots(nrows, cols, squeeze=False).ravel()
+  for ax in axes[len(names):]:
+    ax.set_axis_off()
   want = None if layers is None else set(layers)
   for ax, name in zip(axes, names):
     prof = profiles[name]
@@ -416,7 +420,9 @@ def _plot(profiles: Dict[str, dict], path: str, key: str, ylabel: str, xlabel: s
     cmap = colormaps["viridis"]
     for j, r in enumerate(rows):
       ys = [np.nan if v is None else v for v in r[key]]
-      ax.plot(xs[:len(ys)], ys, marker=".", color=cmap(j / max(len(rows) - 1, 1)),
+      # viridis up to 0.85: its last yellows are hard to see on white
+      ax.plot(xs[:len(ys)], ys, marker=".",
+              color=cmap(0.85 * j / max(len(rows) - 1, 1)),
               label=f"layer {r['layer']} ({r['kind'].split('_')[0]})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, _bin_labels(prof["bins"]), rotation=60, fontsize=7)
