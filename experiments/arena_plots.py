@@ -23,15 +23,12 @@ from typing import Any, Dict, List
 import numpy as np
 from absl import logging
 
+from experiments import attention_stats
+
 
 def _figure(w: float, h: float):
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   return Figure(figsize=(w, h))
-
-
-def _grid(n: int, cols: int):
-  cols = max(1, min(cols, n))
-  return cols, (n + cols - 1) // cols
 
 
 def _best_ext(row: Dict[str, Any], task: str):
@@ -49,7 +46,7 @@ def _best_ext(row: Dict[str, Any], task: str):
 def accuracy_vs_length(report: Dict[str, Any], path: str) -> str:
   cfg, rows = report["config"], report["rows"]
   tasks, lengths = list(cfg["tasks"]), [int(T) for T in cfg["eval_lengths"]]
-  cols, nrows = _grid(len(tasks), 3)
+  cols, nrows = attention_stats.panel_grid(len(tasks), 3)
   fig = _figure(4.2 * cols, 3.0 * nrows)
   colors = {}
   for k, task in enumerate(tasks):
@@ -83,7 +80,7 @@ def needle_heatmaps(report: Dict[str, Any], task: str, path: str,
   take it gets an empty panel saying so)."""
   cfg, rows = report["config"], report["rows"]
   lengths, depths = [int(T) for T in cfg["eval_lengths"]], list(cfg["eval"]["depths"])
-  cols, nrows = _grid(len(rows), 4)
+  cols, nrows = attention_stats.panel_grid(len(rows), 4)
   fig = _figure(2.2 + 0.45 * len(depths) * cols, 0.8 + (0.9 + 0.3 * len(lengths)) * nrows)
   for k, row in enumerate(rows):
     ax = fig.add_subplot(nrows, cols, k + 1)
@@ -179,7 +176,6 @@ def write_all(report: Dict[str, Any], out_dir: str) -> Dict[str, str]:
     out["cost"] = cost_vs_length(report, os.path.join(out_dir, "cost_vs_length.png"))
   decay = {r["option"]: r["decay"] for r in report["rows"] if r.get("decay")}
   if decay:
-    from experiments import attention_stats  # pylint: disable=import-outside-toplevel
     out["decay"] = attention_stats.plot_decay({k: v["decay"] for k, v in decay.items()},
                                               os.path.join(out_dir, "decay.png"))
     out["entropy"] = attention_stats.plot_entropy(

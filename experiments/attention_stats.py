@@ -397,6 +397,12 @@ def _bin_labels(bins: Sequence[Sequence[int]]):
   return [str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in bins]
 
 
+def panel_grid(n: int, max_cols: int):
+  """(columns, rows) of a grid of `n` plot panels at most `max_cols` wide."""
+  cols = max(1, min(max_cols, n))
+  return cols, -(-n // cols)
+
+
 def _plot(profiles: Dict[str, dict], path: str, key: str, ylabel: str, xlabel: str,
           log_y: bool, layers: Optional[Iterable[int]]) -> str:
   """One panel per option, one line per layer (colour by depth), x the bin index on a
@@ -406,8 +412,7 @@ def _plot(profiles: Dict[str, dict], path: str, key: str, ylabel: str, xlabel: s
   if not profiles:
     raise ValueError("profiles is empty: pass {option name: profile}.")
   names = list(profiles)
-  cols = min(len(names), 5)  # a grid, so ten options stay readable on a page
-  nrows = -(-len(names) // cols)
+  cols, nrows = panel_grid(len(names), 5)  # ten options stay readable on a page
   fig = Figure(figsize=(4.2 * cols, 3.4 * nrows))
   axes = fig.subplots(nrows, cols, squeeze=False).ravel()
   for ax in axes[len(names):]:
